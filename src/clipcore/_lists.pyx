@@ -1,0 +1,452 @@
+"""Global-norm clipping over lists of buffers: validation, layout, the Plan.
+
+Validation runs here, in compiled code, because it runs once per buffer per
+call: for a list of 2000 small gradients Python-level checks alone would cost
+more than the kernels. Every buffer is checked before any is written.
+"""
+cimport numpy as cnp
+from libc.math cimport isfinite, isnan, NAN, INFINITY
+from libc.stdlib cimport malloc, realloc, free, qsort
+
+from clipcore.kernels cimport (Segment, Layout, SEG_F32, SEG_F64, SEG_F64_COPY,
+                               layout_norm, layout_scale)
+
+import collections.abc
+import numpy as np
+
+from clipcore._convert import buffer_view
+
+cnp.import_array()
+
+
+ctypedef struct Extent:
+    char *lo          # lowest byte of the array
+    char *hi          # one past its highest byte
+    Py_ssize_t pos    # position in _Buffers.arrays
+
+
+cdef int compare_extents(const void *a, const void *b) noexcept nogil:
+    cdef char *x = (<const Extent *>a).lo
+    cdef char *y = (<const Extent *>b).lo
+    return (x > y) - (x < y)
+
+
+cdef class _Buffers:
+    """The validated buffers of one t_list, laid out for the kernels."""
+    cdef Layout lay
+    cdef Py_ssize_t cap
+    cdef list arrays         # every array viewed, kept alive while we hold pointers
+    cdef list indices        # its position in t_list, for error messages
+    cdef list generic        # (array, float64 copy) for dtypes the kernels do not scale
+
+    def __cinit__(self):
+        self.lay.segs = NULL
+        self.lay.starts = NULL
+        self.arrays = []
+        self.indices = []
+        self.generic = []
+
+    def __dealloc__(self):
+        free(self.lay.segs)
+        free(self.lay.starts)
+
+    cdef int push(self, char *data, Py_ssize_t n, Py_ssize_t stride, int kind) except -1:
+        cdef Py_ssize_t cap
+        cdef void *segs
+        cdef void *starts
+        if self.lay.n_segs == self.cap:
+            cap = 2 * self.cap + 16
+            segs = realloc(self.lay.segs, cap * sizeof(Segment))
+            if segs == NULL:
+                raise MemoryError()
+            self.lay.segs = <Segment *>segs
+            starts = realloc(self.lay.starts, cap * sizeof(Py_ssize_t))
+            if starts == NULL:
+                raise MemoryError()
+            self.lay.starts = <Py_ssize_t *>starts
+            self.cap = cap
+        self.lay.segs[self.lay.n_segs].data = data
+        self.lay.segs[self.lay.n_segs].n = n
+        self.lay.segs[self.lay.n_segs].stride = stride
+        self.lay.segs[self.lay.n_segs].kind = kind
+        self.lay.starts[self.lay.n_segs] = self.lay.n_total
+        self.lay.n_segs += 1
+        self.lay.n_total += n
+        return 0
+
+    cdef int add_strided(self, cnp.ndarray arr, int kind) except -1:
+        """Add a non-contiguous array as runs of equally spaced elements."""
+        cdef int nd = 0, d, k
+        cdef Py_ssize_t shape[64]
+        cdef Py_ssize_t strides[64]
+        cdef Py_ssize_t idx[64]
+        cdef Py_ssize_t run_n, run_stride, n_runs = 1, r, itemsize = cnp.PyArray_ITEMSIZE(arr)
+        cdef char *p
+        # Axes of length > 1, sorted by decreasing |stride| (insertion sort).
+        for d in range(cnp.PyArray_NDIM(arr)):
+            if cnp.PyArray_DIM(arr, d) == 1:
+                continue
+            k = nd
+            while k > 0 and abs(strides[k - 1]) < abs(cnp.PyArray_STRIDE(arr, d)):
+                shape[k] = shape[k - 1]
+                strides[k] = strides[k - 1]
+                k -= 1
+            shape[k] = cnp.PyArray_DIM(arr, d)
+            strides[k] = cnp.PyArray_STRIDE(arr, d)
+            nd += 1
+        if nd == 0:      # a single element
+            return self.push(<char *>cnp.PyArray_DATA(arr), 1, 1, kind)
+        # The innermost run absorbs outer axes that continue it.
+        run_n = shape[nd - 1]
+        run_stride = strides[nd - 1]
+        nd -= 1
+        while nd > 0 and strides[nd - 1] == run_n * run_stride:
+            run_n *= shape[nd - 1]
+            nd -= 1
+        for d in range(nd):
+            n_runs *= shape[d]
+            idx[d] = 0
+        p = <char *>cnp.PyArray_DATA(arr)
+        for r in range(n_runs):
+            self.push(p, run_n, run_stride // itemsize, kind)
+            d = nd - 1     # odometer over the outer axes
+            while d >= 0:
+                idx[d] += 1
+                p += strides[d]
+                if idx[d] < shape[d]:
+                    break
+                p -= shape[d] * strides[d]
+                idx[d] = 0
+                d -= 1
+        return 0
+
+    cdef int add(self, cnp.ndarray arr, object index, str name, bint in_place) except -1:
+        cdef int type_num = cnp.PyArray_TYPE(arr)
+        cdef Py_ssize_t n = cnp.PyArray_SIZE(arr)
+        cdef int kind
+        if not cnp.PyArray_ISFLOAT(arr):
+            raise TypeError(f"{name}[{index}]: expected a floating-point array or buffer, "
+                            f"got an array of {(<object>arr).dtype}")
+        if in_place and not cnp.PyArray_ISWRITEABLE(arr):
+            raise ValueError(f"{name}[{index}]: expected a writable {(<object>arr).dtype} buffer, "
+                             f"got a read-only array")
+        if cnp.PyArray_NDIM(arr) > 64:
+            raise ValueError(f"{name}[{index}]: more than 64 dimensions")
+        self.arrays.append(arr)
+        self.indices.append(index)
+        if n == 0:
+            return 0
+        if ((type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE)
+                or not cnp.PyArray_ISNOTSWAPPED(arr) or not cnp.PyArray_ISALIGNED(arr)):
+            # float16, long double, byte-swapped or unaligned: the kernels read a
+            # float64 copy (refreshed before every norm) and NumPy scales the
+            # original in place.
+            copy = np.empty((<object>arr).shape, dtype=np.float64)
+            self.generic.append((arr, copy))
+            self.push(<char *>cnp.PyArray_DATA(copy), n, 1, SEG_F64_COPY)
+            return 0
+        kind = SEG_F32 if type_num == cnp.NPY_FLOAT else SEG_F64
+        if cnp.PyArray_IS_C_CONTIGUOUS(arr) or cnp.PyArray_IS_F_CONTIGUOUS(arr):
+            self.push(<char *>cnp.PyArray_DATA(arr), n, 1, kind)
+        else:
+            self.add_strided(arr, kind)
+        return 0
+
+    cdef int check_overlaps(self, str name) except -1:
+        """Raise when two arrays share memory: in place, it would be scaled twice."""
+        cdef Py_ssize_t m = len(self.arrays), j, i, d, ext, count = 0, n_sorted
+        cdef Extent *exts = <Extent *>malloc((m + 1) * sizeof(Extent))
+        cdef cnp.ndarray arr
+        cdef char *max_hi
+        cdef bint is_sorted = True
+        if exts == NULL:
+            raise MemoryError()
+        try:
+            for j in range(m):
+                arr = <cnp.ndarray>self.arrays[j]
+                if cnp.PyArray_SIZE(arr) == 0:
+                    continue
+                exts[count].lo = exts[count].hi = <char *>cnp.PyArray_DATA(arr)
+                for d in range(cnp.PyArray_NDIM(arr)):
+                    ext = (cnp.PyArray_DIM(arr, d) - 1) * cnp.PyArray_STRIDE(arr, d)
+                    if ext < 0:
+                        exts[count].lo += ext
+                    else:
+                        exts[count].hi += ext
+                exts[count].hi += cnp.PyArray_ITEMSIZE(arr)
+                exts[count].pos = j
+                if count and exts[count].lo < exts[count - 1].lo:
+                    is_sorted = False
+                count += 1
+            if not is_sorted:
+                qsort(exts, count, sizeof(Extent), compare_extents)
+            max_hi = NULL
+            for j in range(count):
+                if j and exts[j].lo < max_hi:
+                    # Extents overlap; interleaved views may still be disjoint.
+                    for i in range(j):
+                        if exts[i].hi > exts[j].lo and np.shares_memory(
+                                self.arrays[exts[i].pos], self.arrays[exts[j].pos]):
+                            a = self.indices[exts[i].pos]
+                            b = self.indices[exts[j].pos]
+                            a, b = min(a, b), max(a, b)
+                            raise ValueError(
+                                f"{name}[{a}] and {name}[{b}] share memory: clipping in "
+                                f"place would scale it twice")
+                if j == 0 or exts[j].hi > max_hi:
+                    max_hi = exts[j].hi
+        finally:
+            free(exts)
+        return 0
+
+    cdef double norm(self, double norm_type, int n_threads) except? -1.0:
+        cdef double result
+        for arr, copy in self.generic:
+            np.copyto(copy, arr, casting="unsafe")
+        with nogil:
+            result = layout_norm(&self.lay, norm_type, n_threads)
+        return result
+
+    cdef double clip(self, double clip_norm, object use_norm, double norm_type,
+                     bint error_if_nonfinite, int n_threads) except? -1.0:
+        cdef double norm, scale
+        if use_norm is None:
+            norm = self.norm(norm_type, n_threads)
+        else:
+            norm = <double>use_norm
+        if not isfinite(norm):
+            if error_if_nonfinite:
+                raise ValueError(f"the global norm is {norm}, not finite: nothing was "
+                                 f"clipped (error_if_nonfinite=True)")
+            scale = NAN      # TensorFlow's rule: every element becomes NaN
+        elif norm <= clip_norm:
+            return norm      # nothing to clip: write nothing
+        else:
+            scale = clip_norm / norm
+        with nogil:
+            layout_scale(&self.lay, scale, n_threads)
+        for arr, copy in self.generic:
+            np.multiply(arr, scale, out=arr, casting="unsafe")
+        return norm
+
+
+cdef tuple as_tuple(object t_list, str name):
+    if type(t_list) is tuple:
+        return <tuple>t_list
+    if type(t_list) is list:
+        return tuple(t_list)     # our own references, whatever the caller does meanwhile
+    if (isinstance(t_list, (str, bytes)) or isinstance(t_list, np.ndarray)
+            or not isinstance(t_list, collections.abc.Sequence)):
+        raise TypeError(f"{name} must be a list or tuple of arrays, got "
+                        f"{type(t_list).__name__}")
+    return tuple(t_list)
+
+
+cdef _Buffers collect(object t_list, bint in_place, str name):
+    """Validate every entry of t_list and lay the buffers out; None entries are skipped."""
+    cdef tuple seq = as_tuple(t_list, name)
+    cdef _Buffers buf = _Buffers.__new__(_Buffers)
+    cdef Py_ssize_t i
+    for i in range(len(seq)):
+        obj = seq[i]
+        if obj is None:
+            continue
+        if not cnp.PyArray_Check(obj):
+            try:
+                obj = buffer_view(obj, writable=in_place)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{name}[{i}]: {exc}") from None
+        buf.add(<cnp.ndarray>obj, i, name, in_place)
+    if in_place:
+        buf.check_overlaps(name)
+    return buf
+
+
+cdef double as_real(object value, str name) except? -1.0:
+    if isinstance(value, (str, bytes)) or getattr(value, "ndim", 0) != 0:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+
+
+cdef double as_clip_norm(object value) except? -1.0:
+    cdef double c = as_real(value, "clip_norm")
+    if isnan(c) or c < 0:
+        raise ValueError(f"clip_norm must be a number >= 0, got {value!r}")
+    return c
+
+
+cdef double as_norm_type(object value) except? -1.0:
+    cdef double p = as_real(value, "norm_type")
+    if isnan(p) or p <= 0:
+        raise ValueError(f"norm_type must be > 0 (inf for the max norm), got {value!r}")
+    return p
+
+
+cdef int as_threads(object value) except -1:
+    """0 means: what OpenMP may use."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"n_threads must be None or an int >= 1, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"n_threads must be None or an int >= 1, got {value}")
+    return min(value, 1 << 16)
+
+
+def global_norm(t_list, *, norm_type=2.0, n_threads=None):
+    """The norm of all elements of all buffers in t_list, as one vector.
+
+    Parameters
+    ----------
+    t_list : list or tuple of arrays
+        float32 or float64 NumPy arrays or objects exposing such memory
+        (``__dlpack__``, the buffer protocol, ``__array__``); None entries are
+        skipped. Other float dtypes are read through a float64 copy.
+    norm_type : float, default 2.0
+        p of the p-norm: 2 (euclidean), 1, ``inf`` or any p > 0.
+    n_threads : int or None
+        Threads to use; None uses what OpenMP may use (``OMP_NUM_THREADS``,
+        threadpoolctl). Small lists always run on one thread.
+
+    Returns
+    -------
+    float
+        The norm, accumulated in float64: no finite float32 input overflows.
+        A NaN element makes it NaN, an inf element (and no NaN) makes it inf.
+        0.0 for an empty list.
+
+    Raises
+    ------
+    TypeError
+        If t_list is not a list or tuple, or an entry is not a float buffer.
+
+    Examples
+    --------
+    >>> import numpy as np, clipcore
+    >>> clipcore.global_norm([np.full(4, 1.5, np.float32), np.zeros(3, np.float32)])
+    3.0
+    """
+    cdef double p = as_norm_type(norm_type)
+    cdef int nt = as_threads(n_threads)
+    return collect(t_list, False, "t_list").norm(p, nt)
+
+
+def clip_by_global_norm_(t_list, clip_norm, *, use_norm=None, norm_type=2.0,
+                         error_if_nonfinite=False, n_threads=None):
+    """Rescale every buffer in place by ``clip_norm / max(norm, clip_norm)``.
+
+    Parameters
+    ----------
+    t_list : list or tuple of arrays
+        Writable float32/float64 arrays or objects exposing such memory
+        (PyTorch CPU tensors, buffer-protocol objects); None entries are
+        skipped. No copy is ever made: views, slices and transposes are
+        scaled in the caller's memory.
+    clip_norm : float
+        The norm to clip to, >= 0 (inf: never clip).
+    use_norm : float, optional
+        Use this global norm instead of computing it.
+    norm_type : float, default 2.0
+        p of the p-norm (2, 1, inf or any p > 0).
+    error_if_nonfinite : bool, default False
+        If the norm is NaN or inf: raise ValueError and modify nothing. If
+        False, TensorFlow's rule applies: every element becomes NaN.
+    n_threads : int or None
+        Threads to use; None uses what OpenMP may use.
+
+    Returns
+    -------
+    float
+        The global norm before clipping. When it is <= clip_norm nothing is
+        written.
+
+    Raises
+    ------
+    TypeError
+        If t_list is not a list or tuple, an entry is not a float buffer
+        (integer arrays, strings, ...) or a number argument is not a number.
+    ValueError
+        If an entry is read-only, two entries share memory, clip_norm is
+        negative or NaN, or (with error_if_nonfinite) the norm is not finite.
+        Every buffer is checked before any is written.
+
+    Examples
+    --------
+    >>> import numpy as np, clipcore
+    >>> g = [np.array([3.0, 4.0], np.float32)]
+    >>> clipcore.clip_by_global_norm_(g, 1.0)
+    5.0
+    >>> g[0]
+    array([0.6, 0.8], dtype=float32)
+    """
+    cdef double c = as_clip_norm(clip_norm)
+    cdef double p = as_norm_type(norm_type)
+    cdef int nt = as_threads(n_threads)
+    if use_norm is not None:
+        use_norm = as_real(use_norm, "use_norm")
+    return collect(t_list, True, "t_list").clip(c, use_norm, p, bool(error_if_nonfinite), nt)
+
+
+cdef class Plan:
+    """Buffers validated and laid out once, for clipping the same list every step.
+
+    A trainer that clips the same gradient buffers at every step builds a
+    Plan once; each call then goes straight to the kernels. The Plan keeps
+    the buffers alive; their contents may change between calls, their
+    memory must not move (do not rebind a tensor's storage).
+
+    Parameters
+    ----------
+    t_list : list or tuple of arrays
+        As for :func:`clip_by_global_norm_`: writable, disjoint float buffers.
+    n_threads : int or None
+        Threads for every call; None uses what OpenMP may use.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`clip_by_global_norm_`, at construction.
+
+    Examples
+    --------
+    >>> import numpy as np, clipcore
+    >>> grads = [np.array([3.0, 4.0], np.float32), np.zeros(2, np.float32)]
+    >>> plan = clipcore.Plan(grads)
+    >>> plan.global_norm()
+    5.0
+    >>> plan.clip_by_global_norm_(2.5)
+    5.0
+    >>> grads[0]
+    array([1.5, 2. ], dtype=float32)
+    """
+    cdef _Buffers buffers
+    cdef int n_threads
+
+    def __init__(self, t_list, *, n_threads=None):
+        self.n_threads = as_threads(n_threads)
+        self.buffers = collect(t_list, True, "t_list")
+
+    @property
+    def size(self):
+        """Number of elements over all buffers."""
+        return self.buffers.lay.n_total
+
+    def __len__(self):
+        """Number of buffers (None entries excluded)."""
+        return len(self.buffers.arrays)
+
+    def global_norm(self, *, norm_type=2.0):
+        """The norm over the plan's buffers now; see :func:`global_norm`."""
+        return self.buffers.norm(as_norm_type(norm_type), self.n_threads)
+
+    def clip_by_global_norm_(self, clip_norm, *, use_norm=None, norm_type=2.0,
+                             error_if_nonfinite=False):
+        """Clip the plan's buffers in place; see :func:`clip_by_global_norm_`."""
+        cdef double c = as_clip_norm(clip_norm)
+        cdef double p = as_norm_type(norm_type)
+        if use_norm is not None:
+            use_norm = as_real(use_norm, "use_norm")
+        return self.buffers.clip(c, use_norm, p, bool(error_if_nonfinite), self.n_threads)

@@ -1,0 +1,160 @@
+/* Innermost loops of clipcore's kernels, in plain C so the compiler can
+ * vectorize them, and the single home of every OpenMP call.
+ *
+ * Portability: the default build has no -march flag. On x86-64 Linux with GCC
+ * the hot loops are compiled three times (AVX-512, AVX2, baseline) with
+ * target_clones and the loader picks one per machine (an ifunc). Define
+ * CLIPCORE_NATIVE (the CLIPCORE_NATIVE=1 build option adds -march=native) to
+ * build one copy for the build machine instead.
+ *
+ * Determinism: every reduction keeps CC_LANES independent float64 lanes that
+ * are combined in a fixed order, so a given buffer piece always gives the same
+ * bits whatever thread runs it. No -ffast-math: NaN and inf must propagate.
+ */
+#ifndef CLIPCORE_CC_LOOPS_H
+#define CLIPCORE_CC_LOOPS_H
+
+#include <stddef.h>
+#include <math.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+static inline int cc_openmp_enabled(void) { return 1; }
+static inline int cc_max_threads(void) { return omp_get_max_threads(); }
+#else
+static inline int cc_openmp_enabled(void) { return 0; }
+static inline int cc_max_threads(void) { return 1; }
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
+    defined(__linux__) && !defined(CLIPCORE_NATIVE)
+#define CC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+static inline const char *cc_simd_path(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return "avx512 (x86-64-v4, runtime dispatch)";
+    if (__builtin_cpu_supports("x86-64-v3")) return "avx2 (x86-64-v3, runtime dispatch)";
+    return "baseline (x86-64, runtime dispatch)";
+}
+#else
+#define CC_CLONES
+static inline const char *cc_simd_path(void) {
+#if defined(CLIPCORE_NATIVE)
+    return "native (-march=native build)";
+#else
+    return "compiler default (no runtime dispatch on this platform)";
+#endif
+}
+#endif
+
+/* Every loop is static (one copy per extension module that includes this
+ * header); not every module uses every loop. */
+#if defined(__GNUC__)
+#define CC_UNUSED __attribute__((unused))
+#else
+#define CC_UNUSED
+#endif
+
+#define CC_LANES 16
+
+/* Reduction kinds; the chunk driver combines sums by addition, maxima by max. */
+enum { CC_SUMSQ = 0, CC_SUMABS = 1, CC_MAXABS = 2, CC_SUMPOW = 3 };
+
+/* NaN-propagating max of two non-negative values. */
+static inline double cc_max_nan(double a, double b) {
+    if (a != a || b != b) return NAN;
+    return a > b ? a : b;
+}
+
+static inline double cc_sum_lanes(const double *acc) {
+    /* Pairwise, fixed order. */
+    double s8[8];
+    for (int k = 0; k < 8; k++) s8[k] = acc[k] + acc[k + 8];
+    for (int k = 0; k < 4; k++) s8[k] += s8[k + 4];
+    return (s8[0] + s8[2]) + (s8[1] + s8[3]);
+}
+
+static inline double cc_max_lanes(const double *acc) {
+    double m = acc[0];
+    for (int k = 1; k < CC_LANES; k++) m = cc_max_nan(m, acc[k]);
+    return m;
+}
+
+/* One loop body per (dtype, reduction); stride is in elements. The
+ * contiguous case gets the lane-parallel loop the compiler vectorizes. The
+ * general power p is applied to |x| / scale so that sum |x|^p cannot
+ * overflow (scale is the max |x| over all buffers, found in a first pass). */
+#define CC_DEFINE_REDUCE(NAME, T)                                              \
+CC_CLONES CC_UNUSED static double NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,        \
+                             int kind, double p, double inv_scale) {           \
+    double acc[CC_LANES] = {0};                                                \
+    ptrdiff_t i = 0;                                                           \
+    if (stride == 1) {                                                         \
+        const ptrdiff_t nv = n - n % CC_LANES;                                 \
+        switch (kind) {                                                        \
+        case CC_SUMSQ:                                                         \
+            for (; i < nv; i += CC_LANES)                                      \
+                for (int k = 0; k < CC_LANES; k++) {                           \
+                    double v = (double)x[i + k]; acc[k] += v * v; }            \
+            break;                                                             \
+        case CC_SUMABS:                                                        \
+            for (; i < nv; i += CC_LANES)                                      \
+                for (int k = 0; k < CC_LANES; k++)                             \
+                    acc[k] += fabs((double)x[i + k]);                          \
+            break;                                                             \
+        case CC_MAXABS: {                                                      \
+            int nan_seen[CC_LANES] = {0};                                      \
+            for (; i < nv; i += CC_LANES)                                      \
+                for (int k = 0; k < CC_LANES; k++) {                           \
+                    double v = fabs((double)x[i + k]);                         \
+                    nan_seen[k] |= (v != v);                                   \
+                    acc[k] = v > acc[k] ? v : acc[k]; }                        \
+            for (int k = 0; k < CC_LANES; k++) if (nan_seen[k]) acc[k] = NAN;  \
+            break; }                                                           \
+        default:                                                               \
+            for (; i < nv; i += CC_LANES)                                      \
+                for (int k = 0; k < CC_LANES; k++)                             \
+                    acc[k] += pow(fabs((double)x[i + k]) * inv_scale, p);      \
+        }                                                                      \
+    }                                                                          \
+    /* Tail (and strided buffers): lane i % CC_LANES keeps results of a      \
+     * piece independent of how the loop above was split. */                  \
+    for (; i < n; i++) {                                                       \
+        double v = fabs((double)x[i * stride]);                                \
+        double *a = &acc[i % CC_LANES];                                        \
+        switch (kind) {                                                        \
+        case CC_SUMSQ: *a += v * v; break;                                     \
+        case CC_SUMABS: *a += v; break;                                        \
+        case CC_MAXABS: *a = cc_max_nan(*a, v); break;                         \
+        default: *a += pow(v * inv_scale, p);                                  \
+        }                                                                      \
+    }                                                                          \
+    return kind == CC_MAXABS ? cc_max_lanes(acc) : cc_sum_lanes(acc);          \
+}
+
+CC_DEFINE_REDUCE(cc_reduce_f32, float)
+CC_DEFINE_REDUCE(cc_reduce_f64, double)
+
+CC_CLONES CC_UNUSED static void cc_scale_f32(float *x, ptrdiff_t n, ptrdiff_t stride, float s) {
+    if (stride == 1) { for (ptrdiff_t i = 0; i < n; i++) x[i] *= s; }
+    else { for (ptrdiff_t i = 0; i < n; i++) x[i * stride] *= s; }
+}
+
+CC_CLONES CC_UNUSED static void cc_scale_f64(double *x, ptrdiff_t n, ptrdiff_t stride, double s) {
+    if (stride == 1) { for (ptrdiff_t i = 0; i < n; i++) x[i] *= s; }
+    else { for (ptrdiff_t i = 0; i < n; i++) x[i * stride] *= s; }
+}
+
+/* Bandwidth probes for the benchmarks' ceiling: the simplest streaming loops
+ * (one read pass; one read-write pass) over a contiguous float32 buffer. */
+CC_CLONES CC_UNUSED static float cc_probe_read_f32(const float *x, ptrdiff_t n) {
+    float acc[CC_LANES] = {0};
+    ptrdiff_t i = 0;
+    for (; i + CC_LANES <= n; i += CC_LANES)
+        for (int k = 0; k < CC_LANES; k++) acc[k] += x[i + k];
+    float s = 0;
+    for (int k = 0; k < CC_LANES; k++) s += acc[k];
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+
+#endif

@@ -1,0 +1,262 @@
+"""Fused norm and rescale kernels over lists of float32/float64 buffers.
+
+All elements of all buffers form one sequence that is cut into fixed-size
+chunks; chunk boundaries depend only on the total size, so each chunk's
+float64 partial is the same whatever thread computes it, and partials are
+combined in chunk order: the result is bitwise identical for any thread count.
+"""
+from cython.parallel cimport prange
+from libc.math cimport sqrt, pow, INFINITY, NAN, isnan
+from libc.stdlib cimport malloc, free
+
+import os
+
+cdef extern from "cc_loops.h" nogil:
+    double cc_reduce_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind, double p, double inv_scale)
+    double cc_reduce_f64(const double *x, Py_ssize_t n, Py_ssize_t stride, int kind, double p, double inv_scale)
+    double cc_max_nan(double a, double b)
+    void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, float s)
+    void cc_scale_f64(double *x, Py_ssize_t n, Py_ssize_t stride, double s)
+    float cc_probe_read_f32(const float *x, Py_ssize_t n)
+
+# Chunks hold at least CHUNK_MIN elements and there are at most MAX_CHUNKS of
+# them, so the partials fit on the stack: no allocation proportional to data.
+# Below PARALLEL_MIN elements one thread does the work: waking a team costs
+# more than it saves.
+cdef enum:
+    CHUNK_MIN = 16384
+    MAX_CHUNKS = 4096
+    PARALLEL_MIN = 65536
+
+cdef int _forked_child = 0
+
+def _after_fork_in_child():
+    # GNU OpenMP's thread pool does not survive fork(): stay serial there.
+    global _forked_child
+    _forked_child = 1
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+cdef inline Py_ssize_t chunk_size(Py_ssize_t n_total) noexcept nogil:
+    cdef Py_ssize_t c = (n_total + MAX_CHUNKS - 1) // MAX_CHUNKS
+    return c if c > CHUNK_MIN else CHUNK_MIN
+
+
+cdef int resolve_threads(Py_ssize_t n_total, int n_threads) noexcept nogil:
+    """Threads to use: n_threads if > 0, else what OpenMP may use; 1 for small work."""
+    cdef Py_ssize_t n_chunks
+    if _forked_child or n_total < PARALLEL_MIN:
+        return 1
+    if n_threads <= 0:
+        n_threads = cc_max_threads()
+    n_chunks = (n_total + chunk_size(n_total) - 1) // chunk_size(n_total)
+    if n_threads > n_chunks:
+        n_threads = <int>n_chunks
+    return n_threads if n_threads > 0 else 1
+
+
+cdef inline Py_ssize_t find_segment(const Layout *lay, Py_ssize_t pos) noexcept nogil:
+    """Index of the segment holding element pos (binary search over starts)."""
+    cdef Py_ssize_t lo = 0, hi = lay.n_segs - 1, mid
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if lay.starts[mid] <= pos:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+cdef inline double reduce_piece(const Segment *seg, Py_ssize_t off, Py_ssize_t n,
+                                int kind, double p, double inv_scale) noexcept nogil:
+    if seg.kind == SEG_F32:
+        return cc_reduce_f32(<const float *>seg.data + off * seg.stride, n, seg.stride,
+                             kind, p, inv_scale)
+    return cc_reduce_f64(<const double *>seg.data + off * seg.stride, n, seg.stride,
+                         kind, p, inv_scale)
+
+
+cdef double reduce_chunk(const Layout *lay, Py_ssize_t lo, Py_ssize_t hi,
+                         int kind, double p, double inv_scale) noexcept nogil:
+    cdef Py_ssize_t s = find_segment(lay, lo), off, take
+    cdef double acc = 0.0, part
+    while lo < hi:
+        off = lo - lay.starts[s]
+        take = lay.segs[s].n - off
+        if take > hi - lo:
+            take = hi - lo
+        part = reduce_piece(&lay.segs[s], off, take, kind, p, inv_scale)
+        acc = cc_max_nan(acc, part) if kind == CC_MAXABS else acc + part
+        lo += take
+        s += 1
+    return acc
+
+
+cdef double reduce_layout(const Layout *lay, int kind, double p, double inv_scale,
+                          int n_threads) noexcept nogil:
+    """Sum (or NaN-propagating max) of per-element terms over the layout."""
+    cdef double partials[MAX_CHUNKS]
+    cdef Py_ssize_t chunk = chunk_size(lay.n_total)
+    cdef Py_ssize_t n_chunks = (lay.n_total + chunk - 1) // chunk
+    cdef Py_ssize_t c, hi
+    cdef int nt = resolve_threads(lay.n_total, n_threads)
+    cdef double acc = 0.0
+    if nt > 1:
+        for c in prange(n_chunks, num_threads=nt, schedule='static'):
+            hi = (c + 1) * chunk
+            partials[c] = reduce_chunk(lay, c * chunk,
+                                       hi if hi < lay.n_total else lay.n_total,
+                                       kind, p, inv_scale)
+    else:
+        for c in range(n_chunks):
+            hi = (c + 1) * chunk
+            partials[c] = reduce_chunk(lay, c * chunk,
+                                       hi if hi < lay.n_total else lay.n_total,
+                                       kind, p, inv_scale)
+    for c in range(n_chunks):
+        acc = cc_max_nan(acc, partials[c]) if kind == CC_MAXABS else acc + partials[c]
+    return acc
+
+
+cdef double layout_norm(const Layout *lay, double norm_type, int n_threads) noexcept nogil:
+    """The norm_type-norm over all elements of the layout (norm_type > 0)."""
+    cdef double m
+    if lay.n_total == 0:
+        return 0.0
+    if norm_type == 2.0:
+        return sqrt(reduce_layout(lay, CC_SUMSQ, 2.0, 1.0, n_threads))
+    if norm_type == 1.0:
+        return reduce_layout(lay, CC_SUMABS, 1.0, 1.0, n_threads)
+    m = reduce_layout(lay, CC_MAXABS, 0.0, 1.0, n_threads)
+    if norm_type == INFINITY or m == 0.0 or m == INFINITY or isnan(m):
+        return m
+    # sum (|x|/m)^p never overflows; the norm is m * (that sum)^(1/p).
+    return m * pow(reduce_layout(lay, CC_SUMPOW, norm_type, 1.0 / m, n_threads),
+                   1.0 / norm_type)
+
+
+cdef inline void scale_chunk(const Layout *lay, Py_ssize_t lo, Py_ssize_t hi,
+                             double scale) noexcept nogil:
+    cdef Py_ssize_t s = find_segment(lay, lo), off, take
+    cdef const Segment *seg
+    while lo < hi:
+        seg = &lay.segs[s]
+        off = lo - lay.starts[s]
+        take = seg.n - off
+        if take > hi - lo:
+            take = hi - lo
+        if seg.kind == SEG_F32:
+            cc_scale_f32(<float *>seg.data + off * seg.stride, take, seg.stride, <float>scale)
+        elif seg.kind == SEG_F64:
+            cc_scale_f64(<double *>seg.data + off * seg.stride, take, seg.stride, scale)
+        lo += take
+        s += 1
+
+
+cdef void layout_scale(const Layout *lay, double scale, int n_threads) noexcept nogil:
+    """Multiply every writable element of the layout by scale, in place."""
+    cdef Py_ssize_t chunk = chunk_size(lay.n_total)
+    cdef Py_ssize_t n_chunks = (lay.n_total + chunk - 1) // chunk
+    cdef Py_ssize_t c, hi
+    cdef int nt = resolve_threads(lay.n_total, n_threads)
+    if nt > 1:
+        for c in prange(n_chunks, num_threads=nt, schedule='static'):
+            hi = (c + 1) * chunk
+            scale_chunk(lay, c * chunk, hi if hi < lay.n_total else lay.n_total, scale)
+    else:
+        for c in range(n_chunks):
+            hi = (c + 1) * chunk
+            scale_chunk(lay, c * chunk, hi if hi < lay.n_total else lay.n_total, scale)
+
+
+cdef int layout_from_pointers(Layout *lay, float **ptrs, const Py_ssize_t *lengths,
+                              Py_ssize_t count) noexcept nogil:
+    """Fill lay (malloc'ed arrays; free with free_layout) from contiguous float32 buffers."""
+    cdef Py_ssize_t i
+    lay.segs = <Segment *>malloc((count + 1) * sizeof(Segment))
+    lay.starts = <Py_ssize_t *>malloc((count + 1) * sizeof(Py_ssize_t))
+    lay.n_segs = 0
+    lay.n_total = 0
+    if lay.segs == NULL or lay.starts == NULL:
+        free(lay.segs)
+        free(lay.starts)
+        return -1
+    for i in range(count):
+        if lengths[i] <= 0:
+            continue
+        lay.segs[lay.n_segs].data = <char *>ptrs[i]
+        lay.segs[lay.n_segs].n = lengths[i]
+        lay.segs[lay.n_segs].stride = 1
+        lay.segs[lay.n_segs].kind = SEG_F32
+        lay.starts[lay.n_segs] = lay.n_total
+        lay.n_total += lengths[i]
+        lay.n_segs += 1
+    return 0
+
+
+cdef double norm_f32(float **ptrs, const Py_ssize_t *lengths, Py_ssize_t count,
+                     double norm_type, int n_threads) noexcept nogil:
+    """norm_type-norm over count contiguous float32 buffers; NaN if out of memory."""
+    cdef Layout lay
+    cdef double result
+    if layout_from_pointers(&lay, ptrs, lengths, count) != 0:
+        return NAN
+    result = layout_norm(&lay, norm_type, n_threads)
+    free(lay.segs)
+    free(lay.starts)
+    return result
+
+
+cdef void scale_f32(float **ptrs, const Py_ssize_t *lengths, Py_ssize_t count,
+                    float scale, int n_threads) noexcept nogil:
+    """Multiply count contiguous float32 buffers by scale, in place."""
+    cdef Layout lay
+    if layout_from_pointers(&lay, ptrs, lengths, count) != 0:
+        return
+    layout_scale(&lay, scale, n_threads)
+    free(lay.segs)
+    free(lay.starts)
+
+
+def openmp_enabled():
+    """True when the extension was built with OpenMP."""
+    return bool(cc_openmp_enabled())
+
+
+def max_threads():
+    """Threads OpenMP may use now (OMP_NUM_THREADS, threadpoolctl); 1 without OpenMP."""
+    return 1 if _forked_child else cc_max_threads()
+
+
+def simd_path():
+    """The instruction set the hot loops run with on this machine."""
+    return cc_simd_path().decode()
+
+
+def bandwidth_probe(float[::1] buf, int n_threads=0):
+    """One read pass and one read-write pass (x *= 1) over buf, for the benchmarks' ceiling.
+
+    Returns (seconds_read, seconds_read_write), timed inside the kernel.
+    """
+    from time import perf_counter
+    cdef Py_ssize_t n = buf.shape[0], chunk, n_chunks, c, lo, hi
+    cdef float *x = &buf[0] if n else NULL
+    cdef float sink = 0
+    cdef int nt = n_threads if n_threads > 0 else cc_max_threads()
+    chunk = chunk_size(n)
+    n_chunks = (n + chunk - 1) // chunk
+    t0 = perf_counter()
+    with nogil:
+        for c in prange(n_chunks, num_threads=nt, schedule='static'):
+            lo = c * chunk
+            hi = lo + chunk if lo + chunk < n else n
+            sink += cc_probe_read_f32(x + lo, hi - lo)
+    t1 = perf_counter()
+    with nogil:
+        for c in prange(n_chunks, num_threads=nt, schedule='static'):
+            lo = c * chunk
+            hi = lo + chunk if lo + chunk < n else n
+            cc_scale_f32(x + lo, hi - lo, 1, 1.0)
+    t2 = perf_counter()
+    return t1 - t0, t2 - t1
