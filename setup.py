@@ -98,8 +98,16 @@ class BuildExt(build_ext):
             ext.extra_link_args = ldflags + ext.extra_link_args
         super().build_extensions()
 
+    def copy_extensions_to_source(self):
+        # build_ext --inplace, a development tree: make `from clipcore cimport kernels` work.
+        super().copy_extensions_to_source()
+        for name in PUBLIC_NATIVE_FILES:
+            shutil.copyfile(os.path.join(NATIVE_DIR, name), os.path.join("clipcore", name))
+
 
 class BuildPy(build_py):
+    """Install the public .pxd and header beside the package's Python files."""
+
     def run(self):
         super().run()
         for name in PUBLIC_NATIVE_FILES:

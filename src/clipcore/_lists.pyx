@@ -5,7 +5,7 @@ call: for a list of 2000 small gradients Python-level checks alone would cost
 more than the kernels. Every buffer is checked before any is written.
 """
 cimport numpy as cnp
-from libc.math cimport isfinite, isnan, NAN, INFINITY
+from libc.math cimport isfinite, isnan, NAN
 from libc.stdlib cimport malloc, realloc, free, qsort
 
 from clipcore.kernels cimport (Segment, Layout, SEG_F32, SEG_F64, SEG_F64_COPY,
@@ -33,11 +33,6 @@ cdef int compare_extents(const void *a, const void *b) noexcept nogil:
 
 cdef class _Buffers:
     """The validated buffers of one t_list, laid out for the kernels."""
-    cdef Layout lay
-    cdef Py_ssize_t cap
-    cdef list arrays         # every array viewed, kept alive while we hold pointers
-    cdef list indices        # its position in t_list, for error messages
-    cdef list generic        # (array, float64 copy) for dtypes the kernels do not scale
 
     def __cinit__(self):
         self.lay.segs = NULL

@@ -1,0 +1,24 @@
+# Validated lists of buffers, for other clipcore modules that run the kernels.
+cimport numpy as cnp
+from clipcore.kernels cimport Layout
+
+cdef class _Buffers:
+    cdef Layout lay          # the segments the kernels run over
+    cdef Py_ssize_t cap
+    cdef list arrays         # every array viewed, kept alive while we hold pointers
+    cdef list indices        # its position in t_list, for error messages
+    cdef list generic        # (array, float64 copy) for dtypes the kernels do not scale
+
+    cdef int push(self, char *data, Py_ssize_t n, Py_ssize_t stride, int kind) except -1
+    cdef int add_strided(self, cnp.ndarray arr, int kind) except -1
+    cdef int add(self, cnp.ndarray arr, object index, str name, bint in_place) except -1
+    cdef int check_overlaps(self, str name) except -1
+    cdef double norm(self, double norm_type, int n_threads) except? -1.0
+    cdef double clip(self, double clip_norm, object use_norm, double norm_type,
+                     bint error_if_nonfinite, int n_threads) except? -1.0
+
+cdef _Buffers collect(object t_list, bint in_place, str name)
+cdef double as_real(object value, str name) except? -1.0
+cdef double as_clip_norm(object value) except? -1.0
+cdef double as_norm_type(object value) except? -1.0
+cdef int as_threads(object value) except -1
