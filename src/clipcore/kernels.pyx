@@ -260,3 +260,8 @@ def bandwidth_probe(float[::1] buf, int n_threads=0):
             cc_scale_f32(x + lo, hi - lo, 1, 1.0)
     t2 = perf_counter()
     return t1 - t0, t2 - t1
+
+
+def threads_for(Py_ssize_t n_total, int n_threads=0):
+    """Threads the kernels would use for n_total elements (n_threads=0: OpenMP's default)."""
+    return resolve_threads(n_total, n_threads)
