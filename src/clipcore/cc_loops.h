@@ -54,7 +54,7 @@ static inline const char *cc_simd_path(void) {
 #define CC_UNUSED
 #endif
 
-#define CC_LANES 16
+#define CC_LANES 32
 
 /* Reduction kinds; the chunk driver combines sums by addition, maxima by max. */
 enum { CC_SUMSQ = 0, CC_SUMABS = 1, CC_MAXABS = 2, CC_SUMPOW = 3 };
@@ -65,28 +65,25 @@ static inline double cc_max_nan(double a, double b) {
     return a > b ? a : b;
 }
 
-static inline double cc_sum_lanes(const double *acc) {
-    /* Pairwise, fixed order. */
-    double s8[8];
-    for (int k = 0; k < 8; k++) s8[k] = acc[k] + acc[k + 8];
-    for (int k = 0; k < 4; k++) s8[k] += s8[k + 4];
-    return (s8[0] + s8[2]) + (s8[1] + s8[3]);
+/* Combine a chunk's lanes, in a fixed (pairwise) order. */
+static inline double cc_combine_lanes(double *acc, int is_max) {
+    for (int width = CC_LANES / 2; width > 0; width /= 2)
+        for (int k = 0; k < width; k++)
+            acc[k] = is_max ? cc_max_nan(acc[k], acc[k + width]) : acc[k] + acc[k + width];
+    return acc[0];
 }
 
-static inline double cc_max_lanes(const double *acc) {
-    double m = acc[0];
-    for (int k = 1; k < CC_LANES; k++) m = cc_max_nan(m, acc[k]);
-    return m;
-}
-
-/* One loop body per (dtype, reduction); stride is in elements. The
- * contiguous case gets the lane-parallel loop the compiler vectorizes. The
- * general power p is applied to |x| / scale so that sum |x|^p cannot
- * overflow (scale is the max |x| over all buffers, found in a first pass). */
+/* One loop body per (dtype, reduction), accumulating into the caller's
+ * CC_LANES float64 lanes (a chunk's pieces share them, so small buffers pay
+ * no per-buffer setup); stride is in elements. The contiguous case gets the
+ * lane-parallel loop the compiler vectorizes; enough lanes to hide the add
+ * latency. For the general power p, |x| is multiplied by inv_scale (1 / the
+ * max |x| over all buffers, found in a first pass) so sum |x|^p cannot
+ * overflow. NaN is sticky in a max lane: v > NaN is false. */
 #define CC_DEFINE_REDUCE(NAME, T)                                              \
-CC_CLONES CC_UNUSED static double NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,        \
-                             int kind, double p, double inv_scale) {           \
-    double acc[CC_LANES] = {0};                                                \
+CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
+                                     int kind, double p, double inv_scale,     \
+                                     double *restrict acc) {                   \
     ptrdiff_t i = 0;                                                           \
     if (stride == 1) {                                                         \
         const ptrdiff_t nv = n - n % CC_LANES;                                 \
@@ -116,8 +113,7 @@ CC_CLONES CC_UNUSED static double NAME(const T *x, ptrdiff_t n, ptrdiff_t stride
                     acc[k] += pow(fabs((double)x[i + k]) * inv_scale, p);      \
         }                                                                      \
     }                                                                          \
-    /* Tail (and strided buffers): lane i % CC_LANES keeps results of a      \
-     * piece independent of how the loop above was split. */                  \
+    /* Tail (and strided buffers), lane by lane. */                            \
     for (; i < n; i++) {                                                       \
         double v = fabs((double)x[i * stride]);                                \
         double *a = &acc[i % CC_LANES];                                        \
@@ -128,7 +124,6 @@ CC_CLONES CC_UNUSED static double NAME(const T *x, ptrdiff_t n, ptrdiff_t stride
         default: *a += pow(v * inv_scale, p);                                  \
         }                                                                      \
     }                                                                          \
-    return kind == CC_MAXABS ? cc_max_lanes(acc) : cc_sum_lanes(acc);          \
 }
 
 CC_DEFINE_REDUCE(cc_reduce_f32, float)
