@@ -110,9 +110,10 @@ class BuildPy(build_py):
 
     def run(self):
         super().run()
+        dest = os.path.join(self.build_lib, "clipcore")
+        self.mkpath(dest)
         for name in PUBLIC_NATIVE_FILES:
-            self.copy_file(os.path.join(NATIVE_DIR, name),
-                           os.path.join(self.build_lib, "clipcore", name))
+            self.copy_file(os.path.join(NATIVE_DIR, name), os.path.join(dest, name))
 
 
 extensions = [
