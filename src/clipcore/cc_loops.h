@@ -9,13 +9,17 @@
  *
  * Determinism: every reduction keeps CC_LANES independent float64 lanes that
  * are combined in a fixed order, so a given buffer piece always gives the same
- * bits whatever thread runs it. No -ffast-math: NaN and inf must propagate.
+ * bits whatever thread runs it. (The AVX2/AVX-512 copies fuse x*x+acc into an
+ * FMA, the baseline copy does not: results may differ in the last bit between
+ * machines, never between thread counts on one machine.) No -ffast-math: NaN
+ * and inf must propagate.
  */
 #ifndef CLIPCORE_CC_LOOPS_H
 #define CLIPCORE_CC_LOOPS_H
 
 #include <stddef.h>
 #include <math.h>
+#include <float.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -54,7 +58,7 @@ static inline const char *cc_simd_path(void) {
 #define CC_UNUSED
 #endif
 
-#define CC_LANES 32
+#define CC_LANES 64
 
 /* Reduction kinds; the chunk driver combines sums by addition, maxima by max. */
 enum { CC_SUMSQ = 0, CC_SUMABS = 1, CC_MAXABS = 2, CC_SUMPOW = 3 };
@@ -129,9 +133,17 @@ CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
 CC_DEFINE_REDUCE(cc_reduce_f32, float)
 CC_DEFINE_REDUCE(cc_reduce_f64, double)
 
-CC_CLONES CC_UNUSED static void cc_scale_f32(float *x, ptrdiff_t n, ptrdiff_t stride, float s) {
-    if (stride == 1) { for (ptrdiff_t i = 0; i < n; i++) x[i] *= s; }
-    else { for (ptrdiff_t i = 0; i < n; i++) x[i * stride] *= s; }
+/* float32 buffers are multiplied by the float32 scale (as TensorFlow does),
+ * except when that scale would be subnormal and lose digits (clipping a huge
+ * norm to a small one): then in float64, rounded once. */
+CC_CLONES CC_UNUSED static void cc_scale_f32(float *x, ptrdiff_t n, ptrdiff_t stride, double s) {
+    const float sf = (float)s;
+    if (!(fabs(s) < FLT_MIN) || s == 0.0) {
+        if (stride == 1) { for (ptrdiff_t i = 0; i < n; i++) x[i] *= sf; }
+        else { for (ptrdiff_t i = 0; i < n; i++) x[i * stride] *= sf; }
+    } else {
+        for (ptrdiff_t i = 0; i < n; i++) x[i * stride] = (float)((double)x[i * stride] * s);
+    }
 }
 
 CC_CLONES CC_UNUSED static void cc_scale_f64(double *x, ptrdiff_t n, ptrdiff_t stride, double s) {

@@ -19,7 +19,7 @@ cdef extern from "cc_loops.h" nogil:
                        double inv_scale, double *acc)
     double cc_combine_lanes(double *acc, int is_max)
     double cc_max_nan(double a, double b)
-    void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, float s)
+    void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
     void cc_scale_f64(double *x, Py_ssize_t n, Py_ssize_t stride, double s)
     float cc_probe_read_f32(const float *x, Py_ssize_t n)
 
@@ -151,7 +151,7 @@ cdef inline void scale_chunk(const Layout *lay, Py_ssize_t lo, Py_ssize_t hi,
         if take > hi - lo:
             take = hi - lo
         if seg.kind == SEG_F32:
-            cc_scale_f32(<float *>seg.data + off * seg.stride, take, seg.stride, <float>scale)
+            cc_scale_f32(<float *>seg.data + off * seg.stride, take, seg.stride, scale)
         elif seg.kind == SEG_F64:
             cc_scale_f64(<double *>seg.data + off * seg.stride, take, seg.stride, scale)
         lo += take
