@@ -563,7 +563,8 @@ def test_property_clip_bounds_norm_and_keeps_direction(arrays, clip_norm):
     before = [a.astype(np.float64) for a in arrays]
     norm = clipcore.clip_by_global_norm_(arrays, clip_norm)
     assert norm == pytest.approx(ref_norm(before), rel=1e-12, abs=1e-300)
-    assert ref_norm(arrays) <= clip_norm * (1 + 1e-6) or norm <= clip_norm
+    # float32 rounding; subnormal results carry an absolute error of up to 0.7e-45 each
+    assert ref_norm(arrays) <= clip_norm * (1 + 1e-6) + 1e-43 or norm <= clip_norm
     if norm > clip_norm:        # every element scaled by one factor: direction kept
         for a, b in zip(arrays, before):     # (to float32 rounding, subnormals included)
             np.testing.assert_allclose(a, b * (clip_norm / norm), rtol=3e-7, atol=1.5e-45)
