@@ -1,0 +1,327 @@
+"""Global-norm clipping over gradients sharded across processes.
+
+Each rank holds a shard of the gradients (ZeRO/FSDP style). The global norm
+is the norm over all shards: each rank computes its local part with the fused
+kernels, the parts are combined by one all-reduce of two float64 numbers (the
+local sum of ``|x|^p`` -- or the max for the inf-norm -- and a status flag),
+and every rank applies the same scale.
+
+``group`` is an ``mpi4py`` intracommunicator or a ``torch.distributed``
+process group (``None``: torch's default group, once initialized). This module
+imports neither library: it recognizes their objects by the module their
+type comes from.
+
+Every rank must make the same calls, in the same order, with the same
+``clip_norm`` and ``norm_type``, as for any collective operation.
+"""
+import math
+import re
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+import clipcore
+
+__all__ = ["clip_by_global_norm_", "global_norm"]
+
+# The second number of the all-reduced pair. Both SUM and MAX keep it >= 1
+# when any rank failed its checks, and in (0, 1) when a rank has a
+# non-finite local part the first number cannot carry (NaN under MAX, inf
+# under SUM), for any group of fewer than 2**30 ranks.
+_FAILED = 1.0
+_SPECIAL = 2.0 ** -30
+_TINY = sys.float_info.min
+
+
+class _MPIGroup:
+    def __init__(self, mpi, comm):
+        self.mpi = mpi
+        self.comm = comm
+        self.rank = comm.Get_rank()
+
+    def allreduce(self, vec, op):
+        self.comm.Allreduce(self.mpi.IN_PLACE, vec, op=self.mpi.MAX if op == "max" else self.mpi.SUM)
+
+
+class _TorchGroup:
+    def __init__(self, torch, dist, group):
+        self.torch = torch
+        self.dist = dist
+        self.group = group
+        self.rank = group.rank()
+
+    def allreduce(self, vec, op):
+        op = self.dist.ReduceOp.MAX if op == "max" else self.dist.ReduceOp.SUM
+        self.dist.all_reduce(self.torch.from_numpy(vec), op=op, group=self.group)
+
+
+def _as_group(group):
+    """Wrap an mpi4py communicator or a torch ProcessGroup; never imports either."""
+    if group is None:
+        dist = sys.modules.get("torch.distributed")
+        if dist is None or not dist.is_available() or not dist.is_initialized():
+            raise ValueError("group is None, which means torch.distributed's default process "
+                             "group, but it is not initialized: pass an mpi4py communicator or "
+                             "a torch.distributed ProcessGroup")
+        return _TorchGroup(sys.modules["torch"], dist, dist.group.WORLD)
+    roots = {(cls.__module__ or "").partition(".")[0] for cls in type(group).__mro__}
+    if "mpi4py" in roots:
+        mpi = sys.modules["mpi4py.MPI"]
+        if isinstance(group, mpi.Intracomm) and group != mpi.COMM_NULL:
+            return _MPIGroup(mpi, group)
+        what = "MPI.COMM_NULL" if group == mpi.COMM_NULL else f"an mpi4py {type(group).__name__}"
+        raise TypeError(f"group must be an mpi4py intracommunicator (such as MPI.COMM_WORLD), "
+                        f"got {what}")
+    dist = sys.modules.get("torch.distributed")
+    if "torch" in roots and dist is not None and isinstance(group, dist.ProcessGroup):
+        return _TorchGroup(sys.modules["torch"], dist, group)
+    raise TypeError(f"group must be an mpi4py communicator, a torch.distributed ProcessGroup "
+                    f"or None, got {type(group).__module__}.{type(group).__qualname__}")
+
+
+def _as_list(value, name):
+    if (isinstance(value, (str, bytes, np.ndarray)) or not isinstance(value, Sequence)):
+        raise TypeError(f"{name} must be a list or tuple of arrays, got {type(value).__name__}")
+    return list(value)
+
+
+def _relabel(exc, offset):
+    """The core names every entry t_list[i]; entries from `offset` on are replicated[i - offset]."""
+    def name(match):
+        i = int(match.group(1))
+        return f"t_list[{i}]" if i < offset else f"replicated[{i - offset}]"
+    return type(exc)(re.sub(r"\bt_list\[(\d+)\]", name, str(exc)))
+
+
+def _pow(x, p):
+    if p == 2.0:
+        return x * x
+    try:
+        return x ** p
+    except OverflowError:
+        return math.inf
+
+
+def _local_norm(t_list, replicated, p, rank, n_threads):
+    """This rank's part; replicated buffers count on rank 0 only (elsewhere only if not finite)."""
+    if replicated is None:
+        return clipcore.global_norm(t_list, norm_type=p, n_threads=n_threads)
+    n = len(t_list)
+    try:
+        if rank == 0 or p == math.inf:     # the max counts a replicated element once anyway
+            return clipcore.global_norm(t_list + replicated, norm_type=p, n_threads=n_threads)
+        local = clipcore.global_norm(t_list, norm_type=p, n_threads=n_threads)
+        n = 0
+        rep = clipcore.global_norm(replicated, norm_type=math.inf, n_threads=n_threads)
+    except (TypeError, ValueError) as exc:
+        raise _relabel(exc, n) from None
+    if not math.isfinite(rep) and not math.isnan(local):
+        local = rep      # a non-finite replicated copy on any rank reaches every rank
+    return local
+
+
+def _reduce(group, local, p, failed, caller):
+    """The global norm from every rank's local norm: one all-reduce of two numbers.
+
+    For p other than 1, 2 and inf, when a sum of p-th powers would overflow
+    or underflow (as the core does in one process), two more all-reduces of
+    one number scale it by the largest local norm.
+    """
+    vec = np.zeros(2)
+    if failed:
+        vec[1] = _FAILED
+    elif p == math.inf:     # MAX drops NaN unevenly across ranks: flag it
+        vec[:] = (math.inf, _SPECIAL) if math.isnan(local) else (local, 0.0)
+    else:
+        vec[0] = s = _pow(local, p)
+        if local == math.inf:
+            vec[1] = _SPECIAL
+        elif p != 1.0 and p != 2.0 and (s == math.inf or (local > 0.0 and s < _TINY)):
+            vec[0] = math.inf     # ask every rank for the scaled sum
+    group.allreduce(vec, "max" if p == math.inf else "sum")
+    total, flag = float(vec[0]), float(vec[1])
+    if flag >= _FAILED:
+        if failed:
+            return None
+        raise RuntimeError(f"clipcore.distributed.{caller}: another rank of the group "
+                           f"rejected its arguments (see the error there); nothing was "
+                           f"modified on any rank")
+    if p == math.inf:
+        return math.nan if flag > 0.0 else total
+    if math.isnan(total) or flag > 0.0:
+        return total if math.isnan(total) else math.inf
+    if p == 1.0:
+        return total
+    if p == 2.0:
+        return math.sqrt(total)
+    if total < math.inf:
+        return total ** (1.0 / p)
+    one = np.array([local])
+    group.allreduce(one, "max")
+    m = float(one[0])
+    one[0] = (local / m) ** p
+    group.allreduce(one, "sum")
+    return m * float(one[0]) ** (1.0 / p)
+
+
+def global_norm(t_list, group, *, norm_type=2.0, replicated=None, n_threads=None):
+    """The norm of all elements of every rank's buffers, as one vector.
+
+    A collective call: every rank of ``group`` calls it with its own shard
+    and the same ``norm_type``, and every rank gets the same result.
+
+    Parameters
+    ----------
+    t_list : list or tuple of arrays
+        This rank's buffers, as for :func:`clipcore.global_norm` (None
+        entries are skipped; a rank may hold none).
+    group : mpi4py.MPI.Intracomm, torch.distributed.ProcessGroup or None
+        The ranks sharing the gradients. None means torch's default process
+        group, which must be initialized. A torch group must accept CPU
+        tensors (gloo, mpi).
+    norm_type : float, default 2.0
+        p of the p-norm: 2, 1, ``inf`` or any p > 0.
+    replicated : list or tuple of arrays, optional
+        Buffers every rank holds a full copy of (biases, norms, anything not
+        sharded). They count once in the norm: rank 0's copy is counted; on
+        the other ranks a non-finite copy still makes the norm non-finite.
+    n_threads : int or None
+        Threads for this rank's local part; None uses what OpenMP may use.
+
+    Returns
+    -------
+    float
+        The global norm, the same float on every rank: NaN if any rank holds
+        a NaN, else inf if any holds an inf.
+
+    Raises
+    ------
+    TypeError
+        If ``group`` is not a communicator or process group (raised before
+        any communication), or an entry is not a float buffer.
+    ValueError
+        If ``group`` is None and torch's default group is not initialized,
+        or ``norm_type`` is invalid.
+    RuntimeError
+        On every other rank, when one rank's arguments failed these checks:
+        the checks run before the all-reduce and their outcome travels with
+        it, so no rank is left waiting.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mpi4py import MPI
+    >>> from clipcore import distributed
+    >>> shard = [np.array([3.0, 4.0], np.float32)]
+    >>> distributed.global_norm(shard, MPI.COMM_SELF)
+    5.0
+    """
+    g = _as_group(group)
+    local, error = math.nan, None
+    try:
+        if replicated is not None:
+            t_list, replicated = _as_list(t_list, "t_list"), _as_list(replicated, "replicated")
+        local = _local_norm(t_list, replicated, norm_type, g.rank, n_threads)
+        p = float(norm_type)
+    except Exception as exc:        # every rank must reach the all-reduce
+        error, p = exc, _op_norm_type(norm_type)
+    norm = _reduce(g, local, p, error is not None, "global_norm")
+    if error is not None:
+        raise error
+    return norm
+
+
+def _op_norm_type(value):
+    """The norm_type whose reduction a failed rank joins: the inf-norm's MAX or else SUM."""
+    try:
+        return math.inf if float(value) == math.inf else 2.0
+    except (TypeError, ValueError):
+        return 2.0
+
+
+def clip_by_global_norm_(t_list, clip_norm, group, *, norm_type=2.0, replicated=None,
+                         error_if_nonfinite=False, n_threads=None):
+    """Rescale every rank's buffers in place by ``clip_norm / max(norm, clip_norm)``.
+
+    The norm is :func:`global_norm` over all ranks; then every rank applies
+    the same scale to its buffers with :func:`clipcore.clip_by_global_norm_`,
+    so each rank's buffers end as they would if one process clipped all
+    shards together. A collective call: every rank passes its own shard and
+    the same ``clip_norm`` and ``norm_type``.
+
+    Parameters
+    ----------
+    t_list : list or tuple of arrays
+        This rank's writable float buffers (NumPy arrays, PyTorch CPU
+        tensors, ...), as for :func:`clipcore.clip_by_global_norm_`.
+    clip_norm : float
+        The norm to clip to, >= 0.
+    group : mpi4py.MPI.Intracomm, torch.distributed.ProcessGroup or None
+        The ranks sharing the gradients; None means torch's default group.
+    norm_type : float, default 2.0
+        p of the p-norm: 2, 1, ``inf`` or any p > 0.
+    replicated : list or tuple of arrays, optional
+        Buffers every rank holds a full copy of: counted once in the norm
+        (see :func:`global_norm`) and scaled on every rank.
+    error_if_nonfinite : bool, default False
+        If the global norm is NaN or inf: every rank raises ValueError and
+        nothing is modified. If False, TensorFlow's rule: every element on
+        every rank becomes NaN.
+    n_threads : int or None
+        Threads for this rank's kernels; None uses what OpenMP may use.
+
+    Returns
+    -------
+    float
+        The global norm before clipping, the same on every rank. When it is
+        <= clip_norm nothing is written.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`clipcore.clip_by_global_norm_` and :func:`global_norm`;
+        every argument is checked before the all-reduce.
+    RuntimeError
+        On every other rank, when one rank's arguments failed the checks;
+        nothing is modified on any rank.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mpi4py import MPI
+    >>> from clipcore import distributed
+    >>> shard = [np.array([3.0, 4.0], np.float32)]
+    >>> distributed.clip_by_global_norm_(shard, 1.0, MPI.COMM_SELF)
+    5.0
+    >>> shard[0]
+    array([0.6, 0.8], dtype=float32)
+    """
+    g = _as_group(group)
+    local, error, plan = math.nan, None, None
+    try:
+        everything = t_list
+        if replicated is not None:
+            t_list, replicated = _as_list(t_list, "t_list"), _as_list(replicated, "replicated")
+            everything = t_list + replicated
+        try:
+            plan = clipcore.Plan(everything, n_threads=n_threads)
+            # Checks clip_norm and norm_type now; a zero norm writes nothing.
+            plan.clip_by_global_norm_(clip_norm, use_norm=0.0, norm_type=norm_type)
+        except (TypeError, ValueError) as exc:
+            if replicated is None:
+                raise
+            raise _relabel(exc, len(t_list)) from None
+        p = float(norm_type)
+        if replicated is None or g.rank == 0 or p == math.inf:
+            local = plan.global_norm(norm_type=p)
+        else:
+            local = _local_norm(t_list, replicated, p, g.rank, n_threads)
+    except Exception as exc:        # every rank must reach the all-reduce
+        error, p = exc, _op_norm_type(norm_type)
+    norm = _reduce(g, local, p, error is not None, "clip_by_global_norm_")
+    if error is not None:
+        raise error
+    # The same norm on every rank, so the same outcome: a scale, NaN, or a ValueError.
+    return plan.clip_by_global_norm_(clip_norm, use_norm=norm, norm_type=p,
+                                     error_if_nonfinite=error_if_nonfinite)
