@@ -107,7 +107,8 @@ def _local_norm(t_list, replicated, p, rank, n_threads):
     """This rank's part; replicated buffers count on rank 0 only (elsewhere only if not finite)."""
     if replicated is None:
         return clipcore.global_norm(t_list, norm_type=p, n_threads=n_threads)
-    n = len(t_list)
+    clipcore.global_norm((), norm_type=p)      # the core's check of norm_type, first
+    p, n = float(p), len(t_list)
     try:
         if rank == 0 or p == math.inf:     # the max counts a replicated element once anyway
             return clipcore.global_norm(t_list + replicated, norm_type=p, n_threads=n_threads)
@@ -121,7 +122,7 @@ def _local_norm(t_list, replicated, p, rank, n_threads):
     return local
 
 
-def _reduce(group, local, p, failed, caller):
+def _reduce(group, local, p, caller):
     """The global norm from every rank's local norm: one all-reduce of two numbers.
 
     For p other than 1, 2 and inf, when a sum of p-th powers would overflow
@@ -129,9 +130,7 @@ def _reduce(group, local, p, failed, caller):
     one number scale it by the largest local norm.
     """
     vec = np.zeros(2)
-    if failed:
-        vec[1] = _FAILED
-    elif p == math.inf:     # MAX drops NaN unevenly across ranks: flag it
+    if p == math.inf:     # MAX drops NaN unevenly across ranks: flag it
         vec[:] = (math.inf, _SPECIAL) if math.isnan(local) else (local, 0.0)
     else:
         vec[0] = s = _pow(local, p)
@@ -142,8 +141,6 @@ def _reduce(group, local, p, failed, caller):
     group.allreduce(vec, "max" if p == math.inf else "sum")
     total, flag = float(vec[0]), float(vec[1])
     if flag >= _FAILED:
-        if failed:
-            return None
         raise RuntimeError(f"clipcore.distributed.{caller}: another rank of the group "
                            f"rejected its arguments (see the error there); nothing was "
                            f"modified on any rank")
@@ -218,26 +215,23 @@ def global_norm(t_list, group, *, norm_type=2.0, replicated=None, n_threads=None
     5.0
     """
     g = _as_group(group)
-    local, error = math.nan, None
     try:
         if replicated is not None:
             t_list, replicated = _as_list(t_list, "t_list"), _as_list(replicated, "replicated")
         local = _local_norm(t_list, replicated, norm_type, g.rank, n_threads)
-        p = float(norm_type)
-    except Exception as exc:        # every rank must reach the all-reduce
-        error, p = exc, _op_norm_type(norm_type)
-    norm = _reduce(g, local, p, error is not None, "global_norm")
-    if error is not None:
-        raise error
-    return norm
+    except Exception:
+        _join_failed(g, norm_type)
+        raise
+    return _reduce(g, local, float(norm_type), "global_norm")
 
 
-def _op_norm_type(value):
-    """The norm_type whose reduction a failed rank joins: the inf-norm's MAX or else SUM."""
+def _join_failed(group, norm_type):
+    """This rank failed its checks: join the all-reduce the others make, flagged."""
     try:
-        return math.inf if float(value) == math.inf else 2.0
+        op = "max" if float(norm_type) == math.inf else "sum"
     except (TypeError, ValueError):
-        return 2.0
+        op = "sum"
+    group.allreduce(np.array([0.0, _FAILED]), op)
 
 
 def clip_by_global_norm_(t_list, clip_norm, group, *, norm_type=2.0, replicated=None,
@@ -298,7 +292,6 @@ def clip_by_global_norm_(t_list, clip_norm, group, *, norm_type=2.0, replicated=
     array([0.6, 0.8], dtype=float32)
     """
     g = _as_group(group)
-    local, error, plan = math.nan, None, None
     try:
         everything = t_list
         if replicated is not None:
@@ -317,11 +310,10 @@ def clip_by_global_norm_(t_list, clip_norm, group, *, norm_type=2.0, replicated=
             local = plan.global_norm(norm_type=p)
         else:
             local = _local_norm(t_list, replicated, p, g.rank, n_threads)
-    except Exception as exc:        # every rank must reach the all-reduce
-        error, p = exc, _op_norm_type(norm_type)
-    norm = _reduce(g, local, p, error is not None, "clip_by_global_norm_")
-    if error is not None:
-        raise error
+    except Exception:
+        _join_failed(g, norm_type)
+        raise
+    norm = _reduce(g, local, p, "clip_by_global_norm_")
     # The same norm on every rank, so the same outcome: a scale, NaN, or a ValueError.
     return plan.clip_by_global_norm_(clip_norm, use_norm=norm, norm_type=p,
                                      error_if_nonfinite=error_if_nonfinite)
