@@ -2,9 +2,17 @@
 
 Each rank holds a shard of the gradients (ZeRO/FSDP style). The global norm
 is the norm over all shards: each rank computes its local part with the fused
-kernels, the parts are combined by one all-reduce of two float64 numbers (the
-local sum of ``|x|^p`` -- or the max for the inf-norm -- and a status flag),
-and every rank applies the same scale.
+kernels, the parts are combined by one all-reduce of one float64 (the sum of
+the local ``sum |x|^p``, or the max for the inf-norm), and every rank applies
+the same scale.
+
+A rank with a NaN or inf, or whose arguments failed their checks, sends +inf
+instead. Every rank then sees an infinite result and makes a second
+all-reduce (MAX of two numbers: the largest local norm and a status code) that
+tells every rank the same thing: raise, NaN, inf, or -- for p other than 1, 2
+and inf, whose plain sum of p-th powers may overflow or underflow where the
+core's scaled sum does not -- a third all-reduce of the sum scaled by the
+largest local norm. The common case costs one all-reduce of one number.
 
 ``group`` is an ``mpi4py`` intracommunicator or a ``torch.distributed``
 process group (``None``: torch's default group, once initialized). This module
@@ -25,12 +33,9 @@ import clipcore
 
 __all__ = ["clip_by_global_norm_", "global_norm"]
 
-# The second number of the all-reduced pair. Both SUM and MAX keep it >= 1
-# when any rank failed its checks, and in (0, 1) when a rank has a
-# non-finite local part the first number cannot carry (NaN under MAX, inf
-# under SUM), for any group of fewer than 2**30 ranks.
-_FAILED = 1.0
-_SPECIAL = 2.0 ** -30
+# Status codes of the second all-reduce (MAX): the worst rank's wins.
+_NAN = 1.0
+_FAILED = 2.0
 _TINY = sys.float_info.min
 
 
@@ -123,43 +128,54 @@ def _local_norm(t_list, replicated, p, rank, n_threads):
 
 
 def _reduce(group, local, p, caller):
-    """The global norm from every rank's local norm: one all-reduce of two numbers.
-
-    For p other than 1, 2 and inf, when a sum of p-th powers would overflow
-    or underflow (as the core does in one process), two more all-reduces of
-    one number scale it by the largest local norm.
-    """
-    vec = np.zeros(2)
-    if p == math.inf:     # MAX drops NaN unevenly across ranks: flag it
-        vec[:] = (math.inf, _SPECIAL) if math.isnan(local) else (local, 0.0)
+    """The global norm from every rank's local norm; see the module docstring."""
+    if p == math.inf:
+        v = local if math.isfinite(local) else math.inf
     else:
-        vec[0] = s = _pow(local, p)
-        if local == math.inf:
-            vec[1] = _SPECIAL
-        elif p != 1.0 and p != 2.0 and (s == math.inf or (local > 0.0 and s < _TINY)):
-            vec[0] = math.inf     # ask every rank for the scaled sum
-    group.allreduce(vec, "max" if p == math.inf else "sum")
-    total, flag = float(vec[0]), float(vec[1])
-    if flag >= _FAILED:
+        v = _pow(local, p)
+        if math.isnan(v) or (p != 1.0 and p != 2.0 and 0.0 < local and v < _TINY):
+            v = math.inf
+    one = np.array([v])
+    group.allreduce(one, "max" if p == math.inf else "sum")
+    total = float(one[0])
+    if total < math.inf:
+        if p == 1.0 or p == math.inf:
+            return total
+        return math.sqrt(total) if p == 2.0 else total ** (1.0 / p)
+    return _settle(group, local, p, False, caller)
+
+
+def _settle(group, local, p, failed, caller):
+    """Every rank saw +inf: agree on why, with a second all-reduce (MAX)."""
+    if failed:
+        vec = np.array([0.0, _FAILED])
+    else:
+        vec = np.array([math.inf, _NAN] if math.isnan(local) else [local, 0.0])
+    group.allreduce(vec, "max")
+    m, code = float(vec[0]), float(vec[1])
+    if code >= _FAILED:
+        if failed:
+            return None
         raise RuntimeError(f"clipcore.distributed.{caller}: another rank of the group "
                            f"rejected its arguments (see the error there); nothing was "
                            f"modified on any rank")
-    if p == math.inf:
-        return math.nan if flag > 0.0 else total
-    if math.isnan(total) or flag > 0.0:
-        return total if math.isnan(total) else math.inf
-    if p == 1.0:
-        return total
-    if p == 2.0:
-        return math.sqrt(total)
-    if total < math.inf:
-        return total ** (1.0 / p)
-    one = np.array([local])
-    group.allreduce(one, "max")
-    m = float(one[0])
-    one[0] = (local / m) ** p
+    if code >= _NAN:
+        return math.nan
+    if m == math.inf or p == 1.0 or p == 2.0:
+        return math.inf          # an inf, or the plain sum overflowed as in the core
+    one = np.array([(local / m) ** p])
     group.allreduce(one, "sum")
     return m * float(one[0]) ** (1.0 / p)
+
+
+def _join_failed(group, norm_type):
+    """This rank failed its checks: join the all-reduces the others make, then raise."""
+    try:
+        op = "max" if float(norm_type) == math.inf else "sum"
+    except (TypeError, ValueError):
+        op = "sum"          # SUM or MAX, +inf reaches every rank
+    group.allreduce(np.array([math.inf]), op)
+    _settle(group, math.nan, None, True, None)
 
 
 def global_norm(t_list, group, *, norm_type=2.0, replicated=None, n_threads=None):
@@ -223,15 +239,6 @@ def global_norm(t_list, group, *, norm_type=2.0, replicated=None, n_threads=None
         _join_failed(g, norm_type)
         raise
     return _reduce(g, local, float(norm_type), "global_norm")
-
-
-def _join_failed(group, norm_type):
-    """This rank failed its checks: join the all-reduce the others make, flagged."""
-    try:
-        op = "max" if float(norm_type) == math.inf else "sum"
-    except (TypeError, ValueError):
-        op = "sum"
-    group.allreduce(np.array([0.0, _FAILED]), op)
 
 
 def clip_by_global_norm_(t_list, clip_norm, group, *, norm_type=2.0, replicated=None,

@@ -271,17 +271,53 @@ def check_scaled_sum(be, group, wrap):
             got = D.global_norm(wrap(shards[rank]), group, norm_type=p, replicated=wrap(rep))
             check_close(got, ref, f"scale {scale}, p={p}")
             check_same_everywhere(be, got, f"scale {scale}, p={p}")
-    # p = 2 adds squares exactly as the core does in one process, overflow included.
-    shards, rep = scaled_shards(size, 1e160)
-    got = D.global_norm(wrap(shards[rank]), group)
-    if got != clipcore.global_norm(flat(shards)) or got != math.inf:
-        raise AssertionError(f"p=2 overflow: {got!r}")
+    # For p = 1 and 2 the core adds |x| or x*x unscaled: a sum over ranks that
+    # overflows gives inf, as one process would, even when each rank's part is finite.
+    for p, value in ((2.0, math.sqrt(0.6 * sys.float_info.max)), (1.0, 0.6 * sys.float_info.max)):
+        shards = [[np.array([value])] for _ in range(size)]
+        ref = clipcore.global_norm(flat(shards), norm_type=p)
+        got = D.global_norm(shards[rank], group, norm_type=p)
+        if not (math.isfinite(clipcore.global_norm(shards[rank], norm_type=p))
+                and ref == got == math.inf):
+            raise AssertionError(f"p={p}, overflowing sum: {got!r}, one process: {ref!r}")
 
 
 def check_subgroup(be, sub, sub_members, wrap):
     shards, _ = make_shards(be.size)
     ref = clipcore.global_norm(flat(shards[r] for r in sub_members))
     check_close(D.global_norm(wrap(shards[be.rank]), sub), ref, "sub-group norm")
+
+
+def check_collectives(be, counting):
+    """All-reduce sizes per call: one number in the common case (mpi4py only: a counting comm)."""
+    rank, size = be.rank, be.size
+    calls = counting.calls
+
+    def sizes(fn):
+        calls.clear()
+        fn()
+        return list(calls)
+
+    shards, rep = make_shards(size)
+    for p in P_VALUES:
+        for fn in (lambda: D.global_norm(shards[rank], counting, norm_type=p, replicated=rep),
+                   lambda: D.clip_by_global_norm_(shards[rank], 1e9, counting, norm_type=p)):
+            got = sizes(fn)
+            if got != [1]:
+                raise AssertionError(f"p={p}: all-reduces of {got} numbers, not one of 1")
+        shards[size - 1][1][0] = math.inf        # settled by a second all-reduce of 2
+        got = sizes(lambda: D.global_norm(shards[rank], counting, norm_type=p))
+        shards[size - 1][1][0] = 0.5
+        if got != [1, 2]:
+            raise AssertionError(f"inf, p={p}: all-reduces of {got} numbers")
+        bad = shards[rank] + [np.arange(2)] if rank == 0 else shards[rank]
+        got = sizes(lambda: raised(lambda: D.global_norm(bad, counting, norm_type=p),
+                                   Exception, ""))
+        if got != [1, 2]:
+            raise AssertionError(f"a failed rank, p={p}: all-reduces of {got} numbers")
+    big, _ = scaled_shards(size, 1e150)          # the scaled sum: a third all-reduce
+    if sizes(lambda: D.global_norm(big[rank], counting, norm_type=3.0)) != [1, 2, 1]:
+        raise AssertionError(f"scaled sum: all-reduces of {calls} numbers")
 
 
 def check_wrong_group_types(bad_groups):
@@ -314,9 +350,18 @@ def run_mpi():
         def allgather(self, x):
             return MPI.COMM_WORLD.allgather(x)
 
+    class Counting(MPI.Intracomm):
+        """COMM_WORLD, recording the size of every Allreduce."""
+        calls = []
+
+        def Allreduce(self, sendbuf, recvbuf, op=MPI.SUM):
+            self.calls.append(len(recvbuf))
+            return super().Allreduce(sendbuf, recvbuf, op)
+
     be = Backend()
     world = MPI.COMM_WORLD
     try:
+        check_collectives(be, Counting(world))
         half = world.Split(be.rank % 2, be.rank)
         inter = half.Create_intercomm(0, world, 1 - be.rank % 2, tag=7)
         members = [r for r in range(be.size) if r % 2 == be.rank % 2]
