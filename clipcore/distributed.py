@@ -16,8 +16,8 @@ largest local norm. The common case costs one all-reduce of one number.
 
 ``group`` is an ``mpi4py`` intracommunicator or a ``torch.distributed``
 process group (``None``: torch's default group, once initialized). This module
-imports neither library: it recognizes their objects by the module their
-type comes from.
+imports neither library: an object of theirs exists only once its module is
+loaded, so it looks for their classes in ``sys.modules``.
 
 Every rank must make the same calls, in the same order, with the same
 ``clip_norm`` and ``norm_type``, as for any collective operation.
@@ -41,46 +41,49 @@ _TINY = sys.float_info.min
 
 class _MPIGroup:
     def __init__(self, mpi, comm):
-        self.mpi = mpi
         self.comm = comm
         self.rank = comm.Get_rank()
+        self.in_place = mpi.IN_PLACE
+        self.ops = {"sum": mpi.SUM, "max": mpi.MAX}
 
     def allreduce(self, vec, op):
-        self.comm.Allreduce(self.mpi.IN_PLACE, vec, op=self.mpi.MAX if op == "max" else self.mpi.SUM)
+        self.comm.Allreduce(self.in_place, vec, op=self.ops[op])
 
 
 class _TorchGroup:
-    def __init__(self, torch, dist, group):
-        self.torch = torch
+    def __init__(self, dist, group):
         self.dist = dist
         self.group = group
         self.rank = group.rank()
+        self.from_numpy = sys.modules["torch"].from_numpy
+        self.ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
     def allreduce(self, vec, op):
-        op = self.dist.ReduceOp.MAX if op == "max" else self.dist.ReduceOp.SUM
-        self.dist.all_reduce(self.torch.from_numpy(vec), op=op, group=self.group)
+        self.dist.all_reduce(self.from_numpy(vec), op=self.ops[op], group=self.group)
 
 
 def _as_group(group):
-    """Wrap an mpi4py communicator or a torch ProcessGroup; never imports either."""
-    if group is None:
-        dist = sys.modules.get("torch.distributed")
-        if dist is None or not dist.is_available() or not dist.is_initialized():
-            raise ValueError("group is None, which means torch.distributed's default process "
-                             "group, but it is not initialized: pass an mpi4py communicator or "
-                             "a torch.distributed ProcessGroup")
-        return _TorchGroup(sys.modules["torch"], dist, dist.group.WORLD)
-    roots = {(cls.__module__ or "").partition(".")[0] for cls in type(group).__mro__}
-    if "mpi4py" in roots:
-        mpi = sys.modules["mpi4py.MPI"]
+    """Wrap an mpi4py communicator or a torch ProcessGroup.
+
+    Neither library is imported: an object of theirs can only exist once its
+    module is in sys.modules.
+    """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and isinstance(group, mpi.Comm):
         if isinstance(group, mpi.Intracomm) and group != mpi.COMM_NULL:
             return _MPIGroup(mpi, group)
         what = "MPI.COMM_NULL" if group == mpi.COMM_NULL else f"an mpi4py {type(group).__name__}"
         raise TypeError(f"group must be an mpi4py intracommunicator (such as MPI.COMM_WORLD), "
                         f"got {what}")
     dist = sys.modules.get("torch.distributed")
-    if "torch" in roots and dist is not None and isinstance(group, dist.ProcessGroup):
-        return _TorchGroup(sys.modules["torch"], dist, group)
+    if group is None:
+        if dist is None or not dist.is_available() or not dist.is_initialized():
+            raise ValueError("group is None, which means torch.distributed's default process "
+                             "group, but it is not initialized: pass an mpi4py communicator or "
+                             "a torch.distributed ProcessGroup")
+        return _TorchGroup(dist, dist.group.WORLD)
+    if dist is not None and dist.is_available() and isinstance(group, dist.ProcessGroup):
+        return _TorchGroup(dist, group)
     raise TypeError(f"group must be an mpi4py communicator, a torch.distributed ProcessGroup "
                     f"or None, got {type(group).__module__}.{type(group).__qualname__}")
 

@@ -244,11 +244,16 @@ def check_bad_input_on_one_rank(be, group, wrap):
     def not_a_list(mine, rep):
         return (mine[1] if rank == 1 else mine), {}
 
+    def replicated_not_a_list(mine, rep):
+        return mine, {"replicated": rep[0] if rank == 1 else rep}
+
     for p in P_VALUES:
         for clip in (True, False):
             both(int_entry, 1, TypeError, "t_list[5]: expected a floating-point", p, clip)
             both(bad_replicated, 0, TypeError, "replicated[2]: expected a floating-point", p, clip)
             both(not_a_list, 1, TypeError, "t_list must be a list or tuple", p, clip)
+            both(replicated_not_a_list, 1, TypeError,
+                 "replicated must be a list or tuple of arrays, got ndarray", p, clip)
         both(read_only, 0, ValueError, "t_list[0]: expected a writable", p)
         both(negative_clip, last, ValueError, "clip_norm must be", p)
         both(shared_memory, last, ValueError, "t_list[1] and replicated[0] share memory", p)

@@ -112,3 +112,11 @@ def test_group_none_needs_torch_default_group():
         distributed.global_norm([np.ones(2)], None)
     with pytest.raises(ValueError, match="not initialized"):
         distributed.clip_by_global_norm_([np.ones(2)], 1.0, None)
+
+
+def test_benchmark_script_runs():
+    # Figures are the benchmark's business; this only keeps the script working.
+    out = run([mpiexec(), "-n", "2", sys.executable,
+               os.path.join(ROOT, "benchmarks", "bench_distributed.py"),
+               "--quick", "--workload", "mnist_mlp"])
+    assert re.search(r"mnist_mlp .* distributed +[\d.]+ us +local\+scalar +[\d.]+ us", out), out
