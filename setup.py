@@ -77,7 +77,7 @@ def compiler_can_run_openmp(compiler, cflags, ldflags):
 class BuildExt(build_ext):
     def build_extensions(self):
         unix = self.compiler.compiler_type != "msvc"
-        cflags = ["-O3", "-ffp-contract=off"] if unix else ["/O2"]
+        cflags = ["-O3"] if unix else ["/O2"]
         ldflags = []
         if os.environ.get("CLIPCORE_NATIVE") == "1":
             cflags += ["-march=native", "-DCLIPCORE_NATIVE"]
@@ -110,9 +110,10 @@ class BuildPy(build_py):
 
     def run(self):
         super().run()
+        dest = os.path.join(self.build_lib, "clipcore")
+        self.mkpath(dest)
         for name in PUBLIC_NATIVE_FILES:
-            self.copy_file(os.path.join(NATIVE_DIR, name),
-                           os.path.join(self.build_lib, "clipcore", name))
+            self.copy_file(os.path.join(NATIVE_DIR, name), os.path.join(dest, name))
 
 
 extensions = [

@@ -218,6 +218,13 @@ def test_clip_norm_zero_and_inf():
     np.testing.assert_array_equal(z, 0.0)
 
 
+def test_huge_norm_clipped_to_small_keeps_precision():
+    # The scale 0.125 / 3.4e38 is subnormal in float32: applied in float64 instead.
+    a = np.array([3.3982123e38, -1.0e38], np.float32)
+    norm = clipcore.clip_by_global_norm_([a], 0.125)
+    np.testing.assert_allclose(a, np.array([3.3982123e38, -1.0e38]) * (0.125 / norm), rtol=1e-7)
+
+
 def test_use_norm_is_honoured():
     a = np.array([3.0, 4.0], np.float32)
     assert clipcore.clip_by_global_norm_([a], 1.0, use_norm=10.0) == 10.0
@@ -528,3 +535,46 @@ def test_forked_child_runs_serial_and_correct():
     result = os.read(r, 1)
     os.waitpid(pid, 0)
     assert result == b"1"
+
+
+@pytest.mark.parametrize("culprit", [0, 1234, 2999])
+def test_overlap_found_among_thousands_of_buffers(culprit):
+    arrays = [np.full(int(n), 1.0, np.float32) for n in RNG.integers(1, 64, 3000)]
+    order = RNG.permutation(3000)          # addresses in no particular order
+    arrays = [arrays[i] for i in order]
+    clipcore.clip_by_global_norm_(arrays, 1e9)          # disjoint: fine
+    before = snapshot(arrays)
+    with pytest.raises(ValueError, match=rf"t_list\[{culprit}\] and t_list\[3000\] share memory"):
+        clipcore.clip_by_global_norm_(arrays + [arrays[culprit][:1]], 1e-3)
+    assert snapshot(arrays) == before
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis.extra.numpy import arrays as np_arrays  # noqa: E402
+
+finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+buffers = st.lists(np_arrays(np.float32, st.integers(0, 300), elements=finite_f32), max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(buffers, st.floats(0, 1e31, allow_nan=False))
+def test_property_clip_bounds_norm_and_keeps_direction(arrays, clip_norm):
+    before = [a.astype(np.float64) for a in arrays]
+    norm = clipcore.clip_by_global_norm_(arrays, clip_norm)
+    assert norm == pytest.approx(ref_norm(before), rel=1e-12, abs=1e-300)
+    assert ref_norm(arrays) <= clip_norm * (1 + 1e-6) or norm <= clip_norm
+    if norm > clip_norm:        # every element scaled by one factor: direction kept
+        for a, b in zip(arrays, before):     # (to float32 rounding, subnormals included)
+            np.testing.assert_allclose(a, b * (clip_norm / norm), rtol=3e-7, atol=1.5e-45)
+    else:
+        for a, b in zip(arrays, before):
+            np.testing.assert_array_equal(a, b.astype(np.float32))
+
+
+@settings(max_examples=100, deadline=None)
+@given(buffers, st.sampled_from([1.0, 2.0, 3.0, np.inf]))
+def test_property_thread_count_never_changes_the_bits(arrays, p):
+    big = arrays + [np.ones(70_000, np.float32)]
+    results = {clipcore.global_norm(big, norm_type=p, n_threads=n) for n in THREADS}
+    assert len(results) == 1

@@ -5,13 +5,13 @@ from clipcore.kernels cimport Layout
 cdef class _Buffers:
     cdef Layout lay          # the segments the kernels run over
     cdef Py_ssize_t cap
-    cdef list arrays         # every array viewed, kept alive while we hold pointers
-    cdef list indices        # its position in t_list, for error messages
+    cdef list arrays         # the array viewed for each t_list entry (None for None),
+                             # kept alive while we hold pointers into it
     cdef list generic        # (array, float64 copy) for dtypes the kernels do not scale
 
     cdef int push(self, char *data, Py_ssize_t n, Py_ssize_t stride, int kind) except -1
     cdef int add_strided(self, cnp.ndarray arr, int kind) except -1
-    cdef int add(self, cnp.ndarray arr, object index, str name, bint in_place) except -1
+    cdef int add(self, cnp.ndarray arr, Py_ssize_t index, str name, bint in_place) except -1
     cdef int check_overlaps(self, str name) except -1
     cdef double norm(self, double norm_type, int n_threads) except? -1.0
     cdef double clip(self, double clip_norm, object use_norm, double norm_type,

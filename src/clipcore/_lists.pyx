@@ -6,7 +6,8 @@ more than the kernels. Every buffer is checked before any is written.
 """
 cimport numpy as cnp
 from libc.math cimport isfinite, isnan, NAN
-from libc.stdlib cimport malloc, realloc, free, qsort
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy
 
 from clipcore.kernels cimport (Segment, Layout, SEG_F32, SEG_F64, SEG_F64_COPY,
                                layout_norm, layout_scale)
@@ -22,13 +23,57 @@ cnp.import_array()
 ctypedef struct Extent:
     char *lo          # lowest byte of the array
     char *hi          # one past its highest byte
-    Py_ssize_t pos    # position in _Buffers.arrays
+    Py_ssize_t pos    # position in _Buffers.arrays, which is the index in t_list
 
 
-cdef int compare_extents(const void *a, const void *b) noexcept nogil:
-    cdef char *x = (<const Extent *>a).lo
-    cdef char *y = (<const Extent *>b).lo
-    return (x > y) - (x < y)
+cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
+    """Sort extents by lo: LSD radix sort on lo - min(lo), 11 bits per pass.
+
+    Thousands of extents are sorted on every in-place call; this is several
+    times faster than qsort's comparator calls.
+    """
+    cdef Py_ssize_t i, d
+    cdef size_t base, span = 0, key
+    cdef int shift
+    cdef Py_ssize_t count[2048]
+    cdef Extent *tmp
+    cdef Extent *swap
+    if n < 2:
+        return 0
+    base = <size_t>a[0].lo
+    for i in range(n):
+        if <size_t>a[i].lo < base:
+            base = <size_t>a[i].lo
+    for i in range(n):
+        if <size_t>a[i].lo - base > span:
+            span = <size_t>a[i].lo - base
+    tmp = <Extent *>malloc(n * sizeof(Extent))
+    if tmp == NULL:
+        raise MemoryError()
+    shift = 0
+    while shift == 0 or (shift < 64 and (span >> shift) != 0):
+        for d in range(2048):
+            count[d] = 0
+        for i in range(n):
+            count[((<size_t>a[i].lo - base) >> shift) & 2047] += 1
+        key = 0
+        for d in range(2048):        # counts -> start positions
+            key += count[d]
+            count[d] = key - count[d]
+        for i in range(n):
+            d = ((<size_t>a[i].lo - base) >> shift) & 2047
+            tmp[count[d]] = a[i]
+            count[d] += 1
+        swap = a
+        a = tmp
+        tmp = swap
+        shift += 11
+    if (shift // 11) % 2:           # odd number of passes: the result is in the scratch
+        memcpy(tmp, a, n * sizeof(Extent))
+        free(a)
+    else:
+        free(tmp)
+    return 0
 
 
 cdef class _Buffers:
@@ -38,7 +83,6 @@ cdef class _Buffers:
         self.lay.segs = NULL
         self.lay.starts = NULL
         self.arrays = []
-        self.indices = []
         self.generic = []
 
     def __dealloc__(self):
@@ -115,10 +159,12 @@ cdef class _Buffers:
                 d -= 1
         return 0
 
-    cdef int add(self, cnp.ndarray arr, object index, str name, bint in_place) except -1:
+    cdef int add(self, cnp.ndarray arr, Py_ssize_t index, str name, bint in_place) except -1:
         cdef int type_num = cnp.PyArray_TYPE(arr)
-        cdef Py_ssize_t n = cnp.PyArray_SIZE(arr)
-        cdef int kind
+        cdef Py_ssize_t n = 1
+        cdef int kind, d
+        for d in range(cnp.PyArray_NDIM(arr)):
+            n *= cnp.PyArray_DIM(arr, d)
         if not cnp.PyArray_ISFLOAT(arr):
             raise TypeError(f"{name}[{index}]: expected a floating-point array or buffer, "
                             f"got an array of {(<object>arr).dtype}")
@@ -127,8 +173,7 @@ cdef class _Buffers:
                              f"got a read-only array")
         if cnp.PyArray_NDIM(arr) > 64:
             raise ValueError(f"{name}[{index}]: more than 64 dimensions")
-        self.arrays.append(arr)
-        self.indices.append(index)
+        self.arrays[index] = arr
         if n == 0:
             return 0
         if ((type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE)
@@ -158,6 +203,8 @@ cdef class _Buffers:
             raise MemoryError()
         try:
             for j in range(m):
+                if self.arrays[j] is None:
+                    continue
                 arr = <cnp.ndarray>self.arrays[j]
                 if cnp.PyArray_SIZE(arr) == 0:
                     continue
@@ -174,7 +221,7 @@ cdef class _Buffers:
                     is_sorted = False
                 count += 1
             if not is_sorted:
-                qsort(exts, count, sizeof(Extent), compare_extents)
+                sort_extents(exts, count)
             max_hi = NULL
             for j in range(count):
                 if j and exts[j].lo < max_hi:
@@ -182,9 +229,8 @@ cdef class _Buffers:
                     for i in range(j):
                         if exts[i].hi > exts[j].lo and np.shares_memory(
                                 self.arrays[exts[i].pos], self.arrays[exts[j].pos]):
-                            a = self.indices[exts[i].pos]
-                            b = self.indices[exts[j].pos]
-                            a, b = min(a, b), max(a, b)
+                            a = min(exts[i].pos, exts[j].pos)
+                            b = max(exts[i].pos, exts[j].pos)
                             raise ValueError(
                                 f"{name}[{a}] and {name}[{b}] share memory: clipping in "
                                 f"place would scale it twice")
@@ -242,6 +288,7 @@ cdef _Buffers collect(object t_list, bint in_place, str name):
     cdef tuple seq = as_tuple(t_list, name)
     cdef _Buffers buf = _Buffers.__new__(_Buffers)
     cdef Py_ssize_t i
+    buf.arrays = [None] * len(seq)
     for i in range(len(seq)):
         obj = seq[i]
         if obj is None:
@@ -431,7 +478,7 @@ cdef class Plan:
 
     def __len__(self):
         """Number of buffers (None entries excluded)."""
-        return len(self.buffers.arrays)
+        return sum(a is not None for a in self.buffers.arrays)
 
     def global_norm(self, *, norm_type=2.0):
         """The norm over the plan's buffers now; see :func:`global_norm`."""

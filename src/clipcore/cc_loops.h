@@ -9,13 +9,17 @@
  *
  * Determinism: every reduction keeps CC_LANES independent float64 lanes that
  * are combined in a fixed order, so a given buffer piece always gives the same
- * bits whatever thread runs it. No -ffast-math: NaN and inf must propagate.
+ * bits whatever thread runs it. (The AVX2/AVX-512 copies fuse x*x+acc into an
+ * FMA, the baseline copy does not: results may differ in the last bit between
+ * machines, never between thread counts on one machine.) No -ffast-math: NaN
+ * and inf must propagate.
  */
 #ifndef CLIPCORE_CC_LOOPS_H
 #define CLIPCORE_CC_LOOPS_H
 
 #include <stddef.h>
 #include <math.h>
+#include <float.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -54,7 +58,7 @@ static inline const char *cc_simd_path(void) {
 #define CC_UNUSED
 #endif
 
-#define CC_LANES 16
+#define CC_LANES 64
 
 /* Reduction kinds; the chunk driver combines sums by addition, maxima by max. */
 enum { CC_SUMSQ = 0, CC_SUMABS = 1, CC_MAXABS = 2, CC_SUMPOW = 3 };
@@ -65,28 +69,25 @@ static inline double cc_max_nan(double a, double b) {
     return a > b ? a : b;
 }
 
-static inline double cc_sum_lanes(const double *acc) {
-    /* Pairwise, fixed order. */
-    double s8[8];
-    for (int k = 0; k < 8; k++) s8[k] = acc[k] + acc[k + 8];
-    for (int k = 0; k < 4; k++) s8[k] += s8[k + 4];
-    return (s8[0] + s8[2]) + (s8[1] + s8[3]);
+/* Combine a chunk's lanes, in a fixed (pairwise) order. */
+static inline double cc_combine_lanes(double *acc, int is_max) {
+    for (int width = CC_LANES / 2; width > 0; width /= 2)
+        for (int k = 0; k < width; k++)
+            acc[k] = is_max ? cc_max_nan(acc[k], acc[k + width]) : acc[k] + acc[k + width];
+    return acc[0];
 }
 
-static inline double cc_max_lanes(const double *acc) {
-    double m = acc[0];
-    for (int k = 1; k < CC_LANES; k++) m = cc_max_nan(m, acc[k]);
-    return m;
-}
-
-/* One loop body per (dtype, reduction); stride is in elements. The
- * contiguous case gets the lane-parallel loop the compiler vectorizes. The
- * general power p is applied to |x| / scale so that sum |x|^p cannot
- * overflow (scale is the max |x| over all buffers, found in a first pass). */
+/* One loop body per (dtype, reduction), accumulating into the caller's
+ * CC_LANES float64 lanes (a chunk's pieces share them, so small buffers pay
+ * no per-buffer setup); stride is in elements. The contiguous case gets the
+ * lane-parallel loop the compiler vectorizes; enough lanes to hide the add
+ * latency. For the general power p, |x| is multiplied by inv_scale (1 / the
+ * max |x| over all buffers, found in a first pass) so sum |x|^p cannot
+ * overflow. NaN is sticky in a max lane: v > NaN is false. */
 #define CC_DEFINE_REDUCE(NAME, T)                                              \
-CC_CLONES CC_UNUSED static double NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,        \
-                             int kind, double p, double inv_scale) {           \
-    double acc[CC_LANES] = {0};                                                \
+CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
+                                     int kind, double p, double inv_scale,     \
+                                     double *restrict acc) {                   \
     ptrdiff_t i = 0;                                                           \
     if (stride == 1) {                                                         \
         const ptrdiff_t nv = n - n % CC_LANES;                                 \
@@ -116,8 +117,7 @@ CC_CLONES CC_UNUSED static double NAME(const T *x, ptrdiff_t n, ptrdiff_t stride
                     acc[k] += pow(fabs((double)x[i + k]) * inv_scale, p);      \
         }                                                                      \
     }                                                                          \
-    /* Tail (and strided buffers): lane i % CC_LANES keeps results of a      \
-     * piece independent of how the loop above was split. */                  \
+    /* Tail (and strided buffers), lane by lane. */                            \
     for (; i < n; i++) {                                                       \
         double v = fabs((double)x[i * stride]);                                \
         double *a = &acc[i % CC_LANES];                                        \
@@ -128,15 +128,22 @@ CC_CLONES CC_UNUSED static double NAME(const T *x, ptrdiff_t n, ptrdiff_t stride
         default: *a += pow(v * inv_scale, p);                                  \
         }                                                                      \
     }                                                                          \
-    return kind == CC_MAXABS ? cc_max_lanes(acc) : cc_sum_lanes(acc);          \
 }
 
 CC_DEFINE_REDUCE(cc_reduce_f32, float)
 CC_DEFINE_REDUCE(cc_reduce_f64, double)
 
-CC_CLONES CC_UNUSED static void cc_scale_f32(float *x, ptrdiff_t n, ptrdiff_t stride, float s) {
-    if (stride == 1) { for (ptrdiff_t i = 0; i < n; i++) x[i] *= s; }
-    else { for (ptrdiff_t i = 0; i < n; i++) x[i * stride] *= s; }
+/* float32 buffers are multiplied by the float32 scale (as TensorFlow does),
+ * except when that scale would be subnormal and lose digits (clipping a huge
+ * norm to a small one): then in float64, rounded once. */
+CC_CLONES CC_UNUSED static void cc_scale_f32(float *x, ptrdiff_t n, ptrdiff_t stride, double s) {
+    const float sf = (float)s;
+    if (!(fabs(s) < FLT_MIN) || s == 0.0) {
+        if (stride == 1) { for (ptrdiff_t i = 0; i < n; i++) x[i] *= sf; }
+        else { for (ptrdiff_t i = 0; i < n; i++) x[i * stride] *= sf; }
+    } else {
+        for (ptrdiff_t i = 0; i < n; i++) x[i * stride] = (float)((double)x[i * stride] * s);
+    }
 }
 
 CC_CLONES CC_UNUSED static void cc_scale_f64(double *x, ptrdiff_t n, ptrdiff_t stride, double s) {

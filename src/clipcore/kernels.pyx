@@ -12,10 +12,14 @@ from libc.stdlib cimport malloc, free
 import os
 
 cdef extern from "cc_loops.h" nogil:
-    double cc_reduce_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind, double p, double inv_scale)
-    double cc_reduce_f64(const double *x, Py_ssize_t n, Py_ssize_t stride, int kind, double p, double inv_scale)
+    enum: CC_LANES
+    void cc_reduce_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind, double p,
+                       double inv_scale, double *acc)
+    void cc_reduce_f64(const double *x, Py_ssize_t n, Py_ssize_t stride, int kind, double p,
+                       double inv_scale, double *acc)
+    double cc_combine_lanes(double *acc, int is_max)
     double cc_max_nan(double a, double b)
-    void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, float s)
+    void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
     void cc_scale_f64(double *x, Py_ssize_t n, Py_ssize_t stride, double s)
     float cc_probe_read_f32(const float *x, Py_ssize_t n)
 
@@ -68,29 +72,29 @@ cdef inline Py_ssize_t find_segment(const Layout *lay, Py_ssize_t pos) noexcept 
     return lo
 
 
-cdef inline double reduce_piece(const Segment *seg, Py_ssize_t off, Py_ssize_t n,
-                                int kind, double p, double inv_scale) noexcept nogil:
-    if seg.kind == SEG_F32:
-        return cc_reduce_f32(<const float *>seg.data + off * seg.stride, n, seg.stride,
-                             kind, p, inv_scale)
-    return cc_reduce_f64(<const double *>seg.data + off * seg.stride, n, seg.stride,
-                         kind, p, inv_scale)
-
-
 cdef double reduce_chunk(const Layout *lay, Py_ssize_t lo, Py_ssize_t hi,
                          int kind, double p, double inv_scale) noexcept nogil:
-    cdef Py_ssize_t s = find_segment(lay, lo), off, take
-    cdef double acc = 0.0, part
+    """The chunk's partial over elements [lo, hi): its pieces share one set of lanes."""
+    cdef double acc[CC_LANES]
+    cdef Py_ssize_t s = find_segment(lay, lo), off, take, k
+    cdef const Segment *seg
+    for k in range(CC_LANES):
+        acc[k] = 0.0
     while lo < hi:
+        seg = &lay.segs[s]
         off = lo - lay.starts[s]
-        take = lay.segs[s].n - off
+        take = seg.n - off
         if take > hi - lo:
             take = hi - lo
-        part = reduce_piece(&lay.segs[s], off, take, kind, p, inv_scale)
-        acc = cc_max_nan(acc, part) if kind == CC_MAXABS else acc + part
+        if seg.kind == SEG_F32:
+            cc_reduce_f32(<const float *>seg.data + off * seg.stride, take, seg.stride,
+                          kind, p, inv_scale, acc)
+        else:
+            cc_reduce_f64(<const double *>seg.data + off * seg.stride, take, seg.stride,
+                          kind, p, inv_scale, acc)
         lo += take
         s += 1
-    return acc
+    return cc_combine_lanes(acc, kind == CC_MAXABS)
 
 
 cdef double reduce_layout(const Layout *lay, int kind, double p, double inv_scale,
@@ -147,7 +151,7 @@ cdef inline void scale_chunk(const Layout *lay, Py_ssize_t lo, Py_ssize_t hi,
         if take > hi - lo:
             take = hi - lo
         if seg.kind == SEG_F32:
-            cc_scale_f32(<float *>seg.data + off * seg.stride, take, seg.stride, <float>scale)
+            cc_scale_f32(<float *>seg.data + off * seg.stride, take, seg.stride, scale)
         elif seg.kind == SEG_F64:
             cc_scale_f64(<double *>seg.data + off * seg.stride, take, seg.stride, scale)
         lo += take
