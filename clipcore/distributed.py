@@ -26,6 +26,7 @@ import math
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -181,7 +182,8 @@ def _join_failed(group, norm_type):
     _settle(group, math.nan, None, True, None)
 
 
-def global_norm(t_list, group, *, norm_type=2.0, replicated=None, n_threads=None):
+def global_norm(t_list: Sequence[Any], group: Any, *, norm_type: float = 2.0,
+                replicated: Sequence[Any] | None = None, n_threads: int | None = None) -> float:
     """The norm of all elements of every rank's buffers, as one vector.
 
     A collective call: every rank of ``group`` calls it with its own shard
@@ -244,8 +246,9 @@ def global_norm(t_list, group, *, norm_type=2.0, replicated=None, n_threads=None
     return _reduce(g, local, float(norm_type), "global_norm")
 
 
-def clip_by_global_norm_(t_list, clip_norm, group, *, norm_type=2.0, replicated=None,
-                         error_if_nonfinite=False, n_threads=None):
+def clip_by_global_norm_(t_list: Sequence[Any], clip_norm: float, group: Any, *,
+                         norm_type: float = 2.0, replicated: Sequence[Any] | None = None,
+                         error_if_nonfinite: bool = False, n_threads: int | None = None) -> float:
     """Rescale every rank's buffers in place by ``clip_norm / max(norm, clip_norm)``.
 
     The norm is :func:`global_norm` over all ranks; then every rank applies

@@ -6,8 +6,8 @@
 Every rank builds the same shards from the same seed, so each can compute the
 single-process reference (all shards in one list) by itself. A failed check
 aborts the whole job (MPI Abort, or torch's spawn tearing the others down) so
-the parent sees a non-zero exit instead of a hang. Importing this module does
-nothing (pytest's doctest collection imports it).
+the parent sees a non-zero exit instead of a hang. Importing this module
+starts nothing.
 """
 import math
 import sys
@@ -46,6 +46,10 @@ def scaled_shards(size, scale):
 
 def flat(shards):
     return [b for s in shards for b in s]
+
+
+def copies(buffers):
+    return [None if b is None else b.copy() for b in buffers]
 
 
 def check_close(got, ref, what, rel=1e-12):
@@ -172,7 +176,7 @@ def check_nonfinite(be, group, wrap):
                 raise AssertionError(f"{what}, p={p}: global_norm gave {got!r}")
 
             # error_if_nonfinite: a ValueError on every rank, nothing written anywhere.
-            before = [None if b is None else b.copy() for b in shards[rank]] + [b.copy() for b in rep]
+            before = copies(shards[rank] + rep)
             if not raised(lambda: D.clip_by_global_norm_(wrap(shards[rank]), 1.0, group,
                                                          norm_type=p, replicated=rep,
                                                          error_if_nonfinite=True),
@@ -208,13 +212,13 @@ def check_bad_input_on_one_rank(be, group, wrap):
 
     def both(make_args, bad_rank, exc_type, message, p=2.0, clip=True):
         mine, rep = fresh()
-        before = [None if b is None else b.copy() for b in mine] + [b.copy() for b in rep]
+        before = copies(mine + rep)
         t_list, kwargs = make_args(mine, rep)
         kwargs.setdefault("norm_type", p)
         if clip:
-            kwargs.setdefault("clip_norm", 1e-3)
+            clip_norm = kwargs.pop("clip_norm", 1e-3)
             check_raises_everywhere(
-                be, lambda: D.clip_by_global_norm_(t_list, kwargs.pop("clip_norm"), group, **kwargs),
+                be, lambda: D.clip_by_global_norm_(t_list, clip_norm, group, **kwargs),
                 bad_rank, exc_type, message)
         else:
             check_raises_everywhere(be, lambda: D.global_norm(t_list, group, **kwargs),

@@ -75,13 +75,6 @@ def test_example_distributed_mpi():
     assert [f[3] for f in found] == ["1.000000"] * 2   # and 1.0 after clipping
 
 
-def test_docstring_examples():
-    # They use MPI.COMM_SELF, so they run in a process of their own.
-    code = ("import doctest, sys, clipcore.distributed as d; "
-            "r = doctest.testmod(d); print(r.attempted); sys.exit(r.failed)")
-    assert int(run([sys.executable, "-c", code])) > 0
-
-
 def test_import_needs_neither_mpi4py_nor_torch():
     code = ("import sys, clipcore, clipcore.distributed; "
             "print(sorted(m for m in ('mpi4py', 'torch') if m in sys.modules))")
