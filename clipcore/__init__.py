@@ -1,8 +1,32 @@
 """clipcore: tensor and gradient clipping computed by fused Cython/OpenMP kernels."""
 import os
 
-from clipcore._lists import Plan, clip_by_global_norm_, global_norm
-from clipcore._config import show_config
+
+def _load_kernels_with_short_openmp_spin():
+    """Import the kernels with GNU OpenMP's idle spinning cut to about 0.1 ms.
+
+    libgomp's idle threads spin for 300,000 rounds (several milliseconds)
+    after each parallel region. On a machine with few cores they then starve
+    other thread pools -- OpenBLAS under NumPy's matrix products -- and a
+    NumPy training loop that clips every step runs several times slower.
+    libgomp reads GOMP_SPINCOUNT once, when it is loaded (here, by the
+    kernels); a user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY is left alone,
+    and the variable is not left in the environment of child processes.
+    """
+    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        import clipcore.kernels  # noqa: F401
+        return
+    os.environ["GOMP_SPINCOUNT"] = "10000"
+    try:
+        import clipcore.kernels  # noqa: F401
+    finally:
+        del os.environ["GOMP_SPINCOUNT"]
+
+
+_load_kernels_with_short_openmp_spin()
+
+from clipcore._lists import Plan, clip_by_global_norm_, global_norm  # noqa: E402
+from clipcore._config import show_config  # noqa: E402
 
 __version__ = "0.1.0"
 
