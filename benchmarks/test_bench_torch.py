@@ -1,0 +1,131 @@
+"""clipcore.torch.clip_grad_norm_ against torch.nn.utils.clip_grad_norm_ on the core's workloads.
+
+    pytest benchmarks/test_bench_torch.py --benchmark-only --benchmark-group-by=param:workload
+    python benchmarks/test_bench_torch.py [--quick] [--workload NAME ...]   # medians + ratios
+
+Gradients are restored from a saved copy before every timed call (not timed),
+so each call clips the same unclipped gradients. Both implementations use all
+the cores: torch its intra-op threads, clipcore what OpenMP may use.
+"""
+import argparse
+import statistics
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import clipcore.torch as ct  # noqa: E402
+
+
+def resnet50_shapes():
+    """torchvision's resnet50 parameter shapes: 161 tensors, 25,557,032 values."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for width, blocks in [(64, 3), (128, 4), (256, 6), (512, 3)]:
+        for b in range(blocks):
+            shapes += [(width, inplanes, 1, 1), (width,), (width,),
+                       (width, width, 3, 3), (width,), (width,),
+                       (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
+            if b == 0:
+                shapes += [(4 * width, inplanes, 1, 1), (4 * width,), (4 * width,)]
+            inplanes = 4 * width
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def gpt2_shapes():
+    """GPT-2 small (tied embeddings counted once): 148 tensors, 124,439,808 values."""
+    d = 768
+    shapes = [(50257, d), (1024, d)]
+    for _ in range(12):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,),
+                   (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+WORKLOADS = {
+    "2000x512": [(512,)] * 2000,
+    "mnist_mlp": [(256, 784), (256,), (128, 256), (128,), (10, 128), (10,)],
+    "resnet50": resnet50_shapes(),
+    "gpt2": gpt2_shapes(),
+}
+SIZES = {"2000x512": (2000, 1_024_000), "mnist_mlp": (6, 235_146),
+         "resnet50": (161, 25_557_032), "gpt2": (148, 124_439_808)}
+NORM_TYPES = {"2": 2.0, "1": 1.0, "inf": float("inf")}
+IMPLS = {"clipcore": ct.clip_grad_norm_, "torch": torch.nn.utils.clip_grad_norm_}
+
+
+class Grads:
+    """Parameters with float32 gradients and a saved copy to restore them from."""
+
+    def __init__(self, shapes, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.params = []
+        for shape in shapes:
+            p = torch.nn.Parameter(torch.empty(shape))
+            p.grad = torch.randn(shape, generator=gen)
+            self.params.append(p)
+        self.saved = [p.grad.clone() for p in self.params]
+
+    def restore(self):
+        with torch.no_grad():
+            torch._foreach_copy_([p.grad for p in self.params], self.saved)
+
+
+_cache = {}
+
+
+def grads_for(workload):
+    if workload not in _cache:
+        _cache.clear()      # GPT-2's gradients and copy take 1 GB: keep one workload
+        _cache[workload] = g = Grads(WORKLOADS[workload])
+        assert (len(g.saved), sum(t.numel() for t in g.saved)) == SIZES[workload]
+    return _cache[workload]
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("norm_type", list(NORM_TYPES))
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_clip_grad_norm(benchmark, workload, norm_type, impl):
+    g = grads_for(workload)
+    fn, p = IMPLS[impl], NORM_TYPES[norm_type]
+    benchmark.group = f"clip_grad_norm_ {workload} p={norm_type}"
+    benchmark.extra_info.update(workload=workload, norm_type=norm_type, impl=impl)
+    rounds = 10 if workload == "gpt2" else 30
+    total = benchmark.pedantic(fn, args=(g.params, 1.0, p), setup=g.restore,
+                               rounds=rounds, iterations=1, warmup_rounds=1)
+    assert total.item() > 1.0       # the gradients were clipped, not already small
+
+
+def median_time(fn, args, restore, repeat):
+    times = []
+    for _ in range(repeat + 1):
+        restore()
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--workload", action="append", choices=list(WORKLOADS))
+    args = ap.parse_args(argv)
+    print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}")
+    print(f"{'workload':10} {'p':>3} {'torch ms':>9} {'clipcore ms':>12} {'speed-up':>9}"
+          f" {'vs p=2':>7}")
+    for workload in args.workload or list(WORKLOADS):
+        g = grads_for(workload)
+        repeat = (3 if args.quick else 10) if workload == "gpt2" else (10 if args.quick else 50)
+        base = None
+        for name, p in NORM_TYPES.items():
+            t = {impl: median_time(fn, (g.params, 1.0, p), g.restore, repeat)
+                 for impl, fn in IMPLS.items()}
+            base = base or t["clipcore"]
+            print(f"{workload:10} {name:>3} {t['torch'] * 1e3:9.3f} {t['clipcore'] * 1e3:12.3f}"
+                  f" {t['torch'] / t['clipcore']:8.1f}x {t['clipcore'] / base:7.2f}")
+
+
+if __name__ == "__main__":
+    main()

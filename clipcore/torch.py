@@ -1,0 +1,316 @@
+"""PyTorch's gradient-clipping functions, computed by clipcore's kernels on CPU.
+
+Drop-in replacements for ``torch.nn.utils.clip_grad_norm_``,
+``clip_grad_value_``, ``get_total_norm`` and ``clip_grads_with_norm_``, with
+their signatures and PyTorch 2.x semantics. When every gradient is a CPU
+float32/float64 tensor, clipcore reads and scales it in place (no copies) in
+one fused multi-threaded pass; anything else (CUDA or other devices, other
+dtypes, sparse tensors, gradients that require grad, tensor subclasses,
+norm types torch allows but clipcore does not: 0, negative) goes to torch's
+own function. So the result is never different from torch's in kind, only
+sometimes not faster.
+
+The one intended difference: norms are accumulated in float64, so float32
+gradients whose squares overflow float32 (values beyond ~1.8e19 with the
+2-norm) give the right finite norm where torch gives inf. The returned norm
+has torch's dtype (float32 for float32 gradients) and the clipping
+coefficient is computed from it exactly as torch does,
+``min(max_norm / (total_norm + 1e-6), 1)``.
+
+``foreach`` is accepted for compatibility; the fast path ignores it and
+torch's path receives it. Threads: as for every clipcore function, what
+OpenMP may use (``OMP_NUM_THREADS``, threadpoolctl), not
+``torch.get_num_threads()``.
+
+Importing this module imports torch; ``import clipcore`` alone does not.
+"""
+import math
+import types
+import warnings
+
+import torch
+from torch.nn import utils as _torch
+
+import clipcore
+from clipcore import kernels as _kernels
+
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+
+_Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
+_f32 = torch.float32
+_f64 = torch.float64
+_strided = torch.strided
+
+
+def _no_internal_overlap(shape, strides):
+    """True when no two elements of a strided tensor share memory (sufficient test)."""
+    extent = 0
+    for size, stride in sorted((s, abs(st)) for s, st in zip(shape, strides) if s > 1):
+        if stride <= extent:
+            return False
+        extent += (size - 1) * stride
+    return True
+
+
+def _cpu_views(tensors, writable):
+    """NumPy views over the memory of CPU float32/float64 tensors.
+
+    Returns (views, has_float64, all_contiguous_float32), or None when some
+    tensor needs torch's own path (another device, dtype or layout, a
+    subclass, requires_grad when writing, a self-overlapping view).
+    """
+    views = []
+    append = views.append
+    has_f64 = False
+    contiguous_f32 = True
+    for t in tensors:
+        cls = type(t)
+        if cls is not _Tensor and cls is not _Parameter:
+            return None
+        dtype = t.dtype
+        if dtype is _f64:
+            has_f64 = True
+            contiguous_f32 = False
+        elif dtype is not _f32:
+            return None
+        if not t.is_cpu or t.layout is not _strided:
+            return None
+        if t.requires_grad:
+            if writable:     # torch's in-place ops would bump autograd's version counter
+                return None
+            t = t.detach()
+        if not t.is_contiguous():
+            contiguous_f32 = False
+            if writable and not _no_internal_overlap(t.shape, t.stride()):
+                return None
+        try:
+            append(t.numpy())
+        except (RuntimeError, TypeError):   # negative bit and other cases numpy() refuses
+            return None
+    return views, has_f64, contiguous_f32
+
+
+def _as_list(tensors):
+    return [tensors] if isinstance(tensors, _Tensor) else list(tensors)
+
+
+def _total_norm_tensor(value, has_f64):
+    """The 0-d tensor torch returns: float64 if any input is float64, else float32."""
+    try:
+        return torch.full((), value, dtype=_f64 if has_f64 else _f32)
+    except RuntimeError:   # beyond float32's range: torch.tensor rounds to inf, as torch would
+        return torch.tensor(value, dtype=_f32)
+
+
+def _check_finite(total_norm, norm_type, error_if_nonfinite):
+    if error_if_nonfinite and not math.isfinite(total_norm.item()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is "
+            f"non-finite, so it cannot be clipped. To disable this error and scale the "
+            f"gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
+
+
+def _scale(plan, grads, max_norm, total_norm):
+    """Multiply the plan's buffers by torch's clip coefficient, computed as torch does."""
+    coef = torch.clamp(max_norm / (total_norm.detach() + 1e-6), max=1.0)
+    c = coef.item()
+    if c != c:
+        plan.clip_by_global_norm_(0.0, use_norm=c)   # every element becomes NaN, as x * nan
+    elif c >= 0.0:
+        if c < 1.0:   # c == 1: torch multiplies by 1, a no-op
+            plan.clip_by_global_norm_(c, use_norm=1.0)   # scale = c / 1.0 = c exactly
+    else:             # negative max_norm: the core only shrinks, so let torch multiply
+        for g in grads:
+            g.mul_(coef)
+
+
+def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+    """The norm of a tensor or iterable of tensors, viewed as one vector.
+
+    Same arguments, result and errors as ``torch.nn.utils.get_total_norm``.
+
+    Parameters
+    ----------
+    tensors : Tensor or iterable of Tensor
+        The tensors themselves (not their ``.grad``).
+    norm_type : float, default 2.0
+        p of the p-norm; ``inf`` for the max norm.
+    error_if_nonfinite : bool, default False
+        Raise RuntimeError when the norm is NaN or inf.
+    foreach : bool or None
+        Passed to torch when torch's path is taken.
+
+    Returns
+    -------
+    Tensor
+        A 0-d tensor: float64 if any input is float64, else float32; for no
+        tensors, ``torch.tensor(0.0)``.
+
+    Examples
+    --------
+    >>> import torch, clipcore.torch
+    >>> clipcore.torch.get_total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+    tensor(5.)
+    """
+    tensors = _as_list(tensors)
+    norm_type = float(norm_type)
+    fast = _cpu_views(tensors, writable=False) if norm_type > 0 else None
+    if fast is None:
+        return _torch.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
+    views, has_f64, _ = fast
+    if not views:
+        return torch.tensor(0.0)
+    total = _total_norm_tensor(clipcore.global_norm(views, norm_type=norm_type), has_f64)
+    _check_finite(total, norm_type, error_if_nonfinite)
+    return total
+
+
+def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
+    """Scale gradients in place by ``min(max_norm / (total_norm + 1e-6), 1)``.
+
+    Same arguments and semantics as ``torch.nn.utils.clip_grads_with_norm_``.
+
+    Parameters
+    ----------
+    parameters : Tensor or iterable of Tensor
+        Parameters whose ``.grad`` is scaled; those without one are skipped.
+    max_norm : float
+        Max norm of the gradients.
+    total_norm : Tensor
+        The total norm to use, e.g. from :func:`get_total_norm`.
+    foreach : bool or None
+        Passed to torch when torch's path is taken.
+
+    Examples
+    --------
+    >>> import torch, clipcore.torch
+    >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
+    >>> clipcore.torch.clip_grads_with_norm_([p], 1.0, torch.tensor(5.0))
+    >>> p.grad
+    tensor([0.6000, 0.8000])
+    """
+    parameters = _as_list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    max_norm = float(max_norm)
+    fast = _cpu_views(grads, writable=True)
+    if (fast is None or not isinstance(total_norm, _Tensor) or total_norm.ndim != 0
+            or not total_norm.is_cpu or not total_norm.is_floating_point()):
+        return _torch.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+    if not grads:
+        return None
+    try:
+        plan = clipcore.Plan(fast[0])
+    except ValueError:   # gradients sharing memory: torch scales them once per entry
+        return _torch.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+    _scale(plan, grads, max_norm, total_norm)
+    return None
+
+
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False,
+                    foreach=None):
+    """Clip the gradient norm of parameters in place; return the norm before clipping.
+
+    Same arguments, result, warnings and errors as
+    ``torch.nn.utils.clip_grad_norm_``: the norm is taken over all gradients as
+    one vector and every gradient is multiplied by
+    ``min(max_norm / (total_norm + 1e-6), 1)``.
+
+    Parameters
+    ----------
+    parameters : Tensor or iterable of Tensor
+        Parameters (a generator is fine); those whose ``.grad`` is None are skipped.
+    max_norm : float
+        Max norm of the gradients.
+    norm_type : float, default 2.0
+        p of the p-norm; ``inf`` for the max norm.
+    error_if_nonfinite : bool, default False
+        Raise RuntimeError (and modify nothing) when the norm is NaN or inf.
+        Otherwise, as in torch, a NaN norm makes every gradient NaN and an
+        inf norm multiplies them by 0.
+    foreach : bool or None
+        Passed to torch when torch's path is taken.
+
+    Returns
+    -------
+    Tensor
+        The total norm before clipping, a 0-d tensor (float64 if any gradient
+        is float64, else float32).
+
+    Raises
+    ------
+    RuntimeError
+        With ``error_if_nonfinite=True`` when the norm is not finite.
+
+    Examples
+    --------
+    >>> import torch, clipcore.torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> model.weight.grad = torch.tensor([[3.0, 4.0]]); model.bias.grad = torch.tensor([0.0])
+    >>> clipcore.torch.clip_grad_norm_(model.parameters(), 1.0)
+    tensor(5.)
+    >>> model.weight.grad
+    tensor([[0.6000, 0.8000]])
+    """
+    if isinstance(parameters, _Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if is_generator and not parameters:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
+                          stacklevel=2)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm_type = float(norm_type)
+    fast = _cpu_views(grads, writable=True) if norm_type > 0 else None
+    plan = None
+    if fast is not None:
+        try:
+            plan = clipcore.Plan(fast[0])
+        except ValueError:   # gradients sharing memory: torch scales them once per entry
+            plan = None
+    if plan is None:
+        return _torch.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite,
+                                      foreach)
+    if not grads:
+        return torch.tensor(0.0)
+    total = _total_norm_tensor(plan.global_norm(norm_type=norm_type), fast[1])
+    _check_finite(total, norm_type, error_if_nonfinite)
+    _scale(plan, grads, float(max_norm), total)
+    return total
+
+
+def clip_grad_value_(parameters, clip_value, foreach=None):
+    """Clamp every gradient in place into ``[-clip_value, clip_value]``.
+
+    Same arguments and semantics as ``torch.nn.utils.clip_grad_value_``
+    (``clamp(min=-clip_value)`` then ``clamp(max=clip_value)``: a NaN stays
+    NaN, a NaN ``clip_value`` makes every gradient NaN, a negative one sets
+    every element to ``clip_value``). Contiguous float32 gradients are clamped
+    in one pass by clipcore's kernel; others go to torch.
+
+    Parameters
+    ----------
+    parameters : Tensor or iterable of Tensor
+        Parameters whose ``.grad`` is clamped; those without one are skipped.
+    clip_value : float
+        The bound.
+    foreach : bool or None
+        Passed to torch when torch's path is taken.
+
+    Examples
+    --------
+    >>> import torch, clipcore.torch
+    >>> p = torch.nn.Parameter(torch.zeros(3)); p.grad = torch.tensor([-3.0, 0.5, 2.0])
+    >>> clipcore.torch.clip_grad_value_([p], 1.0)
+    >>> p.grad
+    tensor([-1.0000,  0.5000,  1.0000])
+    """
+    parameters = _as_list(parameters)
+    clip_value = float(clip_value)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    fast = _cpu_views(grads, writable=True)
+    if fast is None or not fast[2]:
+        return _torch.clip_grad_value_(parameters, clip_value, foreach)
+    _kernels._clip_value_f32_(fast[0], -clip_value, clip_value)
+    return None
