@@ -24,10 +24,14 @@ OpenMP may use (``OMP_NUM_THREADS``, threadpoolctl), not
 
 Importing this module imports torch; ``import clipcore`` alone does not.
 """
+import ctypes
 import math
+import operator
 import types
 import warnings
+import weakref
 
+import numpy as np
 import torch
 from torch.nn import utils as _torch
 
@@ -46,7 +50,7 @@ _strided = torch.strided
 def _no_internal_overlap(shape, strides):
     """True when no two elements of a strided tensor share memory (sufficient test)."""
     extent = 0
-    for size, stride in sorted((s, abs(st)) for s, st in zip(shape, strides) if s > 1):
+    for stride, size in sorted((abs(st), s) for s, st in zip(shape, strides) if s > 1):
         if stride <= extent:
             return False
         extent += (size - 1) * stride
@@ -57,8 +61,10 @@ def _cpu_views(tensors, writable):
     """NumPy views over the memory of CPU float32/float64 tensors.
 
     Returns (views, has_float64, all_contiguous_float32), or None when some
-    tensor needs torch's own path (another device, dtype or layout, a
-    subclass, requires_grad when writing, a self-overlapping view).
+    tensor needs torch's own path: a subclass, another dtype, anything
+    ``Tensor.numpy()`` refuses (other devices and layouts, requires_grad,
+    negative or conjugate bits; for reading, requires_grad is fine), or a
+    self-overlapping view to write.
     """
     views = []
     append = views.append
@@ -71,24 +77,97 @@ def _cpu_views(tensors, writable):
         dtype = t.dtype
         if dtype is _f64:
             has_f64 = True
-            contiguous_f32 = False
         elif dtype is not _f32:
             return None
-        if not t.is_cpu or t.layout is not _strided:
-            return None
-        if t.requires_grad:
-            if writable:     # torch's in-place ops would bump autograd's version counter
+        try:
+            view = t.numpy()
+        except (RuntimeError, TypeError):
+            if writable or not t.requires_grad:
+                return None     # writing: torch's in-place ops also bump autograd's version
+            try:
+                view = t.detach().numpy()
+            except (RuntimeError, TypeError):
                 return None
-            t = t.detach()
         if not t.is_contiguous():
             contiguous_f32 = False
             if writable and not _no_internal_overlap(t.shape, t.stride()):
                 return None
-        try:
-            append(t.numpy())
-        except (RuntimeError, TypeError):   # negative bit and other cases numpy() refuses
-            return None
-    return views, has_f64, contiguous_f32
+        append(view)
+    return views, has_f64, contiguous_f32 and not has_f64
+
+
+class _Cache:
+    """The tensors of the last call (weakly) and, once they come back, a Plan over their memory.
+
+    A trainer that keeps its gradient tensors between steps (``zero_grad(set_to_none=False)``,
+    gradient bucket views) passes the same tensors every call: the second call builds a Plan
+    and later calls skip the per-tensor work, checking only that each tensor is the same
+    object with the same data pointer, shape, strides and dtype. The cache holds no strong
+    reference (the Plan's arrays are made from raw pointers), so it never keeps a gradient
+    alive; with fresh gradients every step it costs one weak reference per tensor.
+    """
+
+    def __init__(self):
+        self.refs = ()       # weak references to the last call's tensors
+        self.key = None      # their layout when the plan was built
+        self.entry = None    # (Plan, has_float64, all_contiguous_float32)
+
+
+def _layout_key(tensors):
+    return [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors]
+
+
+def _raw_view(t):
+    """An ndarray over t's memory that holds no reference to t (see _Cache)."""
+    itemsize = t.element_size()
+    dtype = np.float64 if itemsize == 8 else np.float32
+    if t.numel() == 0:
+        return np.empty(0, dtype)
+    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    buf = (ctypes.c_char * (span * itemsize)).from_address(t.data_ptr())
+    return np.ndarray(t.shape, dtype, buffer=buf, strides=[st * itemsize for st in t.stride()])
+
+
+def _fast_plan(tensors, writable, cache):
+    """(Plan, has_float64, all_contiguous_float32) over the tensors' memory, or None.
+
+    None: torch's own path (see _cpu_views), or tensors sharing memory when writing.
+    When reading, tensors sharing memory get a stand-in with the Plan's global_norm.
+    """
+    refs = cache.refs
+    same = len(refs) == len(tensors) and all(map(operator.is_, [r() for r in refs], tensors))
+    if same:
+        key = _layout_key(tensors)
+        if cache.entry is not None and key == cache.key:
+            return cache.entry
+    fast = _cpu_views(tensors, writable)
+    if fast is None:
+        cache.refs, cache.entry = (), None
+        return None
+    views, has_f64, contiguous_f32 = fast
+    try:
+        plan = clipcore.Plan([_raw_view(t) for t in tensors] if same else views)
+    except ValueError:          # tensors sharing memory
+        cache.refs, cache.entry = (), None
+        return None if writable else (_ListNorm(views), has_f64, contiguous_f32)
+    if same:                    # seen twice: keep it
+        cache.key, cache.entry = key, (plan, has_f64, contiguous_f32)
+    else:
+        cache.refs, cache.entry = [weakref.ref(t) for t in tensors], None
+    return plan, has_f64, contiguous_f32
+
+
+class _ListNorm:
+    """Plan.global_norm's stand-in for tensors that may share memory (reading only)."""
+
+    def __init__(self, views):
+        self.views = views
+
+    def global_norm(self, norm_type):
+        return clipcore.global_norm(self.views, norm_type=norm_type)
+
+
+_caches = {name: _Cache() for name in ("norm", "clip", "clip_norm")}
 
 
 def _as_list(tensors):
@@ -155,13 +234,12 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     """
     tensors = _as_list(tensors)
     norm_type = float(norm_type)
-    fast = _cpu_views(tensors, writable=False) if norm_type > 0 else None
+    fast = _fast_plan(tensors, False, _caches["norm"]) if norm_type > 0 else None
     if fast is None:
         return _torch.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
-    views, has_f64, _ = fast
-    if not views:
+    if not tensors:
         return torch.tensor(0.0)
-    total = _total_norm_tensor(clipcore.global_norm(views, norm_type=norm_type), has_f64)
+    total = _total_norm_tensor(fast[0].global_norm(norm_type=norm_type), fast[1])
     _check_finite(total, norm_type, error_if_nonfinite)
     return total
 
@@ -193,17 +271,15 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
     parameters = _as_list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
     max_norm = float(max_norm)
-    fast = _cpu_views(grads, writable=True)
-    if (fast is None or not isinstance(total_norm, _Tensor) or total_norm.ndim != 0
-            or not total_norm.is_cpu or not total_norm.is_floating_point()):
+    if (not isinstance(total_norm, _Tensor) or total_norm.ndim != 0 or not total_norm.is_cpu
+            or not total_norm.is_floating_point()):
+        fast = None
+    else:
+        fast = _fast_plan(grads, True, _caches["clip"])
+    if fast is None:    # also: gradients sharing memory, which torch scales once per entry
         return _torch.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
-    if not grads:
-        return None
-    try:
-        plan = clipcore.Plan(fast[0])
-    except ValueError:   # gradients sharing memory: torch scales them once per entry
-        return _torch.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
-    _scale(plan, grads, max_norm, total_norm)
+    if grads:
+        _scale(fast[0], grads, max_norm, total_norm)
     return None
 
 
@@ -262,18 +338,13 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
                           stacklevel=2)
     grads = [p.grad for p in parameters if p.grad is not None]
     norm_type = float(norm_type)
-    fast = _cpu_views(grads, writable=True) if norm_type > 0 else None
-    plan = None
-    if fast is not None:
-        try:
-            plan = clipcore.Plan(fast[0])
-        except ValueError:   # gradients sharing memory: torch scales them once per entry
-            plan = None
-    if plan is None:
+    fast = _fast_plan(grads, True, _caches["clip_norm"]) if norm_type > 0 else None
+    if fast is None:    # also: gradients sharing memory, which torch scales once per entry
         return _torch.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite,
                                       foreach)
     if not grads:
         return torch.tensor(0.0)
+    plan = fast[0]
     total = _total_norm_tensor(plan.global_norm(norm_type=norm_type), fast[1])
     _check_finite(total, norm_type, error_if_nonfinite)
     _scale(plan, grads, float(max_norm), total)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import types
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -503,3 +504,97 @@ def test_import_clipcore_does_not_import_torch():
             "clipcore.global_norm([]); assert 'torch' not in sys.modules; "
             "import clipcore.torch; assert 'torch' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the plan cache for gradients that persist between calls ----------------------------
+
+def test_cache_reuses_plan_for_persistent_grads(no_fallback):
+    ours = make_params(MLP)
+    theirs = twin(ours)
+    saved = [g.clone() for g in grads_of(ours)]
+    for step in range(4):
+        for a, b, s in zip(grads_of(ours), grads_of(theirs), saved):
+            a.copy_(s * (step + 1))
+            b.copy_(s * (step + 1))
+        n_ours = ct.clip_grad_norm_(ours, 0.5)
+        n_theirs = tu.clip_grad_norm_(theirs, 0.5)
+        assert_norm_close(n_ours, n_theirs, torch.float32)
+        for a, b in zip(grads_of(ours), grads_of(theirs)):
+            torch.testing.assert_close(a, b, rtol=5e-5, atol=0)
+        if step >= 1:   # seen twice: the cached plan is used
+            assert ct._caches["clip_norm"].entry is not None
+
+
+@pytest.mark.parametrize("change", ["new_tensor", "resize", "set_", "data", "as_strided",
+                                    "transpose", "dtype", "drop_one"])
+def test_cache_notices_changed_grads(change, no_fallback):
+    ours = make_params([(40, 30), (30,), (7,)])
+    for _ in range(2):
+        ct.clip_grad_norm_(ours, 1e9)       # builds the cached plan
+    assert ct._caches["clip_norm"].entry is not None
+    g = ours[0].grad
+    big = torch.randn(2000)
+    if change == "new_tensor":
+        ours[0].grad = torch.randn(40, 30)
+    elif change == "resize":
+        g.resize_(10, 30)                    # same pointer, fewer elements
+        ours[0] = torch.nn.Parameter(torch.zeros(10, 30))
+        ours[0].grad = g
+    elif change == "set_":
+        g.set_(big.untyped_storage(), 0, (40, 30), (30, 1))
+    elif change == "data":
+        g.data = big[:1200].view(40, 30)
+    elif change == "as_strided":
+        g.as_strided_((40, 30), (1, 40))     # same pointer, same elements, new layout
+    elif change == "transpose":
+        ours[0] = torch.nn.Parameter(torch.zeros(30, 40))
+        ours[0].grad = g.t()
+    elif change == "dtype":
+        ours[0] = torch.nn.Parameter(torch.zeros(40, 30, dtype=torch.float64))
+        ours[0].grad = g.double()
+    elif change == "drop_one":
+        ours[1].grad = None
+    theirs = twin(ours)
+    n_ours = ct.clip_grad_norm_(ours, 0.5)
+    n_theirs = tu.clip_grad_norm_(theirs, 0.5)
+    assert n_ours.dtype == n_theirs.dtype     # float64 when a float64 gradient came in
+    torch.testing.assert_close(n_ours, n_theirs, rtol=2e-5, atol=0)
+    for a, b in zip(grads_of(ours), grads_of(theirs)):
+        torch.testing.assert_close(a, b, rtol=5e-5, atol=0)
+
+
+def test_cache_keeps_no_gradient_alive(no_fallback):
+    import gc
+    ours = make_params(MLP)
+    for _ in range(3):
+        ct.clip_grad_norm_(ours, 0.5)
+        ct.get_total_norm(grads_of(ours))
+        ct.clip_grads_with_norm_(ours, 0.5, torch.tensor(3.0))
+    assert all(c.entry is not None for c in ct._caches.values())
+    refs = [weakref.ref(g) for g in grads_of(ours)]
+    del ours
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_fresh_grads_every_step_never_use_a_stale_plan(no_fallback):
+    # zero_grad(set_to_none=True): new gradient tensors, often at the old addresses.
+    ours = make_params(MLP)
+    for step in range(5):
+        for p in ours:
+            p.grad = None
+        for i, p in enumerate(ours):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 10 + i))
+        theirs = twin(ours)
+        n_ours = ct.clip_grad_norm_(ours, 0.5)
+        n_theirs = tu.clip_grad_norm_(theirs, 0.5)
+        assert_norm_close(n_ours, n_theirs, torch.float32)
+        for a, b in zip(grads_of(ours), grads_of(theirs)):
+            torch.testing.assert_close(a, b, rtol=5e-5, atol=0)
+
+
+def test_get_total_norm_of_the_same_tensor_twice(no_fallback):
+    t = torch.randn(100)
+    for _ in range(3):      # first sighting, then the cached path
+        got = ct.get_total_norm([t, t, t[:10]], 3.0)
+        assert_norm_close(got, tu.get_total_norm([t, t, t[:10]], 3.0), torch.float32)
