@@ -4,8 +4,11 @@
     python benchmarks/test_bench_torch.py [--quick] [--workload NAME ...]   # medians + ratios
 
 Gradients are restored from a saved copy before every timed call (not timed),
-so each call clips the same unclipped gradients. Both implementations use all
-the cores: torch its intra-op threads, clipcore what OpenMP may use.
+so each call clips the same unclipped gradients: "kept" copies into the same
+gradient tensors (zero_grad(set_to_none=False), and clipcore.torch's cached
+plan applies), "fresh" gives every parameter a new gradient tensor
+(set_to_none=True, the default: no cache). Both implementations share one
+OpenMP thread pool (torch.set_num_threads sets it for both).
 """
 import argparse
 import statistics
@@ -68,8 +71,16 @@ class Grads:
         self.saved = [p.grad.clone() for p in self.params]
 
     def restore(self):
+        """The same gradient tensors, their values reset."""
         with torch.no_grad():
             torch._foreach_copy_([p.grad for p in self.params], self.saved)
+
+    def renew(self):
+        """New gradient tensors, as after zero_grad(set_to_none=True) and backward."""
+        for p in self.params:
+            p.grad = None
+        for p, s in zip(self.params, self.saved):
+            p.grad = s.clone()
 
 
 _cache = {}
@@ -84,47 +95,61 @@ def grads_for(workload):
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("grads", ["kept", "fresh"])
 @pytest.mark.parametrize("norm_type", list(NORM_TYPES))
 @pytest.mark.parametrize("workload", list(WORKLOADS))
-def test_clip_grad_norm(benchmark, workload, norm_type, impl):
+def test_clip_grad_norm(benchmark, workload, norm_type, grads, impl):
     g = grads_for(workload)
     fn, p = IMPLS[impl], NORM_TYPES[norm_type]
-    benchmark.group = f"clip_grad_norm_ {workload} p={norm_type}"
-    benchmark.extra_info.update(workload=workload, norm_type=norm_type, impl=impl)
+    benchmark.group = f"clip_grad_norm_ {workload} p={norm_type} {grads} grads"
+    benchmark.extra_info.update(workload=workload, norm_type=norm_type, grads=grads, impl=impl)
     rounds = 10 if workload == "gpt2" else 30
-    total = benchmark.pedantic(fn, args=(g.params, 1.0, p), setup=g.restore,
-                               rounds=rounds, iterations=1, warmup_rounds=1)
+    setup = g.restore if grads == "kept" else g.renew
+
+    def call():
+        return fn(g.params, 1.0, p)
+    total = benchmark.pedantic(call, setup=setup, rounds=rounds, iterations=1, warmup_rounds=2)
     assert total.item() > 1.0       # the gradients were clipped, not already small
 
 
-def median_time(fn, args, restore, repeat):
-    times = []
-    for _ in range(repeat + 1):
-        restore()
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+def median_times(fns, setup, repeat):
+    """Median seconds per call of each fn, calls interleaved so load bursts hit all alike."""
+    times = {name: [] for name in fns}
+    for r in range(repeat + 2):
+        for name, fn in fns.items():
+            setup()
+            t0 = time.perf_counter()
+            fn()
+            if r >= 2:      # two warm-up rounds (the second builds clipcore's cached plan)
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--workload", action="append", choices=list(WORKLOADS))
+    ap.add_argument("--grads", action="append", choices=["kept", "fresh"])
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (both libraries)")
     args = ap.parse_args(argv)
-    print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}")
-    print(f"{'workload':10} {'p':>3} {'torch ms':>9} {'clipcore ms':>12} {'speed-up':>9}"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; medians in ms")
+    print(f"{'workload':10} {'grads':6} {'p':>3} {'torch':>9} {'clipcore':>9} {'speed-up':>9}"
           f" {'vs p=2':>7}")
     for workload in args.workload or list(WORKLOADS):
         g = grads_for(workload)
-        repeat = (3 if args.quick else 10) if workload == "gpt2" else (10 if args.quick else 50)
-        base = None
-        for name, p in NORM_TYPES.items():
-            t = {impl: median_time(fn, (g.params, 1.0, p), g.restore, repeat)
-                 for impl, fn in IMPLS.items()}
-            base = base or t["clipcore"]
-            print(f"{workload:10} {name:>3} {t['torch'] * 1e3:9.3f} {t['clipcore'] * 1e3:12.3f}"
-                  f" {t['torch'] / t['clipcore']:8.1f}x {t['clipcore'] / base:7.2f}")
+        repeat = (3 if args.quick else 10) if workload == "gpt2" else (15 if args.quick else 60)
+        for grads in args.grads or ["kept", "fresh"]:
+            base = None
+            for name, p in NORM_TYPES.items():
+                fns = {impl: (lambda fn=fn, p=p: fn(g.params, 1.0, p))
+                       for impl, fn in IMPLS.items()}
+                t = median_times(fns, g.restore if grads == "kept" else g.renew, repeat)
+                base = base or t["clipcore"]
+                print(f"{workload:10} {grads:6} {name:>3} {t['torch'] * 1e3:9.3f}"
+                      f" {t['clipcore'] * 1e3:9.3f} {t['torch'] / t['clipcore']:8.1f}x"
+                      f" {t['clipcore'] / base:7.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,26 @@ has torch's dtype (float32 for float32 gradients) and the clipping
 coefficient is computed from it exactly as torch does,
 ``min(max_norm / (total_norm + 1e-6), 1)``.
 
+Trainers that keep their gradient tensors between steps
+(``zero_grad(set_to_none=False)``, gradient bucket views) get a cached Plan
+from the second call on: later calls only check that each tensor is the same
+object with the same data pointer, shape, strides and dtype. The cache holds
+only weak references, so it never keeps a gradient alive.
+
 ``foreach`` is accepted for compatibility; the fast path ignores it and
 torch's path receives it. Threads: as for every clipcore function, what
 OpenMP may use (``OMP_NUM_THREADS``, threadpoolctl), not
-``torch.get_num_threads()``.
+``torch.get_num_threads()``. Differences that do not change values: the fast
+path does not bump autograd's version counter of the gradients, and it
+scales inference-mode tensors that torch would refuse to modify outside
+inference mode.
 
 Importing this module imports torch; ``import clipcore`` alone does not.
 """
 import ctypes
 import math
 import operator
+import struct
 import types
 import warnings
 import weakref
@@ -44,7 +54,9 @@ _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
 _f32 = torch.float32
 _f64 = torch.float64
-_strided = torch.strided
+_EPS_F32 = struct.unpack("f", struct.pack("f", 1e-6))[0]    # torch casts the 1e-6 to float32
+_pack_f32 = struct.Struct("f").pack
+_unpack_f32 = struct.Struct("f").unpack
 
 
 def _no_internal_overlap(shape, strides):
@@ -190,10 +202,36 @@ def _check_finite(total_norm, norm_type, error_if_nonfinite):
             f"gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
 
 
+def _round_f32(x):
+    """x rounded to float32 (inf beyond its range), as a Python float."""
+    try:
+        return _unpack_f32(_pack_f32(x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _coefficient(max_norm, total_norm):
+    """torch's ``clamp(max_norm / (total_norm + 1e-6), max=1.0)`` as a Python float.
+
+    torch evaluates it in total_norm's dtype as ``reciprocal(total_norm + 1e-6) * max_norm``
+    with the Python scalars cast to that dtype. For float32 and float64 this repeats those
+    correctly rounded steps (a float32 step done in float64 and rounded once is exact), a
+    few microseconds cheaper than three tensor operations; other dtypes use torch's.
+    """
+    dtype = total_norm.dtype
+    t = total_norm.item()
+    if dtype is _f64 and t != -1e-6:
+        c = 1.0 / (t + 1e-6) * max_norm
+    elif dtype is _f32 and _round_f32(t + _EPS_F32) != 0.0:
+        c = _round_f32(_round_f32(1.0 / _round_f32(t + _EPS_F32)) * _round_f32(max_norm))
+    else:
+        return torch.clamp(max_norm / (total_norm.detach() + 1e-6), max=1.0).item()
+    return 1.0 if c > 1.0 else c     # NaN stays NaN, as in torch.clamp
+
+
 def _scale(plan, grads, max_norm, total_norm):
     """Multiply the plan's buffers by torch's clip coefficient, computed as torch does."""
-    coef = torch.clamp(max_norm / (total_norm.detach() + 1e-6), max=1.0)
-    c = coef.item()
+    c = _coefficient(max_norm, total_norm)
     if c != c:
         plan.clip_by_global_norm_(0.0, use_norm=c)   # every element becomes NaN, as x * nan
     elif c >= 0.0:
@@ -201,7 +239,7 @@ def _scale(plan, grads, max_norm, total_norm):
             plan.clip_by_global_norm_(c, use_norm=1.0)   # scale = c / 1.0 = c exactly
     else:             # negative max_norm: the core only shrinks, so let torch multiply
         for g in grads:
-            g.mul_(coef)
+            g.mul_(c)
 
 
 def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):

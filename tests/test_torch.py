@@ -403,9 +403,11 @@ def _total(value, dtype):
     return torch.tensor(value, dtype=dtype)
 
 
-@settings(max_examples=300, deadline=None)
-@given(total=st.floats(0, 1e8, allow_subnormal=False) | st.sampled_from([0.0, INF, NAN, 1.0]),
-       max_norm=st.floats(0, 1e8) | st.sampled_from([0.0, 1.0, INF]),
+@settings(max_examples=1000, deadline=None)
+@given(total=st.floats(0, 1e8) | st.floats(-1e3, 1e40)
+       | st.sampled_from([0.0, INF, NAN, 1.0, -1e-6, -0.0, 3.4e38, 1e-45, -INF]),
+       max_norm=st.floats(0, 1e8) | st.floats(-1e40, 1e40)
+       | st.sampled_from([0.0, -0.0, 1.0, INF, -INF, NAN, 1e39, 1e-40]),
        tdtype=st.sampled_from([torch.float32, torch.float64, torch.float16]),
        gdtype=st.sampled_from([torch.float32, torch.float64]))
 def test_clip_grads_with_norm_is_torch_bit_for_bit(total, max_norm, tdtype, gdtype):
