@@ -34,6 +34,7 @@ inference mode.
 Importing this module imports torch; ``import clipcore`` alone does not.
 """
 import ctypes
+import itertools
 import math
 import operator
 import struct
@@ -54,6 +55,11 @@ _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
 _f32 = torch.float32
 _f64 = torch.float64
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+_is_contiguous = torch.Tensor.is_contiguous
+_dtype_of = operator.attrgetter("dtype")
+_grad_of = operator.attrgetter("grad")
 _EPS_F32 = struct.unpack("f", struct.pack("f", 1e-6))[0]    # torch casts the 1e-6 to float32
 _pack_f32 = struct.Struct("f").pack
 _unpack_f32 = struct.Struct("f").unpack
@@ -126,7 +132,16 @@ class _Cache:
 
 
 def _layout_key(tensors):
-    return [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors]
+    """What fixes the memory a list of tensors covers (for the same tensor objects).
+
+    A contiguous tensor covers numel elements of its dtype from its data pointer; a
+    strided one also needs its shape and strides.
+    """
+    contiguous = list(map(_is_contiguous, tensors))
+    return (list(map(_data_ptr, tensors)), list(map(_numel, tensors)),
+            list(map(_dtype_of, tensors)), contiguous,
+            [(t.shape, t.stride()) for t in itertools.compress(tensors,
+                                                               map(operator.not_, contiguous))])
 
 
 def _raw_view(t):
@@ -307,7 +322,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
     tensor([0.6000, 0.8000])
     """
     parameters = _as_list(parameters)
-    grads = [p.grad for p in parameters if p.grad is not None]
+    grads = [g for g in map(_grad_of, parameters) if g is not None]
     max_norm = float(max_norm)
     if (not isinstance(total_norm, _Tensor) or total_norm.ndim != 0 or not total_norm.is_cpu
             or not total_norm.is_floating_point()):
@@ -374,7 +389,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         if is_generator and not parameters:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
                           stacklevel=2)
-    grads = [p.grad for p in parameters if p.grad is not None]
+    grads = [g for g in map(_grad_of, parameters) if g is not None]
     norm_type = float(norm_type)
     fast = _fast_plan(grads, True, _caches["clip_norm"]) if norm_type > 0 else None
     if fast is None:    # also: gradients sharing memory, which torch scales once per entry
@@ -417,7 +432,7 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
     """
     parameters = _as_list(parameters)
     clip_value = float(clip_value)
-    grads = [p.grad for p in parameters if p.grad is not None]
+    grads = [g for g in map(_grad_of, parameters) if g is not None]
     fast = _cpu_views(grads, writable=True)
     if fast is None or not fast[2]:
         return _torch.clip_grad_value_(parameters, clip_value, foreach)

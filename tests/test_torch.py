@@ -600,3 +600,19 @@ def test_get_total_norm_of_the_same_tensor_twice(no_fallback):
     for _ in range(3):      # first sighting, then the cached path
         got = ct.get_total_norm([t, t, t[:10]], 3.0)
         assert_norm_close(got, tu.get_total_norm([t, t, t[:10]], 3.0), torch.float32)
+
+
+def test_cache_notices_restrided_strided_grad(no_fallback):
+    big = torch.randn(5000)
+    ours = make_params([(40, 30), (30,)])
+    ours[0].grad = big[:2400].view(40, 60)[:, :30]          # strided from the start
+    for _ in range(2):
+        ct.clip_grad_norm_(ours, 1e9)
+    assert ct._caches["clip_norm"].entry is not None
+    ours[0].grad.as_strided_((40, 30), (120, 2))            # same pointer and size, other memory
+    theirs = twin(ours)
+    n_ours = ct.clip_grad_norm_(ours, 0.5)
+    n_theirs = tu.clip_grad_norm_(theirs, 0.5)
+    assert_norm_close(n_ours, n_theirs, torch.float32)
+    for a, b in zip(grads_of(ours), grads_of(theirs)):
+        torch.testing.assert_close(a, b, rtol=5e-5, atol=0)
