@@ -118,17 +118,18 @@ class _Cache:
     """The tensors of the last call (weakly) and, once they come back, a Plan over their memory.
 
     A trainer that keeps its gradient tensors between steps (``zero_grad(set_to_none=False)``,
-    gradient bucket views) passes the same tensors every call: the second call builds a Plan
-    and later calls skip the per-tensor work, checking only that each tensor is the same
-    object with the same data pointer, shape, strides and dtype. The cache holds no strong
-    reference (the Plan's arrays are made from raw pointers), so it never keeps a gradient
-    alive; with fresh gradients every step it costs one weak reference per tensor.
+    gradient bucket views) passes the same tensors every call: the second call keeps views
+    and a Plan, and later calls skip the per-tensor work, checking only that each tensor is
+    the same object covering the same memory (data pointer, size, dtype; shape and strides
+    when strided). The cache holds no strong reference (its arrays are made from raw
+    pointers), so it never keeps a gradient alive; with fresh gradients every step it costs
+    one weak reference per tensor.
     """
 
     def __init__(self):
         self.refs = ()       # weak references to the last call's tensors
         self.key = None      # their layout when the plan was built
-        self.entry = None    # (Plan, has_float64, all_contiguous_float32)
+        self.entry = None    # a _Fast over raw views, once the same tensors came back
 
 
 def _layout_key(tensors):
@@ -155,33 +156,26 @@ def _raw_view(t):
     return np.ndarray(t.shape, dtype, buffer=buf, strides=[st * itemsize for st in t.stride()])
 
 
-def _fast_plan(tensors, writable, cache):
-    """(Plan, has_float64, all_contiguous_float32) over the tensors' memory, or None.
+class _Fast:
+    """Views over a list of CPU float32/float64 tensors, and a Plan over them when needed."""
 
-    None: torch's own path (see _cpu_views), or tensors sharing memory when writing.
-    When reading, tensors sharing memory get a stand-in with the Plan's global_norm.
-    """
-    refs = cache.refs
-    same = len(refs) == len(tensors) and all(map(operator.is_, [r() for r in refs], tensors))
-    if same:
-        key = _layout_key(tensors)
-        if cache.entry is not None and key == cache.key:
-            return cache.entry
-    fast = _cpu_views(tensors, writable)
-    if fast is None:
-        cache.refs, cache.entry = (), None
-        return None
-    views, has_f64, contiguous_f32 = fast
-    try:
-        plan = clipcore.Plan([_raw_view(t) for t in tensors] if same else views)
-    except ValueError:          # tensors sharing memory
-        cache.refs, cache.entry = (), None
-        return None if writable else (_ListNorm(views), has_f64, contiguous_f32)
-    if same:                    # seen twice: keep it
-        cache.key, cache.entry = key, (plan, has_f64, contiguous_f32)
-    else:
-        cache.refs, cache.entry = [weakref.ref(t) for t in tensors], None
-    return plan, has_f64, contiguous_f32
+    __slots__ = ("views", "has_f64", "contiguous_f32", "_plan")
+
+    def __init__(self, views, has_f64, contiguous_f32):
+        self.views, self.has_f64, self.contiguous_f32 = views, has_f64, contiguous_f32
+        self._plan = None
+
+    def plan(self, writable):
+        """A Plan over the views, or None when writing to tensors that share memory.
+
+        For reading, tensors sharing memory get a stand-in with Plan.global_norm.
+        """
+        if self._plan is None:
+            try:
+                self._plan = clipcore.Plan(self.views)
+            except ValueError:   # shared memory: fine to read, not to scale (torch would scale twice)
+                self._plan = False if writable else _ListNorm(self.views)
+        return None if self._plan is False else self._plan
 
 
 class _ListNorm:
@@ -194,7 +188,28 @@ class _ListNorm:
         return clipcore.global_norm(self.views, norm_type=norm_type)
 
 
-_caches = {name: _Cache() for name in ("norm", "clip", "clip_norm")}
+def _fast(tensors, writable, cache):
+    """The fast path's views of the tensors (a _Fast), or None for torch's own path."""
+    refs = cache.refs
+    same = len(refs) == len(tensors) and all(map(operator.is_, (r() for r in refs), tensors))
+    if same:
+        key = _layout_key(tensors)
+        if cache.entry is not None and key == cache.key:
+            return cache.entry
+    checked = _cpu_views(tensors, writable)
+    if checked is None:
+        cache.refs, cache.entry = (), None
+        return None
+    if same:    # seen twice: keep views that hold no reference to the tensors
+        entry = _Fast([_raw_view(t) for t in tensors], checked[1], checked[2])
+        cache.key, cache.entry = key, entry
+    else:
+        entry = _Fast(*checked)
+        cache.refs, cache.entry = [weakref.ref(t) for t in tensors], None
+    return entry
+
+
+_caches = {name: _Cache() for name in ("norm", "clip", "clip_norm", "value")}
 
 
 def _as_list(tensors):
@@ -287,12 +302,12 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     """
     tensors = _as_list(tensors)
     norm_type = float(norm_type)
-    fast = _fast_plan(tensors, False, _caches["norm"]) if norm_type > 0 else None
+    fast = _fast(tensors, False, _caches["norm"]) if norm_type > 0 else None
     if fast is None:
         return _torch.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
     if not tensors:
         return torch.tensor(0.0)
-    total = _total_norm_tensor(fast[0].global_norm(norm_type=norm_type), fast[1])
+    total = _total_norm_tensor(fast.plan(False).global_norm(norm_type=norm_type), fast.has_f64)
     _check_finite(total, norm_type, error_if_nonfinite)
     return total
 
@@ -328,11 +343,12 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
             or not total_norm.is_floating_point()):
         fast = None
     else:
-        fast = _fast_plan(grads, True, _caches["clip"])
-    if fast is None:    # also: gradients sharing memory, which torch scales once per entry
+        fast = _fast(grads, True, _caches["clip"])
+    plan = fast and fast.plan(True)
+    if plan is None:    # also: gradients sharing memory, which torch scales once per entry
         return _torch.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
     if grads:
-        _scale(fast[0], grads, max_norm, total_norm)
+        _scale(plan, grads, max_norm, total_norm)
     return None
 
 
@@ -391,14 +407,14 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
                           stacklevel=2)
     grads = [g for g in map(_grad_of, parameters) if g is not None]
     norm_type = float(norm_type)
-    fast = _fast_plan(grads, True, _caches["clip_norm"]) if norm_type > 0 else None
-    if fast is None:    # also: gradients sharing memory, which torch scales once per entry
+    fast = _fast(grads, True, _caches["clip_norm"]) if norm_type > 0 else None
+    plan = fast and fast.plan(True)
+    if plan is None:    # also: gradients sharing memory, which torch scales once per entry
         return _torch.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite,
                                       foreach)
     if not grads:
         return torch.tensor(0.0)
-    plan = fast[0]
-    total = _total_norm_tensor(plan.global_norm(norm_type=norm_type), fast[1])
+    total = _total_norm_tensor(plan.global_norm(norm_type=norm_type), fast.has_f64)
     _check_finite(total, norm_type, error_if_nonfinite)
     _scale(plan, grads, float(max_norm), total)
     return total
@@ -433,8 +449,8 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
     parameters = _as_list(parameters)
     clip_value = float(clip_value)
     grads = [g for g in map(_grad_of, parameters) if g is not None]
-    fast = _cpu_views(grads, writable=True)
-    if fast is None or not fast[2]:
+    fast = _fast(grads, True, _caches["value"])
+    if fast is None or not fast.contiguous_f32:
         return _torch.clip_grad_value_(parameters, clip_value, foreach)
-    _kernels._clip_value_f32_(fast[0], -clip_value, clip_value)
+    _kernels._clip_value_f32_(fast.views, -clip_value, clip_value)
     return None

@@ -460,11 +460,16 @@ def test_clip_grad_value_is_torch_bit_for_bit(clip_value, no_fallback):
     ours[2].grad[0, :3] = torch.tensor([NAN, INF, -INF])
     theirs = twin(ours)
     ptrs = [g.data_ptr() for g in grads_of(ours)]
-    assert ct.clip_grad_value_((p for p in ours), clip_value) is None
-    tu.clip_grad_value_(theirs, clip_value)
-    assert [g.data_ptr() for g in grads_of(ours)] == ptrs
-    for a, b in zip(grads_of(ours), grads_of(theirs)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    saved = [g.clone() for g in grads_of(ours)]
+    for step in range(3):       # the same gradients again: the cached views
+        for a, b, s in zip(grads_of(ours), grads_of(theirs), saved):
+            a.copy_(s * (step + 1))
+            b.copy_(s * (step + 1))
+        assert ct.clip_grad_value_((p for p in ours), clip_value) is None
+        tu.clip_grad_value_(theirs, clip_value)
+        assert [g.data_ptr() for g in grads_of(ours)] == ptrs
+        for a, b in zip(grads_of(ours), grads_of(theirs)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("kind", ["float64", "transposed", "float16"])
@@ -572,6 +577,7 @@ def test_cache_keeps_no_gradient_alive(no_fallback):
         ct.clip_grad_norm_(ours, 0.5)
         ct.get_total_norm(grads_of(ours))
         ct.clip_grads_with_norm_(ours, 0.5, torch.tensor(3.0))
+        ct.clip_grad_value_(ours, 0.01)
     assert all(c.entry is not None for c in ct._caches.values())
     refs = [weakref.ref(g) for g in grads_of(ours)]
     del ours
