@@ -217,3 +217,15 @@ def test_property_clip_norm_and_direction(arrays, p, clip):
     if norm > clip:
         for a, b in zip(arrays, before):
             np.testing.assert_allclose(a, b * (clip / norm), rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_read_only_and_byte_swapped_inputs(p):
+    rng = np.random.default_rng(7)
+    ro = rng.standard_normal((200, 300)).astype(np.float32)
+    ro.flags.writeable = False
+    swapped = rng.standard_normal(1000).astype(">f8")
+    half = rng.standard_normal(500).astype(np.float16)
+    arrays = [ro, ro.T[::2], swapped, half]
+    assert clipcore.global_norm(arrays, norm_type=p) == pytest.approx(ref_norm(arrays, p),
+                                                                      rel=rel_tol(p))
