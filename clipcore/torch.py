@@ -127,9 +127,10 @@ class _Cache:
     """
 
     def __init__(self):
+        # Each attribute is replaced whole, never updated, so that threads calling at the
+        # same time see either the old or the new value, not a mix.
         self.refs = ()       # weak references to the last call's tensors
-        self.key = None      # their layout when the plan was built
-        self.entry = None    # a _Fast over raw views, once the same tensors came back
+        self.entry = None    # (their layout key, a _Fast over raw views) once they came back
 
 
 def _layout_key(tensors):
@@ -194,19 +195,20 @@ def _fast(tensors, writable, cache):
     same = len(refs) == len(tensors) and all(map(operator.is_, (r() for r in refs), tensors))
     if same:
         key = _layout_key(tensors)
-        if cache.entry is not None and key == cache.key:
-            return cache.entry
+        entry = cache.entry
+        if entry is not None and entry[0] == key:
+            return entry[1]
     checked = _cpu_views(tensors, writable)
     if checked is None:
-        cache.refs, cache.entry = (), None
+        cache.refs = ()
         return None
     if same:    # seen twice: keep views that hold no reference to the tensors
-        entry = _Fast([_raw_view(t) for t in tensors], checked[1], checked[2])
-        cache.key, cache.entry = key, entry
+        fast = _Fast([_raw_view(t) for t in tensors], checked[1], checked[2])
+        cache.entry = (key, fast)
     else:
-        entry = _Fast(*checked)
-        cache.refs, cache.entry = [weakref.ref(t) for t in tensors], None
-    return entry
+        fast = _Fast(*checked)
+        cache.refs = [weakref.ref(t) for t in tensors]
+    return fast
 
 
 _caches = {name: _Cache() for name in ("norm", "clip", "clip_norm", "value")}

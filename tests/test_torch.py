@@ -622,3 +622,32 @@ def test_cache_notices_restrided_strided_grad(no_fallback):
     assert_norm_close(n_ours, n_theirs, torch.float32)
     for a, b in zip(grads_of(ours), grads_of(theirs)):
         torch.testing.assert_close(a, b, rtol=5e-5, atol=0)
+
+
+def test_threads_clipping_their_own_models_at_once(no_fallback):
+    import threading
+    errors = []
+
+    def worker(shapes, seed):
+        try:
+            ours = make_params(shapes, seed=seed)
+            saved = [g.clone() for g in grads_of(ours)]
+            theirs = twin(ours)
+            want = tu.clip_grad_norm_(theirs, 0.5)
+            for _ in range(100):
+                for g, s in zip(grads_of(ours), saved):
+                    g.copy_(s)
+                got = ct.clip_grad_norm_(ours, 0.5)
+                assert torch.equal(got, ct.get_total_norm(saved))
+                for a, b in zip(grads_of(ours), grads_of(theirs)):
+                    torch.testing.assert_close(a, b, rtol=5e-5, atol=0)
+                assert got.item() == pytest.approx(want.item(), rel=2e-5)
+        except Exception as exc:      # reported by the main thread
+            errors.append(exc)
+    threads = [threading.Thread(target=worker, args=(shapes, i)) for i, shapes in
+               enumerate([[(64, 30), (30,)], [(64, 30), (30,)], [(500,), (3, 3)], MLP])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
