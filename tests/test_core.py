@@ -97,6 +97,16 @@ def test_bitwise_identical_across_thread_counts():
         assert len(results) == 1, (p, results)
 
 
+@pytest.mark.parametrize("p", [2.0, 1.0, np.inf, 3.0])
+@pytest.mark.parametrize("where", [0, 7, 29])
+def test_every_buffer_of_a_chunk_counts(p, where):
+    # Thirty buffers share one chunk (and its accumulator lanes); the largest
+    # values sit in one of them.
+    arrays = [np.full(100 + i, 1.0, np.float32) for i in range(30)]
+    arrays[where][:] = -5.0
+    assert clipcore.global_norm(arrays, norm_type=p) == pytest.approx(ref_norm(arrays, p), rel=1e-12)
+
+
 @pytest.mark.parametrize("value", [1e30, 3.4e38, 1e-30, 1e-45])
 def test_no_overflow_or_underflow(value):
     arrays = [np.full(1000, value, np.float32), np.full((10, 10), -value, np.float32)]

@@ -103,13 +103,19 @@ CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
                     acc[k] += fabs((double)x[i + k]);                          \
             break;                                                             \
         case CC_MAXABS: {                                                      \
-            int nan_seen[CC_LANES] = {0};                                      \
+            /* In T: max is exact in any type, and float32 gets twice the     \
+             * lanes per instruction. A NaN is kept apart (nan[k]) so that    \
+             * each lane is one packed max and one compare-and-blend.        */\
+            T m[CC_LANES] = {0}, nan[CC_LANES] = {0};                          \
             for (; i < nv; i += CC_LANES)                                      \
                 for (int k = 0; k < CC_LANES; k++) {                           \
-                    double v = fabs((double)x[i + k]);                         \
-                    nan_seen[k] |= (v != v);                                   \
-                    acc[k] = v > acc[k] ? v : acc[k]; }                        \
-            for (int k = 0; k < CC_LANES; k++) if (nan_seen[k]) acc[k] = NAN;  \
+                    T a = x[i + k];                                            \
+                    T v = a < 0 ? -a : a;                                      \
+                    m[k] = v > m[k] ? v : m[k];                                \
+                    nan[k] = v != v ? v : nan[k]; }                            \
+            for (int k = 0; k < CC_LANES; k++)                                 \
+                acc[k] = nan[k] != nan[k] ? (double)NAN                        \
+                                          : cc_max_nan(acc[k], (double)m[k]);  \
             break; }                                                           \
         default:                                                               \
             for (; i < nv; i += CC_LANES)                                      \

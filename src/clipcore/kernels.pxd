@@ -40,3 +40,7 @@ cdef double norm_f32(float **ptrs, const Py_ssize_t *lengths, Py_ssize_t count,
                      double norm_type, int n_threads) noexcept nogil
 cdef void scale_f32(float **ptrs, const Py_ssize_t *lengths, Py_ssize_t count,
                     float scale, int n_threads) noexcept nogil
+# Clamp in place into [lo, hi] as PyTorch's clamp does (hi wherever lo > hi; a
+# NaN element or a NaN bound gives NaN); 0, or -1 (nothing written) out of memory.
+cdef int clip_value_f32(float **ptrs, const Py_ssize_t *lengths, Py_ssize_t count,
+                        float lo, float hi, int n_threads) noexcept nogil

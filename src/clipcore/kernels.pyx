@@ -7,7 +7,8 @@ combined in chunk order: the result is bitwise identical for any thread count.
 """
 from cython.parallel cimport prange
 from libc.math cimport sqrt, pow, INFINITY, NAN, isnan
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, calloc, free
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_FORMAT, PyBUF_C_CONTIGUOUS
 
 import os
 
@@ -221,6 +222,107 @@ cdef void scale_f32(float **ptrs, const Py_ssize_t *lengths, Py_ssize_t count,
     layout_scale(&lay, scale, n_threads)
     free(lay.segs)
     free(lay.starts)
+
+
+cdef extern from * nogil:
+    """
+    /* Clamp a contiguous float32 run into [lo, hi]: max first, then min (as
+     * PyTorch's clamp), written so that a NaN element stays NaN and the
+     * compiler emits packed max/min instructions. */
+    CC_CLONES CC_UNUSED static void cc_clamp_f32(float *x, ptrdiff_t n, float lo, float hi) {
+        for (ptrdiff_t i = 0; i < n; i++) {
+            float v = x[i];
+            v = lo > v ? lo : v;
+            x[i] = v > hi ? hi : v;
+        }
+    }
+    """
+    void cc_clamp_f32(float *x, Py_ssize_t n, float lo, float hi)
+
+
+cdef inline void clamp_chunk(const Layout *lay, Py_ssize_t lo, Py_ssize_t hi,
+                             float lo_b, float hi_b) noexcept nogil:
+    cdef Py_ssize_t s = find_segment(lay, lo), off, take
+    while lo < hi:
+        off = lo - lay.starts[s]
+        take = lay.segs[s].n - off
+        if take > hi - lo:
+            take = hi - lo
+        cc_clamp_f32(<float *>lay.segs[s].data + off, take, lo_b, hi_b)
+        lo += take
+        s += 1
+
+
+cdef int clip_value_f32(float **ptrs, const Py_ssize_t *lengths, Py_ssize_t count,
+                        float lo, float hi, int n_threads) noexcept nogil:
+    """Clamp count contiguous float32 buffers in place into [lo, hi].
+
+    hi wherever lo > hi (PyTorch's order); a NaN element stays NaN and a NaN
+    bound makes every element NaN. Returns 0, or -1 when out of memory (then
+    nothing is written).
+    """
+    cdef Layout lay
+    cdef Py_ssize_t chunk, n_chunks, c, end
+    cdef int nt
+    if layout_from_pointers(&lay, ptrs, lengths, count) != 0:
+        return -1
+    if isnan(lo) or isnan(hi):
+        layout_scale(&lay, NAN, n_threads)
+    else:
+        chunk = chunk_size(lay.n_total)
+        n_chunks = (lay.n_total + chunk - 1) // chunk
+        nt = resolve_threads(lay.n_total, n_threads)
+        if nt > 1:
+            for c in prange(n_chunks, num_threads=nt, schedule='static'):
+                end = (c + 1) * chunk
+                clamp_chunk(&lay, c * chunk, end if end < lay.n_total else lay.n_total, lo, hi)
+        else:
+            for c in range(n_chunks):
+                end = (c + 1) * chunk
+                clamp_chunk(&lay, c * chunk, end if end < lay.n_total else lay.n_total, lo, hi)
+    free(lay.segs)
+    free(lay.starts)
+    return 0
+
+
+def _clip_value_f32_(arrays, double lo, double hi, int n_threads=0):
+    """Clamp writable C-contiguous float32 buffers in place (clipcore.torch's fast path).
+
+    Runs ``clip_value_f32`` over buffers of any shape; every buffer is checked
+    before any is written. Not public API: it exists for
+    ``clipcore.torch.clip_grad_value_``.
+    """
+    cdef Py_ssize_t count = len(arrays), i, n_views = 0
+    cdef Py_buffer *views = <Py_buffer *>malloc((count + 1) * sizeof(Py_buffer))
+    cdef float **ptrs = <float **>calloc(count + 1, sizeof(float *))
+    cdef Py_ssize_t *lengths = <Py_ssize_t *>calloc(count + 1, sizeof(Py_ssize_t))
+    cdef int status
+    try:
+        if views == NULL or ptrs == NULL or lengths == NULL:
+            raise MemoryError()
+        for i in range(count):
+            try:
+                PyObject_GetBuffer(arrays[i], &views[i],
+                                   PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS)
+            except (TypeError, ValueError, BufferError) as exc:
+                raise ValueError(f"arrays[{i}]: expected a writable C-contiguous float32 "
+                                 f"buffer ({exc})") from None
+            n_views += 1
+            if views[i].itemsize != 4 or views[i].format == NULL or views[i].format not in (b"f", b"@f", b"=f"):
+                raise ValueError(f"arrays[{i}]: expected a writable C-contiguous float32 "
+                                 f"buffer, got format {views[i].format!r}")
+            ptrs[i] = <float *>views[i].buf
+            lengths[i] = views[i].len // 4
+        with nogil:
+            status = clip_value_f32(ptrs, lengths, count, <float>lo, <float>hi, n_threads)
+        if status != 0:
+            raise MemoryError()
+    finally:
+        for i in range(n_views):
+            PyBuffer_Release(&views[i])
+        free(views)
+        free(ptrs)
+        free(lengths)
 
 
 def openmp_enabled():

@@ -1,0 +1,458 @@
+"""PyTorch's gradient-clipping functions, computed by clipcore's kernels on CPU.
+
+Drop-in replacements for ``torch.nn.utils.clip_grad_norm_``,
+``clip_grad_value_``, ``get_total_norm`` and ``clip_grads_with_norm_``, with
+their signatures and PyTorch 2.x semantics. When every gradient is a CPU
+float32/float64 tensor, clipcore reads and scales it in place (no copies) in
+one fused multi-threaded pass; anything else (CUDA or other devices, other
+dtypes, sparse tensors, gradients that require grad, tensor subclasses,
+norm types torch allows but clipcore does not: 0, negative) goes to torch's
+own function. So the result is never different from torch's in kind, only
+sometimes not faster.
+
+The one intended difference: norms are accumulated in float64, so float32
+gradients whose squares overflow float32 (values beyond ~1.8e19 with the
+2-norm) give the right finite norm where torch gives inf. The returned norm
+has torch's dtype (float32 for float32 gradients) and the clipping
+coefficient is computed from it exactly as torch does,
+``min(max_norm / (total_norm + 1e-6), 1)``.
+
+Trainers that keep their gradient tensors between steps
+(``zero_grad(set_to_none=False)``, gradient bucket views) get a cached Plan
+from the second call on: later calls only check that each tensor is the same
+object with the same data pointer, shape, strides and dtype. The cache holds
+only weak references, so it never keeps a gradient alive.
+
+``foreach`` is accepted for compatibility; the fast path ignores it and
+torch's path receives it. Threads: as for every clipcore function, what
+OpenMP may use (``OMP_NUM_THREADS``, threadpoolctl), not
+``torch.get_num_threads()``. Differences that do not change values: the fast
+path does not bump autograd's version counter of the gradients, and it
+scales inference-mode tensors that torch would refuse to modify outside
+inference mode.
+
+Importing this module imports torch; ``import clipcore`` alone does not.
+"""
+import ctypes
+import itertools
+import math
+import operator
+import struct
+import types
+import warnings
+import weakref
+
+import numpy as np
+import torch
+from torch.nn import utils as _torch
+
+import clipcore
+from clipcore import kernels as _kernels
+
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+
+_Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
+_f32 = torch.float32
+_f64 = torch.float64
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+_is_contiguous = torch.Tensor.is_contiguous
+_dtype_of = operator.attrgetter("dtype")
+_grad_of = operator.attrgetter("grad")
+_EPS_F32 = struct.unpack("f", struct.pack("f", 1e-6))[0]    # torch casts the 1e-6 to float32
+_pack_f32 = struct.Struct("f").pack
+_unpack_f32 = struct.Struct("f").unpack
+
+
+def _no_internal_overlap(shape, strides):
+    """True when no two elements of a strided tensor share memory (sufficient test)."""
+    extent = 0
+    for stride, size in sorted((abs(st), s) for s, st in zip(shape, strides) if s > 1):
+        if stride <= extent:
+            return False
+        extent += (size - 1) * stride
+    return True
+
+
+def _cpu_views(tensors, writable):
+    """NumPy views over the memory of CPU float32/float64 tensors.
+
+    Returns (views, has_float64, all_contiguous_float32), or None when some
+    tensor needs torch's own path: a subclass, another dtype, anything
+    ``Tensor.numpy()`` refuses (other devices and layouts, requires_grad,
+    negative or conjugate bits; for reading, requires_grad is fine), or a
+    self-overlapping view to write.
+    """
+    views = []
+    append = views.append
+    has_f64 = False
+    contiguous_f32 = True
+    for t in tensors:
+        cls = type(t)
+        if cls is not _Tensor and cls is not _Parameter:
+            return None
+        dtype = t.dtype
+        if dtype is _f64:
+            has_f64 = True
+        elif dtype is not _f32:
+            return None
+        try:
+            view = t.numpy()
+        except (RuntimeError, TypeError):
+            if writable or not t.requires_grad:
+                return None     # writing: torch's in-place ops also bump autograd's version
+            try:
+                view = t.detach().numpy()
+            except (RuntimeError, TypeError):
+                return None
+        if not t.is_contiguous():
+            contiguous_f32 = False
+            if writable and not _no_internal_overlap(t.shape, t.stride()):
+                return None
+        append(view)
+    return views, has_f64, contiguous_f32 and not has_f64
+
+
+class _Cache:
+    """The tensors of the last call (weakly) and, once they come back, a Plan over their memory.
+
+    A trainer that keeps its gradient tensors between steps (``zero_grad(set_to_none=False)``,
+    gradient bucket views) passes the same tensors every call: the second call keeps views
+    and a Plan, and later calls skip the per-tensor work, checking only that each tensor is
+    the same object covering the same memory (data pointer, size, dtype; shape and strides
+    when strided). The cache holds no strong reference (its arrays are made from raw
+    pointers), so it never keeps a gradient alive; with fresh gradients every step it costs
+    one weak reference per tensor.
+    """
+
+    def __init__(self):
+        # Each attribute is replaced whole, never updated, so that threads calling at the
+        # same time see either the old or the new value, not a mix.
+        self.refs = ()       # weak references to the last call's tensors
+        self.entry = None    # (their layout key, a _Fast over raw views) once they came back
+
+
+def _layout_key(tensors):
+    """What fixes the memory a list of tensors covers (for the same tensor objects).
+
+    A contiguous tensor covers numel elements of its dtype from its data pointer; a
+    strided one also needs its shape and strides.
+    """
+    contiguous = list(map(_is_contiguous, tensors))
+    return (list(map(_data_ptr, tensors)), list(map(_numel, tensors)),
+            list(map(_dtype_of, tensors)), contiguous,
+            [(t.shape, t.stride()) for t in itertools.compress(tensors,
+                                                               map(operator.not_, contiguous))])
+
+
+def _raw_view(t):
+    """An ndarray over t's memory that holds no reference to t (see _Cache)."""
+    itemsize = t.element_size()
+    dtype = np.float64 if itemsize == 8 else np.float32
+    if t.numel() == 0:
+        return np.empty(0, dtype)
+    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    buf = (ctypes.c_char * (span * itemsize)).from_address(t.data_ptr())
+    return np.ndarray(t.shape, dtype, buffer=buf, strides=[st * itemsize for st in t.stride()])
+
+
+class _Fast:
+    """Views over a list of CPU float32/float64 tensors, and a Plan over them when needed."""
+
+    __slots__ = ("views", "has_f64", "contiguous_f32", "_plan")
+
+    def __init__(self, views, has_f64, contiguous_f32):
+        self.views, self.has_f64, self.contiguous_f32 = views, has_f64, contiguous_f32
+        self._plan = None
+
+    def plan(self, writable):
+        """A Plan over the views, or None when writing to tensors that share memory.
+
+        For reading, tensors sharing memory get a stand-in with Plan.global_norm.
+        """
+        if self._plan is None:
+            try:
+                self._plan = clipcore.Plan(self.views)
+            except ValueError:   # shared memory: fine to read, not to scale (torch would scale twice)
+                self._plan = False if writable else _ListNorm(self.views)
+        return None if self._plan is False else self._plan
+
+
+class _ListNorm:
+    """Plan.global_norm's stand-in for tensors that may share memory (reading only)."""
+
+    def __init__(self, views):
+        self.views = views
+
+    def global_norm(self, norm_type):
+        return clipcore.global_norm(self.views, norm_type=norm_type)
+
+
+def _fast(tensors, writable, cache):
+    """The fast path's views of the tensors (a _Fast), or None for torch's own path."""
+    refs = cache.refs
+    same = len(refs) == len(tensors) and all(map(operator.is_, (r() for r in refs), tensors))
+    if same:
+        key = _layout_key(tensors)
+        entry = cache.entry
+        if entry is not None and entry[0] == key:
+            return entry[1]
+    checked = _cpu_views(tensors, writable)
+    if checked is None:
+        cache.refs = ()
+        return None
+    if same:    # seen twice: keep views that hold no reference to the tensors
+        fast = _Fast([_raw_view(t) for t in tensors], checked[1], checked[2])
+        cache.entry = (key, fast)
+    else:
+        fast = _Fast(*checked)
+        cache.refs = [weakref.ref(t) for t in tensors]
+    return fast
+
+
+_caches = {name: _Cache() for name in ("norm", "clip", "clip_norm", "value")}
+
+
+def _as_list(tensors):
+    return [tensors] if isinstance(tensors, _Tensor) else list(tensors)
+
+
+def _total_norm_tensor(value, has_f64):
+    """The 0-d tensor torch returns: float64 if any input is float64, else float32."""
+    try:
+        return torch.full((), value, dtype=_f64 if has_f64 else _f32)
+    except RuntimeError:   # beyond float32's range: torch.tensor rounds to inf, as torch would
+        return torch.tensor(value, dtype=_f32)
+
+
+def _check_finite(total_norm, norm_type, error_if_nonfinite):
+    if error_if_nonfinite and not math.isfinite(total_norm.item()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is "
+            f"non-finite, so it cannot be clipped. To disable this error and scale the "
+            f"gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
+
+
+def _round_f32(x):
+    """x rounded to float32 (inf beyond its range), as a Python float."""
+    try:
+        return _unpack_f32(_pack_f32(x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _coefficient(max_norm, total_norm):
+    """torch's ``clamp(max_norm / (total_norm + 1e-6), max=1.0)`` as a Python float.
+
+    torch evaluates it in total_norm's dtype as ``reciprocal(total_norm + 1e-6) * max_norm``
+    with the Python scalars cast to that dtype. For float32 and float64 this repeats those
+    correctly rounded steps (a float32 step done in float64 and rounded once is exact), a
+    few microseconds cheaper than three tensor operations; other dtypes use torch's.
+    """
+    dtype = total_norm.dtype
+    t = total_norm.item()
+    if dtype is _f64 and t != -1e-6:
+        c = 1.0 / (t + 1e-6) * max_norm
+    elif dtype is _f32 and _round_f32(t + _EPS_F32) != 0.0:
+        c = _round_f32(_round_f32(1.0 / _round_f32(t + _EPS_F32)) * _round_f32(max_norm))
+    else:
+        return torch.clamp(max_norm / (total_norm.detach() + 1e-6), max=1.0).item()
+    return 1.0 if c > 1.0 else c     # NaN stays NaN, as in torch.clamp
+
+
+def _scale(plan, grads, max_norm, total_norm):
+    """Multiply the plan's buffers by torch's clip coefficient, computed as torch does."""
+    c = _coefficient(max_norm, total_norm)
+    if c != c:
+        plan.clip_by_global_norm_(0.0, use_norm=c)   # every element becomes NaN, as x * nan
+    elif c >= 0.0:
+        if c < 1.0:   # c == 1: torch multiplies by 1, a no-op
+            plan.clip_by_global_norm_(c, use_norm=1.0)   # scale = c / 1.0 = c exactly
+    else:             # negative max_norm: the core only shrinks, so let torch multiply
+        for g in grads:
+            g.mul_(c)
+
+
+def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+    """The norm of a tensor or iterable of tensors, viewed as one vector.
+
+    Same arguments, result and errors as ``torch.nn.utils.get_total_norm``.
+
+    Parameters
+    ----------
+    tensors : Tensor or iterable of Tensor
+        The tensors themselves (not their ``.grad``).
+    norm_type : float, default 2.0
+        p of the p-norm; ``inf`` for the max norm.
+    error_if_nonfinite : bool, default False
+        Raise RuntimeError when the norm is NaN or inf.
+    foreach : bool or None
+        Passed to torch when torch's path is taken.
+
+    Returns
+    -------
+    Tensor
+        A 0-d tensor: float64 if any input is float64, else float32; for no
+        tensors, ``torch.tensor(0.0)``.
+
+    Examples
+    --------
+    >>> import torch, clipcore.torch
+    >>> clipcore.torch.get_total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+    tensor(5.)
+    """
+    tensors = _as_list(tensors)
+    norm_type = float(norm_type)
+    fast = _fast(tensors, False, _caches["norm"]) if norm_type > 0 else None
+    if fast is None:
+        return _torch.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
+    if not tensors:
+        return torch.tensor(0.0)
+    total = _total_norm_tensor(fast.plan(False).global_norm(norm_type=norm_type), fast.has_f64)
+    _check_finite(total, norm_type, error_if_nonfinite)
+    return total
+
+
+def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
+    """Scale gradients in place by ``min(max_norm / (total_norm + 1e-6), 1)``.
+
+    Same arguments and semantics as ``torch.nn.utils.clip_grads_with_norm_``.
+
+    Parameters
+    ----------
+    parameters : Tensor or iterable of Tensor
+        Parameters whose ``.grad`` is scaled; those without one are skipped.
+    max_norm : float
+        Max norm of the gradients.
+    total_norm : Tensor
+        The total norm to use, e.g. from :func:`get_total_norm`.
+    foreach : bool or None
+        Passed to torch when torch's path is taken.
+
+    Examples
+    --------
+    >>> import torch, clipcore.torch
+    >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
+    >>> clipcore.torch.clip_grads_with_norm_([p], 1.0, torch.tensor(5.0))
+    >>> p.grad
+    tensor([0.6000, 0.8000])
+    """
+    parameters = _as_list(parameters)
+    grads = [g for g in map(_grad_of, parameters) if g is not None]
+    max_norm = float(max_norm)
+    if (not isinstance(total_norm, _Tensor) or total_norm.ndim != 0 or not total_norm.is_cpu
+            or not total_norm.is_floating_point()):
+        fast = None
+    else:
+        fast = _fast(grads, True, _caches["clip"])
+    plan = fast and fast.plan(True)
+    if plan is None:    # also: gradients sharing memory, which torch scales once per entry
+        return _torch.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+    if grads:
+        _scale(plan, grads, max_norm, total_norm)
+    return None
+
+
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False,
+                    foreach=None):
+    """Clip the gradient norm of parameters in place; return the norm before clipping.
+
+    Same arguments, result, warnings and errors as
+    ``torch.nn.utils.clip_grad_norm_``: the norm is taken over all gradients as
+    one vector and every gradient is multiplied by
+    ``min(max_norm / (total_norm + 1e-6), 1)``.
+
+    Parameters
+    ----------
+    parameters : Tensor or iterable of Tensor
+        Parameters (a generator is fine); those whose ``.grad`` is None are skipped.
+    max_norm : float
+        Max norm of the gradients.
+    norm_type : float, default 2.0
+        p of the p-norm; ``inf`` for the max norm.
+    error_if_nonfinite : bool, default False
+        Raise RuntimeError (and modify nothing) when the norm is NaN or inf.
+        Otherwise, as in torch, a NaN norm makes every gradient NaN and an
+        inf norm multiplies them by 0.
+    foreach : bool or None
+        Passed to torch when torch's path is taken.
+
+    Returns
+    -------
+    Tensor
+        The total norm before clipping, a 0-d tensor (float64 if any gradient
+        is float64, else float32).
+
+    Raises
+    ------
+    RuntimeError
+        With ``error_if_nonfinite=True`` when the norm is not finite.
+
+    Examples
+    --------
+    >>> import torch, clipcore.torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> model.weight.grad = torch.tensor([[3.0, 4.0]]); model.bias.grad = torch.tensor([0.0])
+    >>> clipcore.torch.clip_grad_norm_(model.parameters(), 1.0)
+    tensor(5.)
+    >>> model.weight.grad
+    tensor([[0.6000, 0.8000]])
+    """
+    if isinstance(parameters, _Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if is_generator and not parameters:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
+                          stacklevel=2)
+    grads = [g for g in map(_grad_of, parameters) if g is not None]
+    norm_type = float(norm_type)
+    fast = _fast(grads, True, _caches["clip_norm"]) if norm_type > 0 else None
+    plan = fast and fast.plan(True)
+    if plan is None:    # also: gradients sharing memory, which torch scales once per entry
+        return _torch.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite,
+                                      foreach)
+    if not grads:
+        return torch.tensor(0.0)
+    total = _total_norm_tensor(plan.global_norm(norm_type=norm_type), fast.has_f64)
+    _check_finite(total, norm_type, error_if_nonfinite)
+    _scale(plan, grads, float(max_norm), total)
+    return total
+
+
+def clip_grad_value_(parameters, clip_value, foreach=None):
+    """Clamp every gradient in place into ``[-clip_value, clip_value]``.
+
+    Same arguments and semantics as ``torch.nn.utils.clip_grad_value_``
+    (``clamp(min=-clip_value)`` then ``clamp(max=clip_value)``: a NaN stays
+    NaN, a NaN ``clip_value`` makes every gradient NaN, a negative one sets
+    every element to ``clip_value``). Contiguous float32 gradients are clamped
+    in one pass by clipcore's kernel; others go to torch.
+
+    Parameters
+    ----------
+    parameters : Tensor or iterable of Tensor
+        Parameters whose ``.grad`` is clamped; those without one are skipped.
+    clip_value : float
+        The bound.
+    foreach : bool or None
+        Passed to torch when torch's path is taken.
+
+    Examples
+    --------
+    >>> import torch, clipcore.torch
+    >>> p = torch.nn.Parameter(torch.zeros(3)); p.grad = torch.tensor([-3.0, 0.5, 2.0])
+    >>> clipcore.torch.clip_grad_value_([p], 1.0)
+    >>> p.grad
+    tensor([-1.0000,  0.5000,  1.0000])
+    """
+    parameters = _as_list(parameters)
+    clip_value = float(clip_value)
+    grads = [g for g in map(_grad_of, parameters) if g is not None]
+    fast = _fast(grads, True, _caches["value"])
+    if fast is None or not fast.contiguous_f32:
+        return _torch.clip_grad_value_(parameters, clip_value, foreach)
+    _kernels._clip_value_f32_(fast.views, -clip_value, clip_value)
+    return None
