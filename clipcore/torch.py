@@ -234,6 +234,9 @@ def _check_finite(total_norm, norm_type, error_if_nonfinite):
             f"gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
 
 
+_F32_TINY = 2.0 ** -126     # the smallest normal float32
+
+
 def _round_f32(x):
     """x rounded to float32 (inf beyond its range), as a Python float."""
     try:
@@ -266,10 +269,12 @@ def _scale(plan, grads, max_norm, total_norm):
     c = _coefficient(max_norm, total_norm)
     if c != c:
         plan.clip_by_global_norm_(0.0, use_norm=c)   # every element becomes NaN, as x * nan
-    elif c >= 0.0:
+    elif c >= _F32_TINY or c == 0.0:
         if c < 1.0:   # c == 1: torch multiplies by 1, a no-op
             plan.clip_by_global_norm_(c, use_norm=1.0)   # scale = c / 1.0 = c exactly
-    else:             # negative max_norm: the core only shrinks, so let torch multiply
+    else:
+        # Negative max_norm: the core only shrinks. A coefficient that is subnormal in
+        # float32: the core would apply it in float64, torch in float32. Let torch multiply.
         for g in grads:
             g.mul_(c)
 
