@@ -11,6 +11,7 @@ import operator
 import numpy as np
 
 from clipcore import _elementwise as _ew
+from clipcore._global import empty_like_many
 from clipcore._adapt import (as_array, as_writable, is_float, is_real,
                              native, result_wrap, type_code)
 
@@ -77,10 +78,13 @@ def _broadcast_into(arr, shape, name, tname="t"):
 def _output(out, shape, dtype, fw, like=None):
     """A validated out= array, or a new one for the result."""
     if out is None:
-        order = "C" if fw == "tf" else "K"
-        if like is not None and like.shape == tuple(shape):
-            return np.empty_like(like, dtype=dtype, order=order)
-        return np.empty(shape, dtype)
+        if like is None or like.shape != tuple(shape):
+            return np.empty(shape, dtype)
+        if dtype.isnative and dtype.kind in "fiu":
+            # C order (F for F-ordered input); large results reuse the memory of
+            # earlier ones nothing refers to any more (clipcore._global).
+            return empty_like_many([like], [dtype.num])[0]
+        return np.empty_like(like, dtype=dtype, order="C" if fw == "tf" else "K")
     arr = as_writable(out, "out")
     if arr.shape != tuple(shape):
         raise ValueError(f"out must have shape {tuple(shape)}, got {arr.shape}")

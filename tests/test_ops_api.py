@@ -478,3 +478,42 @@ def test_import_does_not_load_frameworks():
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ------------------------------------------------------- output memory reuse
+
+def test_large_outputs_reuse_only_memory_nothing_refers_to():
+    g = [np.full((1024, 1024), 3.0, np.float32) for _ in range(4)]        # 16 MB
+    scale = 1.0 / np.sqrt(9.0 * g[0].size * 4)
+    a, _ = clipcore.clip_by_global_norm(g, 1.0)
+    b, _ = clipcore.clip_by_global_norm(g, 2.0)                 # a is alive: new memory
+    assert not np.shares_memory(a[0], b[0])
+    np.testing.assert_allclose(a[0], 3.0 * scale, rtol=1e-6)     # a untouched by b
+    view = a[2][10:20]                                           # a view outlives a
+    del a
+    c, _ = clipcore.clip_by_global_norm(g, 4.0)
+    assert not np.shares_memory(c[2], view)
+    np.testing.assert_allclose(view, 3.0 * scale, rtol=1e-6)
+    recent = {b[0].ctypes.data, c[0].ctypes.data}                # the blocks kept
+    del view, b, c
+    d, _ = clipcore.clip_by_global_norm(g, 1.0)                  # now free: reused
+    assert d[0].ctypes.data in recent
+    assert all(o.ctypes.data % 64 == 0 and o.flags.writeable for o in d)
+    np.testing.assert_allclose(d[3], 3.0 * scale, rtol=1e-6)
+    # Elementwise results of the same size reuse it too, and keep it while alive.
+    x = np.arange(4 << 20, dtype=np.float32)
+    del d
+    r1 = clipcore.clip_by_value(x, 0.0, 10.0)
+    r2 = clipcore.clip_by_value(x, 5.0, 6.0)
+    assert not np.shares_memory(r1, r2)
+    np.testing.assert_array_equal(r1[:12], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10])
+
+
+def test_framework_results_keep_their_memory():
+    torch = pytest.importorskip("torch")
+    g = [torch.full((1024, 1024), 3.0) for _ in range(4)]
+    (t0, *_), _ = clipcore.clip_by_global_norm(g, 1.0)
+    expected = t0.clone()
+    for _ in range(3):
+        clipcore.clip_by_global_norm(g, 100.0)                   # results dropped at once
+    assert torch.equal(t0, expected)

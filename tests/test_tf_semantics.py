@@ -276,3 +276,51 @@ def test_clip_by_average_norm_replaced_with_clip_by_norm():
     with_norm = clipcore.clip_by_average_norm(x, 0.8)
     without_norm = clipcore.clip_by_norm(x, 0.8 * 6)
     np.testing.assert_allclose(with_norm.numpy(), without_norm.numpy(), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ errors
+
+_x = tf.constant([[-3.0, 0.0, 0.0], [4.0, 0.0, 3.0]])
+_i = tf.constant([3, 4])
+BAD_INPUTS = [
+    # (what, expected class, TF call, clipcore call): where TF raises its own
+    # InvalidArgumentError, clipcore raises the matching Python class.
+    ("bounds do not broadcast", ValueError,
+     lambda m: m.clip_by_value(_x, tf.zeros((3, 3)), 1.0)),
+    ("bound changes t's shape", ValueError,
+     lambda m: m.clip_by_value(tf.ones(3), tf.zeros((2, 3)), 1.0)),
+    ("bound tensor of another dtype", TypeError,
+     lambda m: m.clip_by_value(_x, tf.constant(0.0, tf.float64), 1.0)),
+    ("float bound for an int tensor", TypeError, lambda m: m.clip_by_value(_i, 2.5, 4)),
+    ("bool tensor", TypeError, lambda m: m.clip_by_value(tf.constant([True]), False, True)),
+    ("int tensor for clip_by_norm", TypeError, lambda m: m.clip_by_norm(_i, 1.0)),
+    ("axis out of range", ValueError, lambda m: m.clip_by_norm(_x, 1.0, axes=2)),
+    ("repeated axis", ValueError, lambda m: m.clip_by_norm(_x, 1.0, axes=[1, 1])),
+    ("float axis", TypeError, lambda m: m.clip_by_norm(_x, 1.0, axes=1.0)),
+    ("string clip_norm", TypeError, lambda m: m.clip_by_norm(_x, "a")),
+    ("bare array as t_list", TypeError, lambda m: getattr(m, "linalg", m).global_norm(np.ones(3))),
+    ("string as t_list", TypeError, lambda m: getattr(m, "linalg", m).global_norm("abc")),
+    ("generator as t_list", TypeError,
+     lambda m: getattr(m, "linalg", m).global_norm(t for t in [_x])),
+    ("int tensor in t_list", TypeError, lambda m: getattr(m, "linalg", m).global_norm([_i])),
+    ("vector clip_norm for the global norm", ValueError,
+     lambda m: m.clip_by_global_norm([_x], np.array([1.0, 2.0]))),
+    ("'fro' for a vector norm", ValueError, lambda m: m.norm(_x, "fro")),
+    ("negative ord", ValueError, lambda m: m.norm(_x, -1)),
+    ("list of one axis", ValueError, lambda m: m.norm(_x, axis=[1])),
+    ("norm axis out of range", ValueError, lambda m: m.norm(_x, axis=5)),
+    ("int tensor for norm", TypeError, lambda m: m.norm(_i)),
+    ("shapes do not broadcast", ValueError, lambda m: m.maximum(tf.ones(3), tf.zeros(4))),
+    ("tensors of different dtypes", TypeError, lambda m: m.maximum(_i, tf.constant([1.0]))),
+    ("float for an int tensor", TypeError, lambda m: m.minimum(_i, 2.5)),
+]
+
+
+@pytest.mark.parametrize("what,expected,call", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_raise_like_tensorflow(what, expected, call):
+    with pytest.raises(Exception) as tf_error:
+        call(tf)
+    assert isinstance(tf_error.value, (expected, tf.errors.InvalidArgumentError,
+                                       tf.errors.NotFoundError)), tf_error.value
+    with pytest.raises(expected):
+        call(clipcore)

@@ -57,6 +57,8 @@ cdef extern from "cc_elementwise.h" nogil:
 cdef enum:
     MAXD = 64          # NumPy's limit on dimensions
     MAXOP = 4          # operands of one loop, output included
+    EW_CHUNK_MIN = 65536       # elementwise: elements per chunk, at least
+    CHUNKS_PER_THREAD = 16
     # Per-axis engine tuning (all in elements; choices depend on shape only).
     MANY_ROWS = 64     # at least this many rows: one row per work item
     PIECE = 65536      # a long row (or column block) is cut into pieces of this size
@@ -130,12 +132,18 @@ cdef void ew_range(const EwJob *job, Py_ssize_t lo, Py_ssize_t hi) noexcept nogi
 
 
 cdef void ew_parallel(const EwJob *job, Py_ssize_t total, int nt) noexcept nogil:
-    cdef Py_ssize_t t
+    """Chunks handed out dynamically: a thread the OS has not scheduled yet (the
+    cores are shared) holds up no one, the running ones take its chunks."""
+    cdef Py_ssize_t c, n_chunks, chunk
     if nt <= 1:
         ew_range(job, 0, total)
         return
-    for t in prange(nt, num_threads=nt, schedule='static'):
-        ew_range(job, total * t // nt, total * (t + 1) // nt)
+    chunk = total // (CHUNKS_PER_THREAD * nt)
+    if chunk < EW_CHUNK_MIN:
+        chunk = EW_CHUNK_MIN
+    n_chunks = (total + chunk - 1) // chunk
+    for c in prange(n_chunks, num_threads=nt, schedule='dynamic'):
+        ew_range(job, c * chunk, (c + 1) * chunk if (c + 1) * chunk < total else total)
 
 
 def ew_apply(int op, int tcode, tuple operands, int n_threads):
@@ -300,7 +308,7 @@ cdef int run_rows(AxisJob *j, bint clip, int nt) noexcept nogil:
             blk = 1
         nblk = (j.A + blk - 1) // blk
         if nt > 1:
-            for i in prange(nblk, num_threads=nt, schedule='static'):
+            for i in prange(nblk, num_threads=nt, schedule='dynamic'):
                 rows_block(j, i * blk, (i + 1) * blk if (i + 1) * blk < j.A else j.A, clip)
         else:
             for i in range(nblk):
@@ -317,7 +325,7 @@ cdef int run_rows(AxisJob *j, bint clip, int nt) noexcept nogil:
     if j.part == NULL:
         return -1
     if nt > 1:
-        for i in prange(items, num_threads=nt, schedule='static'):
+        for i in prange(items, num_threads=nt, schedule='dynamic'):
             row_piece_reduce(j, i)
     else:
         for i in range(items):
@@ -334,7 +342,7 @@ cdef int run_rows(AxisJob *j, bint clip, int nt) noexcept nogil:
     j.part = NULL
     if clip:
         if nt > 1:
-            for i in prange(items, num_threads=nt, schedule='static'):
+            for i in prange(items, num_threads=nt, schedule='dynamic'):
                 row_piece_scale(j, i)
         else:
             for i in range(items):
@@ -408,7 +416,7 @@ cdef int run_cols(AxisJob *j, bint clip, int nt) noexcept nogil:
         if j.part == NULL:
             return -1
     if nt > 1:
-        for i in prange(items, num_threads=nt, schedule='static'):
+        for i in prange(items, num_threads=nt, schedule='dynamic'):
             tile_reduce(j, i, fuse)
     else:
         for i in range(items):
@@ -430,7 +438,7 @@ cdef int run_cols(AxisJob *j, bint clip, int nt) noexcept nogil:
     rs = (PIECE + j.B - 1) // j.B
     nrp = (j.R + rs - 1) // rs
     if nt > 1:
-        for i in prange(j.A * nrp, num_threads=nt, schedule='static'):
+        for i in prange(j.A * nrp, num_threads=nt, schedule='dynamic'):
             cols_scale_rows(j, i, rs, nrp)
     else:
         for i in range(j.A * nrp):

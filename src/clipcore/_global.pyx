@@ -7,6 +7,7 @@ scale is computed as TensorFlow computes it, in the norm's dtype, so that
 outputs equal TensorFlow's for the same norm.
 """
 from cython.parallel cimport prange
+from cpython.ref cimport Py_REFCNT
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
@@ -33,6 +34,84 @@ ctypedef struct Pair:
     char *dst
     Py_ssize_t n
     int f64
+
+
+# ------------------------------------------------------------ output memory
+#
+# Fresh memory from the OS costs a page fault and a zero-fill per page: for
+# ResNet-50's 100 MB of outputs that is more than the clipping itself.
+# TensorFlow's allocator hands the memory of dropped tensors to the next op;
+# clipcore does the same, boundedly: it keeps the blocks of its last POOL_SLOTS
+# large results and carves a new result from one of them only when no array
+# refers to it any more (its reference count shows that).
+
+cdef enum:
+    POOL_MIN_BYTES = 8 << 20
+    POOL_SLOTS = 2
+    ALIGN = 64
+
+cdef list _blocks = []
+
+
+cdef object take_block(Py_ssize_t nbytes):
+    """A uint8 array of nbytes that nothing else refers to: reused, or new."""
+    cdef Py_ssize_t i
+    for i in range(len(_blocks)):
+        block = _blocks[i]
+        # References: the list's and `block`'s; any view of it adds one.
+        if cnp.PyArray_NBYTES(<cnp.ndarray>block) == nbytes + ALIGN and Py_REFCNT(block) == 2:
+            del _blocks[i]
+            _blocks.insert(0, block)
+            return block
+    block = np.empty(nbytes + ALIGN, np.uint8)
+    _blocks.insert(0, block)
+    del _blocks[POOL_SLOTS:]
+    return block
+
+
+cdef object carve(object block, Py_ssize_t offset, cnp.ndarray like, int type_num, bint fortran):
+    """An array shaped like `like`, of type_num, in block's memory at offset."""
+    cdef cnp.ndarray out = cnp.PyArray_New(
+        <type>np.ndarray, cnp.PyArray_NDIM(like), cnp.PyArray_DIMS(like), type_num, NULL,
+        <char *>cnp.PyArray_DATA(<cnp.ndarray>block) + offset, 0,
+        cnp.NPY_ARRAY_FARRAY if fortran else cnp.NPY_ARRAY_CARRAY, None)
+    cnp.set_array_base(out, block)
+    return out
+
+
+def empty_like_many(list arrays, list type_nums):
+    """New arrays shaped like `arrays` (C order, or F order for F-only-contiguous ones).
+
+    When they hold POOL_MIN_BYTES or more together they are carved from one
+    block, reused from an earlier call when it is free (see above).
+    """
+    cdef Py_ssize_t i, n = len(arrays), total = 0, off = 0, nbytes
+    cdef cnp.ndarray arr
+    cdef list sizes = [0] * n
+    for i in range(n):
+        arr = <cnp.ndarray>arrays[i]
+        nbytes = cnp.PyArray_SIZE(arr) * cnp.PyArray_DescrFromType(type_nums[i]).itemsize
+        sizes[i] = nbytes
+        total += (nbytes + ALIGN - 1) // ALIGN * ALIGN
+    outs = [None] * n
+    if total < POOL_MIN_BYTES:
+        for i in range(n):
+            arr = <cnp.ndarray>arrays[i]
+            outs[i] = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(arr), cnp.PyArray_DIMS(arr),
+                                        type_nums[i], fortran_only(arr))
+        return outs
+    block = take_block(total)
+    off = <Py_ssize_t>cnp.PyArray_DATA(<cnp.ndarray>block) % ALIGN   # (unsigned address)
+    off = (ALIGN - off) % ALIGN                 # the first output starts aligned
+    for i in range(n):
+        arr = <cnp.ndarray>arrays[i]
+        outs[i] = carve(block, off, arr, type_nums[i], fortran_only(arr))
+        off += (<Py_ssize_t>sizes[i] + ALIGN - 1) // ALIGN * ALIGN
+    return outs
+
+
+cdef inline bint fortran_only(cnp.ndarray arr) noexcept:
+    return cnp.PyArray_IS_F_CONTIGUOUS(arr) and not cnp.PyArray_IS_C_CONTIGUOUS(arr)
 
 
 cdef class _Pairs:
@@ -100,15 +179,21 @@ cdef void scale_range(const Pair *pairs, const Py_ssize_t *starts, Py_ssize_t co
 
 
 cdef void scale_pairs(_Pairs pr, float s32, double s64, int n_threads) noexcept nogil:
+    """Chunks taken dynamically by the threads (the cores may be shared)."""
     cdef int nt = resolve_threads(pr.total, n_threads)
-    cdef Py_ssize_t t, n = pr.total
+    cdef Py_ssize_t c, n = pr.total, chunk, n_chunks
     if pr.count == 0:
         return
     if nt <= 1:
         scale_range(pr.pairs, pr.starts, pr.count, 0, n, s32, s64)
         return
-    for t in prange(nt, num_threads=nt, schedule='static'):
-        scale_range(pr.pairs, pr.starts, pr.count, n * t // nt, n * (t + 1) // nt, s32, s64)
+    chunk = n // (16 * nt)
+    if chunk < 65536:
+        chunk = 65536
+    n_chunks = (n + chunk - 1) // chunk
+    for c in prange(n_chunks, num_threads=nt, schedule='dynamic'):
+        scale_range(pr.pairs, pr.starts, pr.count, c * chunk,
+                    (c + 1) * chunk if (c + 1) * chunk < n else n, s32, s64)
 
 
 cdef list as_list(object t_list):
@@ -150,29 +235,32 @@ cdef tuple prepare(list items):
 
 cdef object norm_dtype(list arrays):
     """The dtype of the global norm: the entries' (promoted); float32 if none."""
-    cdef cnp.ndarray arr
-    first = None
-    mixed = False
+    cdef cnp.ndarray arr, first = None
+    cdef bint mixed = False
     for obj in arrays:
         if obj is None:
             continue
         arr = <cnp.ndarray>obj
         if first is None:
-            first = arr.dtype
-        elif arr.dtype != first:
+            first = arr
+        elif (cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(first)
+              or cnp.PyArray_ISUSERDEF(arr)):
             mixed = True
     if first is None:
         return np.dtype(np.float32)
     if mixed:
         return np.result_type(*[a.dtype for a in arrays if a is not None])
-    return first
+    return first.dtype
 
 
 cdef list readable(list arrays):
     """The arrays for the core's norm: bfloat16 ones (no NumPy float kind) as float32."""
     cdef list out = None
-    for i, a in enumerate(arrays):
-        if a is not None and a.dtype.name == "bfloat16":
+    cdef Py_ssize_t i
+    for i in range(len(arrays)):
+        a = arrays[i]
+        if (a is not None and cnp.PyArray_ISUSERDEF(<cnp.ndarray>a)
+                and a.dtype.name == "bfloat16"):
             if out is None:
                 out = list(arrays)
             out[i] = a.astype(np.float32)
@@ -305,7 +393,7 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_thread
     cdef cnp.ndarray arr, out
     cdef _Pairs pairs = _Pairs.__new__(_Pairs)
     cdef int tnum
-    cdef cnp.npy_intp *dims
+    cdef Py_ssize_t k
     cdef _Buffers buffers
     arrays, wraps, fw = prepare(items)
     c = scalar_of(clip_norm, "clip_norm")
@@ -332,6 +420,9 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_thread
     pairs.reserve(n)
     slow = []
     outs = [None] * n
+    fast = []
+    fast_at = []
+    fast_types = []
     for i in range(n):
         if arrays[i] is None:
             continue
@@ -340,15 +431,17 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_thread
         if ((tnum == cnp.NPY_FLOAT or tnum == cnp.NPY_DOUBLE) and cnp.PyArray_ISNOTSWAPPED(arr)
                 and cnp.PyArray_ISALIGNED(arr)
                 and (cnp.PyArray_IS_C_CONTIGUOUS(arr) or cnp.PyArray_IS_F_CONTIGUOUS(arr))):
-            dims = cnp.PyArray_DIMS(arr)
-            out = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(arr), dims, tnum,
-                                    not cnp.PyArray_IS_C_CONTIGUOUS(arr))
-            if cnp.PyArray_SIZE(arr):
-                pairs.push(arr, out)
+            fast.append(arr)
+            fast_at.append(i)
+            fast_types.append(tnum)
         else:
-            out = np.empty_like(arr)
-            slow.append((arr, out))
-        outs[i] = out
+            outs[i] = np.empty_like(arr)
+            slow.append((arr, outs[i]))
+    fast_outs = empty_like_many(fast, fast_types)
+    for k in range(len(fast)):
+        outs[<Py_ssize_t>fast_at[k]] = fast_outs[k]
+        if cnp.PyArray_SIZE(<cnp.ndarray>fast[k]):
+            pairs.push(<cnp.ndarray>fast[k], <cnp.ndarray>fast_outs[k])
     with nogil:
         scale_pairs(pairs, s32, s64, nt)
     with np.errstate(all="ignore"):
