@@ -416,14 +416,46 @@ def _transposed_copy(arr, axes):
     return np.array(arr.transpose(perm), order="C", copy=True), perm
 
 
+def _blocks(axes):
+    """Runs of consecutive axes: (0, 2, 3) -> [(0,), (2, 3)]."""
+    runs = []
+    for a in axes:
+        if runs and runs[-1][-1] == a - 1:
+            runs[-1] = runs[-1] + (a,)
+        else:
+            runs.append((a,))
+    return runs
+
+
+def _reduce_view(v, kind, nt):
+    return _ew.axis_reduce(v.transpose(2, 1, 0) if _flip(v) else v, kind, nt)
+
+
 def _reduce(arr, axes, kind, nt):
-    """Float64 reduction of a float32/float64 array over axes, keepdims shape."""
+    """Float64 reduction of a float32/float64 array over axes, keepdims shape.
+
+    Axes that are not one run are reduced run by run, the run with the
+    smallest strides first (it reads the array in memory order); the later
+    runs reduce the small float64 result. Without a view for a run (odd
+    strides), a transposed copy is reduced instead.
+    """
     keep = tuple(1 if d in axes else n for d, n in enumerate(arr.shape))
-    v = _arb(arr, axes)
-    if v is None:
-        xt, _ = _transposed_copy(arr, axes)
-        v = xt.reshape(-1, int(np.prod([arr.shape[d] for d in axes])), 1)
-    res = _ew.axis_reduce(v.transpose(2, 1, 0) if _flip(v) else v, kind, nt).reshape(keep)
+    cur, todo, k = arr, list(_blocks(axes)) or [()], kind
+    while todo:
+        run = min(todo, key=lambda r: min((abs(cur.strides[d]) for d in r), default=0))
+        v = _arb(cur, run)
+        if v is None:
+            rest = tuple(sorted(d for r in todo for d in r))
+            xt, _ = _transposed_copy(cur, rest)
+            v = xt.reshape(-1, int(np.prod([cur.shape[d] for d in rest])), 1)
+            cur = _reduce_view(v, k, nt).reshape(keep)
+            break
+        cur = _reduce_view(v, k, nt).reshape(
+            tuple(1 if d in run else n for d, n in enumerate(cur.shape)))
+        todo.remove(run)
+        # Later runs add up sums of squares or |x| (non-negative) or take maxima.
+        k = _ew.REDUCE_MAXABS if kind == _ew.REDUCE_MAXABS else _ew.REDUCE_SUMABS
+    res = cur.reshape(keep)
     if kind == _ew.REDUCE_MAXABS and any(arr.shape[d] == 0 for d in axes):
         res.fill(-np.inf)        # TensorFlow's maximum over nothing
     return res
@@ -477,15 +509,16 @@ def _clip_norm_kernel(x, o, axes, c, nt):
     """o = x clipped; x, o aligned native float32/float64 of one shape."""
     xv = _arb(x, axes)
     ov = xv if o is x else _arb(o, axes)
-    if xv is not None and ov is not None:
+    if xv is not None and ov is not None:      # one pass: slices scaled in cache
         if _flip(xv):
             xv, ov = xv.transpose(2, 1, 0), ov.transpose(2, 1, 0)
         _ew.axis_clip(xv, ov, c, nt)
         return
-    xt, perm = _transposed_copy(x, axes)
-    v = xt.reshape(-1, int(np.prod([x.shape[d] for d in axes])), 1)
-    _ew.axis_clip(v, v, c, nt)
-    np.copyto(o.transpose(perm), xt)
+    # The norms first (run by run), then one scaling pass.
+    with np.errstate(all="ignore"):
+        l2 = np.sqrt(_reduce(x, axes, _ew.REDUCE_SUMSQ, nt))
+        f = (c / np.maximum(l2, c)).astype(x.dtype)     # as cc_norm_scale computes it
+    _elementwise(_ew.OP_MUL, [x, f], o, nt)
 
 
 def clip_by_norm(t, clip_norm, axes=None, name=None, *, out=None, n_threads=None):

@@ -63,9 +63,12 @@ cdef enum:
     MANY_ROWS = 64     # at least this many rows: one row per work item
     PIECE = 65536      # a long row (or column block) is cut into pieces of this size
     MAX_PIECES = 256
-    TILE = 256         # columns per tile when reducing over a leading axis
+    TILE = 4096        # columns per tile when reducing over a leading axis:
+                       # whole rows are read in order, float64 sums stay in L1/L2
     MANY_TILES = 16
-    FUSE_BYTES = 262144   # a tile this small is scaled while it is still in cache
+    COL_PIECE = 1 << 20     # elements per piece of a tile, when tiles are few
+    PARTIALS_MAX = 1 << 19  # doubles of column partials, at most (4 MB)
+    FUSE_BYTES = 524288     # a tile this small is scaled while it is still in cache
 
 REDUCE_SUMSQ = CC_SUMSQ
 REDUCE_SUMABS = CC_SUMABS
@@ -350,14 +353,17 @@ cdef int run_rows(AxisJob *j, bint clip, int nt) noexcept nogil:
     return 0
 
 
-# Columns (B > 1): slice (a, b) is x[a, :, b]; tiles of TILE columns.
+# Columns (B > 1): slice (a, b) is x[a, :, b]. A tile is up to TILE columns of
+# one a; its rows are read in order, each adding to the tile's float64 sums.
+# When tiles are few, each is cut into pieces of rows (P per tile, a number
+# that depends on the shape only) whose partial sums are added in order.
 
-cdef void tile_reduce(const AxisJob *j, Py_ssize_t item, bint fuse) noexcept nogil:
+cdef void tile_reduce(const AxisJob *j, Py_ssize_t item, Py_ssize_t width, bint fuse) noexcept nogil:
     cdef Py_ssize_t tile = item // j.P, p = item % j.P
     cdef Py_ssize_t a = tile // j.nbt, b0 = (tile % j.nbt) * TILE
     cdef Py_ssize_t nb = j.B - b0 if j.B - b0 < TILE else TILE
     cdef Py_ssize_t r0 = p * j.rp, nr = j.R - p * j.rp if j.R - p * j.rp < j.rp else j.rp
-    cdef double *acc = j.res + a * j.B + b0 if j.P == 1 else j.part + item * TILE
+    cdef double *acc = j.res + a * j.B + b0 if j.P == 1 else j.part + item * width
     cdef double f64s[TILE]
     cdef float f32s[TILE]
     cdef Py_ssize_t b
@@ -402,32 +408,33 @@ cdef int run_cols(AxisJob *j, bint clip, int nt) noexcept nogil:
     width = j.B if j.B < TILE else TILE
     j.P = 1
     j.rp = j.R
-    if tiles < MANY_TILES and j.R * width > PIECE:
-        j.rp = (PIECE + width - 1) // width
+    if tiles < MANY_TILES and j.R * width > COL_PIECE:
+        j.P = (j.R * width + COL_PIECE - 1) // COL_PIECE
+        if j.P > PARTIALS_MAX // (tiles * width):
+            j.P = PARTIALS_MAX // (tiles * width)
+        if j.P < 1:
+            j.P = 1
+        j.rp = (j.R + j.P - 1) // j.P
         j.P = (j.R + j.rp - 1) // j.rp
-        if j.P > MAX_PIECES:
-            j.P = MAX_PIECES
-            j.rp = (j.R + j.P - 1) // j.P
-            j.P = (j.R + j.rp - 1) // j.rp
     fuse = clip and j.P == 1 and j.R * width * itemsize <= FUSE_BYTES
     items = tiles * j.P
     if j.P > 1:
-        j.part = <double *>calloc(items * TILE, sizeof(double))
+        j.part = <double *>calloc(items * width, sizeof(double))
         if j.part == NULL:
             return -1
     if nt > 1:
         for i in prange(items, num_threads=nt, schedule='dynamic'):
-            tile_reduce(j, i, fuse)
+            tile_reduce(j, i, width, fuse)
     else:
         for i in range(items):
-            tile_reduce(j, i, fuse)
-    if j.P > 1:          # combine the pieces of each tile, in order
+            tile_reduce(j, i, width, fuse)
+    if j.P > 1:          # add the pieces of each tile, in order
         for t in range(tiles):
             a = t // j.nbt
             for b in range(t % j.nbt * TILE, min(j.B, (t % j.nbt + 1) * TILE)):
                 acc = 0.0
                 for p in range(j.P):
-                    acc = combine(j.kind, acc, j.part[(t * j.P + p) * TILE + b % TILE])
+                    acc = combine(j.kind, acc, j.part[(t * j.P + p) * width + b % TILE])
                 j.res[a * j.B + b] = acc
         free(j.part)
         j.part = NULL
