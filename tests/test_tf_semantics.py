@@ -324,3 +324,19 @@ def test_bad_inputs_raise_like_tensorflow(what, expected, call):
                                        tf.errors.NotFoundError)), tf_error.value
     with pytest.raises(expected):
         call(clipcore)
+
+
+def test_variables_symbolic_tensors_and_immutability():
+    v = tf.Variable([[-3.0, 0.5], [4.0, 2.0]])
+    got = clipcore.clip_by_norm(v, 1.0, axes=1)
+    assert isinstance(got, tf.Tensor)
+    np.testing.assert_allclose(got.numpy(), tf.clip_by_norm(v, 1.0, axes=1).numpy(), rtol=1e-6)
+    with pytest.raises(TypeError, match="immutable"):
+        clipcore.clip_by_value_(tf.constant([1.0]), 0.0, 0.5)
+
+    @tf.function
+    def traced(x):
+        return clipcore.relu(x)
+
+    with pytest.raises(TypeError, match="symbolic"):
+        traced(tf.constant([1.0, -1.0]))

@@ -204,7 +204,7 @@ cdef list as_list(object t_list):
         return list(<tuple>t_list)
     if (isinstance(t_list, (str, bytes)) or isinstance(t_list, np.ndarray)
             or not isinstance(t_list, collections.abc.Sequence)):
-        raise TypeError(f"t_list should be a sequence of tensors (a list or tuple), got "
+        raise TypeError(f"t_list must be a list or tuple of arrays, got "
                         f"{type(t_list).__name__}")
     return list(t_list)
 
