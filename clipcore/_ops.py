@@ -66,6 +66,8 @@ def _convert(arr, rank, dtype, name):
 
 def _broadcast_into(arr, shape, name, tname="t"):
     """Raise ValueError unless arr broadcasts to shape without changing it."""
+    if arr.ndim == 0:
+        return
     try:
         full = np.broadcast_shapes(arr.shape, shape)
     except ValueError:
@@ -134,7 +136,8 @@ def _unalias(arr, out):
 # ---------------------------------------------------------------- elementwise
 
 def _elementwise(op, inputs, out, nt):
-    """out = op(*inputs): inputs have out's dtype and broadcast to its shape."""
+    """out = op(*inputs): inputs have out's dtype and broadcast to its shape
+    (the kernel broadcasts them itself)."""
     inputs = [_unalias(a, out) for a in inputs]
     tcode = type_code(out)
     if tcode is None or not out.flags.aligned:
@@ -149,7 +152,7 @@ def _elementwise(op, inputs, out, nt):
             else:
                 np.multiply(inputs[0], inputs[1], out=out)
         return
-    operands = [a if a is out else np.broadcast_to(native(a), out.shape) for a in inputs]
+    operands = [a if a is out else native(a) for a in inputs]
     operands.append(out)
     _ew.ew_apply(op, tcode, tuple(operands), nt)
 

@@ -152,12 +152,13 @@ cdef void ew_parallel(const EwJob *job, Py_ssize_t total, int nt) noexcept nogil
 def ew_apply(int op, int tcode, tuple operands, int n_threads):
     """Run elementwise op over operands (inputs then output).
 
-    Every operand has the output's shape (broadcast inputs have zero
-    strides) and dtype, is aligned and in native byte order; an input is
-    either the output itself or does not overlap it.
+    Inputs broadcast to the output's shape (NumPy's rules: shapes aligned
+    at the end, length-1 and missing axes repeat); all have its dtype, are
+    aligned and in native byte order; an input is either the output itself
+    or does not overlap it.
     """
     cdef EwJob job
-    cdef int nop = len(operands), nd, k, d, j, m
+    cdef int nop = len(operands), nd, k, d, j, m, od, out_nd
     cdef int order[MAXD]
     cdef cnp.ndarray arr, out = <cnp.ndarray>operands[nop - 1]
     cdef Py_ssize_t itemsize = cnp.PyArray_ITEMSIZE(out), total = 1, n
@@ -167,8 +168,13 @@ def ew_apply(int op, int tcode, tuple operands, int n_threads):
     if job.fn == NULL or nop > MAXOP or nop < 2:
         raise ValueError(f"no elementwise loop for op {op}, type code {tcode}")
     job.nop = nop
+    out_nd = cnp.PyArray_NDIM(out)
+    for k in range(nop):
+        arr = <cnp.ndarray>operands[k]
+        if cnp.PyArray_NDIM(arr) > out_nd:
+            raise ValueError("an operand has more dimensions than the output")
     nd = 0
-    for d in range(cnp.PyArray_NDIM(out)):     # drop length-1 dimensions
+    for d in range(out_nd):                  # drop length-1 dimensions
         n = cnp.PyArray_DIM(out, d)
         if n == 0:
             return
@@ -177,7 +183,13 @@ def ew_apply(int op, int tcode, tuple operands, int n_threads):
         shape[nd] = n
         for k in range(nop):
             arr = <cnp.ndarray>operands[k]
-            strides[k][nd] = cnp.PyArray_STRIDE(arr, d)
+            od = d - (out_nd - cnp.PyArray_NDIM(arr))
+            if od < 0 or cnp.PyArray_DIM(arr, od) == 1:
+                strides[k][nd] = 0           # broadcast
+            elif cnp.PyArray_DIM(arr, od) == n:
+                strides[k][nd] = cnp.PyArray_STRIDE(arr, od)
+            else:
+                raise ValueError("operands do not broadcast to the output's shape")
         nd += 1
     # Outermost first: sort by |output stride|, largest first (stable).
     for d in range(nd):
