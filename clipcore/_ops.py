@@ -111,6 +111,9 @@ def _axes(axes, ndim, name="axes"):
     """Sorted tuple of distinct non-negative axes; None means every axis."""
     if axes is None:
         return tuple(range(ndim))
+    if not isinstance(axes, (list, tuple, numbers.Integral, np.integer)) and hasattr(
+            axes, "__array__"):
+        axes = np.asarray(axes)               # a tensor of axes, as TF takes them
     seq = [axes] if not isinstance(axes, (list, tuple, np.ndarray)) else list(np.ravel(axes))
     out = []
     for a in seq:

@@ -146,6 +146,8 @@ def test_clip_by_norm(values, clip_norm, axes, np_ans):
     ref = tf.clip_by_norm(x, clip_norm, axes)
     assert_same(clipcore.clip_by_norm(x, clip_norm, axes), ref, np_ans)
     assert_same(clipcore.clip_by_norm(x, tf.constant(clip_norm), axes), ref, np_ans)
+    if axes is not None:                      # axes as a tensor, too
+        assert_same(clipcore.clip_by_norm(x, clip_norm, tf.constant(axes)), ref, np_ans)
     assert_numpy(clipcore.clip_by_norm(x.numpy(), clip_norm, axes), ref, np.float32)
 
 
