@@ -42,13 +42,14 @@ ctypedef struct Pair:
 # ResNet-50's 100 MB of outputs that is more than the clipping itself.
 # TensorFlow's allocator hands the memory of dropped tensors to the next op;
 # clipcore does the same, boundedly: it keeps the blocks of its last POOL_SLOTS
-# large results and carves a new result from one of them only when no array
-# refers to it any more (its reference count shows that).
+# large results (8 MB to 1 GB) and carves a new result from one of them only
+# when no array refers to it any more (its reference count shows that).
 
 cdef enum:
     POOL_MIN_BYTES = 8 << 20
     POOL_SLOTS = 2
     ALIGN = 64
+cdef Py_ssize_t POOL_MAX_BYTES = 1 << 30     # larger results are never kept
 
 cdef list _blocks = []
 
@@ -64,8 +65,9 @@ cdef object take_block(Py_ssize_t nbytes):
             _blocks.insert(0, block)
             return block
     block = np.empty(nbytes + ALIGN, np.uint8)
-    _blocks.insert(0, block)
-    del _blocks[POOL_SLOTS:]
+    if nbytes <= POOL_MAX_BYTES:
+        _blocks.insert(0, block)
+        del _blocks[POOL_SLOTS:]
     return block
 
 
