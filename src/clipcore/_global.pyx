@@ -103,7 +103,7 @@ def empty_like_many(list arrays, list type_nums):
                                         type_nums[i], fortran_only(arr))
         return outs
     block = take_block(total)
-    off = <Py_ssize_t>cnp.PyArray_DATA(<cnp.ndarray>block) % ALIGN   # (unsigned address)
+    off = <Py_ssize_t>(<size_t>cnp.PyArray_DATA(<cnp.ndarray>block) % ALIGN)
     off = (ALIGN - off) % ALIGN                 # the first output starts aligned
     for i in range(n):
         arr = <cnp.ndarray>arrays[i]
