@@ -19,7 +19,7 @@ import pytest
 
 import clipcore
 
-pytest.importorskip("Cython")
+import Cython  # noqa: F401,E402  (a test dependency: fail, not skip, without it)
 
 USER_PYX = r'''
 # cython: language_level=3, boundscheck=False, wraparound=False

@@ -273,7 +273,7 @@ def test_clip_with_other_norm_types(p):
 
 
 def test_torch_tensors_in_place():
-    torch = pytest.importorskip("torch")
+    import torch
     t = torch.randn(300, 200)
     v = torch.randn(50, 40).t()          # non-contiguous
     originals = [t.clone(), v.clone()]
@@ -300,7 +300,7 @@ def test_buffer_protocol_objects_in_place():
 
 
 def test_in_place_path_allocates_nothing_proportional_to_data():
-    tracemalloc = pytest.importorskip("tracemalloc")
+    import tracemalloc
     arrays = make_list([(4_000_000,), (1000, 1000)])
     plan = clipcore.Plan(arrays)
     clipcore.clip_by_global_norm_(arrays, 1.0)  # warm up
@@ -483,7 +483,7 @@ def test_n_threads_none_follows_omp_num_threads():
 
 
 def test_n_threads_none_follows_threadpoolctl():
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import threadpoolctl
     if not kernels.openmp_enabled():
         pytest.skip("serial build")
     with threadpoolctl.threadpool_limits(1, user_api="openmp"):
@@ -559,7 +559,6 @@ def test_overlap_found_among_thousands_of_buffers(culprit):
     assert snapshot(arrays) == before
 
 
-hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 from hypothesis.extra.numpy import arrays as np_arrays  # noqa: E402
 

@@ -47,7 +47,6 @@ def test_numpy_mlp_plan():
 
 
 def test_torch_loop():
-    pytest.importorskip("torch")
     out = run_example("torch_loop.py", "--epochs", "3")
     ours, theirs = number(r"clipcore norm ([\d.]+), torch norm ([\d.]+)", out)
     assert ours == pytest.approx(theirs, rel=1e-5)
@@ -56,11 +55,7 @@ def test_torch_loop():
     check_training_claims(out, 1.0)
 
 
-# TODO(lead): remove this skip once issue 3's clipcore.clip_by_global_norm is merged.
-@pytest.mark.skipif(not hasattr(clipcore, "clip_by_global_norm"),
-                    reason="clipcore.clip_by_global_norm (issue 3) is not in this branch yet")
 def test_tf_custom_loop():
-    pytest.importorskip("tensorflow")
     out = run_example("tf_custom_loop.py", "--epochs", "3")
     ours, theirs = number(r"clipcore norm ([\d.]+), tf norm ([\d.]+)", out)
     assert ours == pytest.approx(theirs, rel=1e-6)

@@ -9,7 +9,7 @@ import weakref
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 from torch.nn import utils as tu  # noqa: E402
 

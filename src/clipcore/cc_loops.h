@@ -139,6 +139,18 @@ CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
 CC_DEFINE_REDUCE(cc_reduce_f32, float)
 CC_DEFINE_REDUCE(cc_reduce_f64, double)
 
+/* The reduction of one buffer on its own (fresh lanes, combined). */
+#define CC_DEFINE_REDUCE_ONE(NAME, REDUCE, T)                                  \
+CC_UNUSED static double NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,       \
+                             int kind, double p, double inv_scale) {           \
+    double acc[CC_LANES] = {0};                                                \
+    REDUCE(x, n, stride, kind, p, inv_scale, acc);                             \
+    return cc_combine_lanes(acc, kind == CC_MAXABS);                           \
+}
+
+CC_DEFINE_REDUCE_ONE(cc_reduce_one_f32, cc_reduce_f32, float)
+CC_DEFINE_REDUCE_ONE(cc_reduce_one_f64, cc_reduce_f64, double)
+
 /* float32 buffers are multiplied by the float32 scale (as TensorFlow does),
  * except when that scale would be subnormal and lose digits (clipping a huge
  * norm to a small one): then in float64, rounded once. */

@@ -1,0 +1,177 @@
+"""Inputs of any framework in, results of the same framework out.
+
+The TensorFlow-semantics functions accept NumPy arrays, TensorFlow eager
+tensors, PyTorch CPU tensors, objects with ``values``/``indices``/
+``dense_shape`` (TensorFlow's ``IndexedSlices``), Python numbers and lists.
+Everything becomes an ndarray here (a view where the framework allows one),
+and the result goes back to the caller's type. TensorFlow and PyTorch are
+recognised by the module name of the object's type and imported only then,
+when they are necessarily imported already.
+"""
+import importlib
+
+import numpy as np
+
+from clipcore._convert import buffer_view
+
+# Element types the kernels run on (kind, itemsize) -> type code of
+# cc_elementwise.h; other types (float16, bfloat16, long double) use NumPy.
+TYPE_CODES = {("f", 4): 0, ("f", 8): 1, ("i", 1): 2, ("i", 2): 3, ("i", 4): 4,
+              ("i", 8): 5, ("u", 1): 6, ("u", 2): 7, ("u", 4): 8, ("u", 8): 9}
+
+# Results larger than this go to TensorFlow through DLPack (no copy); smaller
+# ones are copied, which is faster than setting up the capsule.
+_TF_DLPACK_MIN_BYTES = 1 << 16
+
+
+def framework(obj):
+    """'tf' or 'torch' for their tensors (by type module name), else None."""
+    mod = type(obj).__module__ or ""
+    if mod.startswith("tensorflow"):
+        return "tf"
+    if mod.startswith("torch"):
+        return "torch"
+    return None
+
+
+def is_slices(obj):
+    """True for IndexedSlices-like objects (values, indices, dense_shape)."""
+    return (not isinstance(obj, np.ndarray) and hasattr(obj, "values")
+            and hasattr(obj, "indices") and hasattr(obj, "dense_shape"))
+
+
+def is_float(dtype):
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
+def is_real(dtype):
+    """Float or integer: the types TensorFlow's clip ops and maximum/minimum take."""
+    return dtype.kind in "fiu" or dtype.name == "bfloat16"
+
+
+def type_code(arr):
+    """The kernels' type code for arr, or None when NumPy must do the work."""
+    dt = arr.dtype
+    if not dt.isnative:
+        return None
+    return TYPE_CODES.get((dt.kind, dt.itemsize))
+
+
+def native(arr):
+    """arr, or an aligned native-byte-order copy of it when it is not."""
+    if arr.dtype.isnative and arr.flags.aligned:
+        return arr
+    return np.array(arr, dtype=arr.dtype.newbyteorder("="))
+
+
+def numpy_result(res):
+    """What NumPy returns: a NumPy scalar for a 0-d result."""
+    return res[()] if res.ndim == 0 else res
+
+
+_TF_ALIGN = 64
+
+
+def to_tf(res):
+    tf = importlib.import_module("tensorflow")
+    # Zero-copy only for memory aligned as TF's kernels require (64 bytes):
+    # TF does not check what DLPack hands it and aborts later otherwise.
+    if (res.nbytes >= _TF_DLPACK_MIN_BYTES and res.flags.c_contiguous
+            and res.ctypes.data % _TF_ALIGN == 0):
+        try:
+            return tf.experimental.dlpack.from_dlpack(res.__dlpack__())
+        except (AttributeError, BufferError, TypeError, ValueError, RuntimeError):
+            pass         # dtypes DLPack lacks (bfloat16): copy below
+    return tf.convert_to_tensor(res)
+
+
+def to_torch(res):
+    torch = importlib.import_module("torch")
+    return torch.from_numpy(res)
+
+
+def _tf_array(obj, name):
+    if not hasattr(obj, "numpy"):
+        raise TypeError(f"{name}: a symbolic TensorFlow tensor (inside tf.function) has no "
+                        f"values for clipcore to clip; call clipcore eagerly")
+    try:
+        return np.asarray(obj)           # a view of the tensor's memory
+    except ValueError:                   # 0-d bfloat16: TF hands out a scalar
+        return np.asarray(obj.numpy())
+
+
+def _torch_array(obj, name, writable):
+    t = obj.detach()
+    if t.device.type != "cpu":
+        raise TypeError(f"{name}: expected a CPU tensor, got one on {t.device}")
+    if writable:
+        return buffer_view(t, writable=True)
+    try:
+        return np.from_dlpack(t)
+    except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+        raise TypeError(f"{name}: cannot view this {t.dtype} tensor as an array "
+                        f"({exc})") from None
+
+
+def _rebuild(obj, values):
+    return type(obj)(values=values, indices=obj.indices, dense_shape=obj.dense_shape)
+
+
+def as_array(obj, name):
+    """(ndarray, wrap, fw): obj as an array and how to give a result obj's type.
+
+    The array is a view of obj's memory when obj is an ndarray, a tensor or
+    an IndexedSlices' values; Python numbers and lists become new arrays.
+    fw is 'tf' or 'torch' when obj (or its values) belongs to one of them.
+    """
+    if type(obj) is np.ndarray:
+        return obj, numpy_result, None
+    if is_slices(obj):
+        arr, wrap, fw = as_array(obj.values, f"{name}.values")
+        return arr, (lambda res: _rebuild(obj, wrap(res))), fw
+    fw = framework(obj)
+    if fw == "tf":
+        return _tf_array(obj, name), to_tf, fw
+    if fw == "torch":
+        return _torch_array(obj, name, False), to_torch, fw
+    try:
+        arr = np.asarray(obj)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name}: expected an array, a tensor, a number or a list, got "
+                        f"{type(obj).__name__} ({exc})") from None
+    return arr, numpy_result, None
+
+
+def as_writable(obj, name):
+    """An ndarray over obj's own memory, for the in-place functions."""
+    if isinstance(obj, np.ndarray):
+        if not obj.flags.writeable:
+            raise ValueError(f"{name}: expected a writable array, got a read-only array")
+        return obj if type(obj) is np.ndarray else obj.view(np.ndarray)
+    if is_slices(obj):
+        return as_writable(obj.values, f"{name}.values")
+    fw = framework(obj)
+    if fw == "tf":
+        raise TypeError(f"{name}: TensorFlow tensors are immutable; use the function "
+                        f"without the trailing underscore")
+    if fw == "torch":
+        return _torch_array(obj, name, True)
+    if isinstance(obj, (int, float, complex, str, bytes, list, tuple, np.generic)):
+        raise TypeError(f"{name}: a {type(obj).__name__} cannot be modified in place; "
+                        f"expected a NumPy array, a PyTorch tensor or a writable buffer")
+    try:
+        arr = buffer_view(obj, writable=True)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name}: {exc}") from None
+    if not arr.flags.writeable:
+        raise ValueError(f"{name}: expected a writable buffer, got a read-only one")
+    return arr
+
+
+def result_wrap(fw):
+    """The wrap function for results of framework fw (None: NumPy)."""
+    if fw == "tf":
+        return to_tf
+    if fw == "torch":
+        return to_torch
+    return numpy_result

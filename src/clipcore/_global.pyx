@@ -1,0 +1,456 @@
+"""TensorFlow's global_norm and clip_by_global_norm (out of place) on the core.
+
+The norm is the core's (clipcore._lists: float64 accumulation, deterministic
+chunks). The out-of-place clip allocates one output per input and scales in
+one fused pass that reads each input once and writes its output once; the
+scale is computed as TensorFlow computes it, in the norm's dtype, so that
+outputs equal TensorFlow's for the same norm.
+"""
+from cython.parallel cimport prange
+from cpython.ref cimport Py_REFCNT
+from libc.stdlib cimport malloc, free
+cimport numpy as cnp
+
+from clipcore._lists cimport _Buffers, collect, as_threads, as_norm_type
+from clipcore.kernels cimport resolve_threads
+
+import collections.abc
+import importlib
+
+import numpy as np
+
+from clipcore._adapt import as_array, to_tf, to_torch
+
+cnp.import_array()
+
+cdef extern from "cc_elementwise.h" nogil:
+    int CC_F32, CC_F64, CC_OP_MUL
+    ctypedef void (*cc_loop_fn)(char **p, const Py_ssize_t *s, Py_ssize_t n) noexcept nogil
+    cc_loop_fn cc_get_loop(int tcode, int op)
+
+
+ctypedef struct Pair:
+    char *src
+    char *dst
+    Py_ssize_t n
+    int f64
+
+
+# ------------------------------------------------------------ output memory
+#
+# Fresh memory from the OS costs a page fault and a zero-fill per page: for
+# ResNet-50's 100 MB of outputs that is more than the clipping itself.
+# TensorFlow's allocator hands the memory of dropped tensors to the next op;
+# clipcore does the same, boundedly: it keeps the blocks of its last POOL_SLOTS
+# large results (8 MB to 256 MB) and carves a new result from one of them only
+# when no array refers to it any more (its reference count shows that).
+
+cdef enum:
+    POOL_MIN_BYTES = 8 << 20
+    POOL_SLOTS = 2
+    ALIGN = 64
+cdef Py_ssize_t POOL_MAX_BYTES = 256 << 20   # larger results are never kept
+
+cdef list _blocks = []
+
+
+cdef object take_block(Py_ssize_t nbytes):
+    """A uint8 array of nbytes that nothing else refers to: reused, or new."""
+    cdef Py_ssize_t i
+    for i in range(len(_blocks)):
+        block = _blocks[i]
+        # References: the list's and `block`'s; any view of it adds one.
+        if cnp.PyArray_NBYTES(<cnp.ndarray>block) == nbytes + ALIGN and Py_REFCNT(block) == 2:
+            del _blocks[i]
+            _blocks.insert(0, block)
+            return block
+    block = np.empty(nbytes + ALIGN, np.uint8)
+    if nbytes <= POOL_MAX_BYTES:
+        _blocks.insert(0, block)
+        del _blocks[POOL_SLOTS:]
+    return block
+
+
+cdef object carve(object block, Py_ssize_t offset, cnp.ndarray like, int type_num, bint fortran):
+    """An array shaped like `like`, of type_num, in block's memory at offset."""
+    cdef cnp.ndarray out = cnp.PyArray_New(
+        <type>np.ndarray, cnp.PyArray_NDIM(like), cnp.PyArray_DIMS(like), type_num, NULL,
+        <char *>cnp.PyArray_DATA(<cnp.ndarray>block) + offset, 0,
+        cnp.NPY_ARRAY_FARRAY if fortran else cnp.NPY_ARRAY_CARRAY, None)
+    cnp.set_array_base(out, block)
+    return out
+
+
+def empty_like_many(list arrays, list type_nums):
+    """New arrays shaped like `arrays` (C order, or F order for F-only-contiguous ones).
+
+    When they hold POOL_MIN_BYTES or more together they are carved from one
+    block, reused from an earlier call when it is free (see above).
+    """
+    cdef Py_ssize_t i, n = len(arrays), total = 0, off = 0, nbytes
+    cdef cnp.ndarray arr
+    cdef list sizes = [0] * n
+    for i in range(n):
+        arr = <cnp.ndarray>arrays[i]
+        nbytes = cnp.PyArray_SIZE(arr) * cnp.PyArray_DescrFromType(type_nums[i]).itemsize
+        sizes[i] = nbytes
+        total += (nbytes + ALIGN - 1) // ALIGN * ALIGN
+    outs = [None] * n
+    if total < POOL_MIN_BYTES:
+        for i in range(n):
+            arr = <cnp.ndarray>arrays[i]
+            outs[i] = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(arr), cnp.PyArray_DIMS(arr),
+                                        type_nums[i], fortran_only(arr))
+        return outs
+    block = take_block(total)
+    off = <Py_ssize_t>(<size_t>cnp.PyArray_DATA(<cnp.ndarray>block) % ALIGN)
+    off = (ALIGN - off) % ALIGN                 # the first output starts aligned
+    for i in range(n):
+        arr = <cnp.ndarray>arrays[i]
+        outs[i] = carve(block, off, arr, type_nums[i], fortran_only(arr))
+        off += (<Py_ssize_t>sizes[i] + ALIGN - 1) // ALIGN * ALIGN
+    return outs
+
+
+cdef inline bint fortran_only(cnp.ndarray arr) noexcept:
+    return cnp.PyArray_IS_F_CONTIGUOUS(arr) and not cnp.PyArray_IS_C_CONTIGUOUS(arr)
+
+
+cdef class _Pairs:
+    """Contiguous float32/float64 (input, output) pairs laid end to end."""
+    cdef Pair *pairs
+    cdef Py_ssize_t *starts
+    cdef Py_ssize_t count, cap, total
+
+    def __dealloc__(self):
+        free(self.pairs)
+        free(self.starts)
+
+    cdef int reserve(self, Py_ssize_t cap) except -1:
+        self.pairs = <Pair *>malloc((cap + 1) * sizeof(Pair))
+        self.starts = <Py_ssize_t *>malloc((cap + 1) * sizeof(Py_ssize_t))
+        if self.pairs == NULL or self.starts == NULL:
+            raise MemoryError()
+        self.cap = cap
+        return 0
+
+    cdef void push(self, cnp.ndarray src, cnp.ndarray dst) noexcept:
+        cdef Pair *p = &self.pairs[self.count]
+        p.src = <char *>cnp.PyArray_DATA(src)
+        p.dst = <char *>cnp.PyArray_DATA(dst)
+        p.n = cnp.PyArray_SIZE(src)
+        p.f64 = cnp.PyArray_TYPE(src) == cnp.NPY_DOUBLE
+        self.starts[self.count] = self.total
+        self.total += p.n
+        self.count += 1
+
+
+cdef void scale_range(const Pair *pairs, const Py_ssize_t *starts, Py_ssize_t count,
+                      Py_ssize_t lo, Py_ssize_t hi, float s32, double s64) noexcept nogil:
+    """dst = src * scale over positions [lo, hi) of the pairs laid end to end."""
+    cdef Py_ssize_t a = 0, b = count - 1, mid, off, take
+    cdef char *p[3]
+    cdef Py_ssize_t st[3]
+    cdef cc_loop_fn f32 = cc_get_loop(CC_F32, CC_OP_MUL), f64 = cc_get_loop(CC_F64, CC_OP_MUL)
+    st[0] = 1
+    st[1] = 0
+    st[2] = 1
+    while a < b:                     # the pair holding position lo
+        mid = (a + b + 1) // 2
+        if starts[mid] <= lo:
+            a = mid
+        else:
+            b = mid - 1
+    while lo < hi:
+        off = lo - starts[a]
+        take = pairs[a].n - off
+        if take > hi - lo:
+            take = hi - lo
+        if pairs[a].f64:
+            p[0] = pairs[a].src + off * 8
+            p[1] = <char *>&s64
+            p[2] = pairs[a].dst + off * 8
+            f64(p, st, take)
+        else:
+            p[0] = pairs[a].src + off * 4
+            p[1] = <char *>&s32
+            p[2] = pairs[a].dst + off * 4
+            f32(p, st, take)
+        lo += take
+        a += 1
+
+
+cdef void scale_pairs(_Pairs pr, float s32, double s64, int n_threads) noexcept nogil:
+    """Chunks taken dynamically by the threads (the cores may be shared)."""
+    cdef int nt = resolve_threads(pr.total, n_threads)
+    cdef Py_ssize_t c, n = pr.total, chunk, n_chunks
+    if pr.count == 0:
+        return
+    if nt <= 1:
+        scale_range(pr.pairs, pr.starts, pr.count, 0, n, s32, s64)
+        return
+    chunk = n // (16 * nt)
+    if chunk < 65536:
+        chunk = 65536
+    n_chunks = (n + chunk - 1) // chunk
+    for c in prange(n_chunks, num_threads=nt, schedule='dynamic'):
+        scale_range(pr.pairs, pr.starts, pr.count, c * chunk,
+                    (c + 1) * chunk if (c + 1) * chunk < n else n, s32, s64)
+
+
+cdef list as_list(object t_list):
+    """TensorFlow's check: any sequence but a string (nor, here, an array or bytes)."""
+    if type(t_list) is list:
+        return list(<list>t_list)
+    if type(t_list) is tuple:
+        return list(<tuple>t_list)
+    if (isinstance(t_list, (str, bytes)) or isinstance(t_list, np.ndarray)
+            or not isinstance(t_list, collections.abc.Sequence)):
+        raise TypeError(f"t_list must be a list or tuple of arrays, got "
+                        f"{type(t_list).__name__}")
+    return list(t_list)
+
+
+cdef tuple prepare(list items):
+    """(arrays, wraps, fw): each entry as an ndarray (None kept) and how to wrap it.
+
+    wraps is None when every entry is an ndarray or None; fw is 'tf' or
+    'torch' when any entry belongs to that framework (TF first).
+    """
+    cdef Py_ssize_t i, n = len(items)
+    cdef list arrays = list(items)
+    cdef list wraps = None
+    fw = None
+    for i in range(n):
+        obj = items[i]
+        if obj is None or type(obj) is np.ndarray:
+            continue
+        arr, wrap, f = as_array(obj, f"t_list[{i}]")
+        arrays[i] = arr
+        if wraps is None:
+            wraps = [None] * n
+        wraps[i] = wrap
+        if f == "tf" or (f == "torch" and fw is None):
+            fw = f
+    return arrays, wraps, fw
+
+
+cdef object norm_dtype(list arrays):
+    """The dtype of the global norm: the entries' (promoted); float32 if none."""
+    cdef cnp.ndarray arr, first = None
+    cdef bint mixed = False
+    for obj in arrays:
+        if obj is None:
+            continue
+        arr = <cnp.ndarray>obj
+        if first is None:
+            first = arr
+        elif (cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(first)
+              or cnp.PyArray_ISUSERDEF(arr)):
+            mixed = True
+    if first is None:
+        return np.dtype(np.float32)
+    if mixed:
+        return np.result_type(*[a.dtype for a in arrays if a is not None])
+    return first.dtype
+
+
+cdef list readable(list arrays):
+    """The arrays for the core's norm: bfloat16 ones (no NumPy float kind) as float32."""
+    cdef list out = None
+    cdef Py_ssize_t i
+    for i in range(len(arrays)):
+        a = arrays[i]
+        if (a is not None and cnp.PyArray_ISUSERDEF(<cnp.ndarray>a)
+                and a.dtype.name == "bfloat16"):
+            if out is None:
+                out = list(arrays)
+            out[i] = a.astype(np.float32)
+    return arrays if out is None else out
+
+
+cdef object wrap_norm(object value, str fw):
+    if fw == "tf":
+        return importlib.import_module("tensorflow").constant(value)
+    if fw == "torch":
+        return to_torch(np.asarray(value))
+    return value
+
+
+def global_norm(t_list, name=None, *, norm_type=2.0, n_threads=None):
+    """The norm of all elements of all tensors in t_list, as one vector.
+
+    TensorFlow's ``tf.linalg.global_norm`` (``sqrt(sum(l2norm(t)**2))``) and
+    the core's p-norms, on the core's deterministic float64 kernels.
+
+    Parameters
+    ----------
+    t_list : list or tuple
+        NumPy arrays, TensorFlow or PyTorch tensors, IndexedSlices (their
+        values count), buffers, lists; None entries are skipped. A bare array
+        or a string raises TypeError, as in TF.
+    name : str, optional
+        Accepted for TensorFlow compatibility; unused.
+    norm_type : float, default 2.0
+        p of the p-norm: 2 (TF's global norm), 1, ``inf`` or any p > 0.
+    n_threads : int or None
+        Threads to use; None uses what OpenMP may use.
+
+    Returns
+    -------
+    float or tf.Tensor
+        A Python float (computed in float64: no float32 overflow), except
+        when t_list holds TensorFlow tensors: then, as TF returns it, a 0-d
+        tensor of the entries' dtype (float32 for an empty list).
+
+    Raises
+    ------
+    TypeError
+        t_list not a sequence; an entry that is not floating point.
+
+    Examples
+    --------
+    >>> import numpy as np, clipcore
+    >>> clipcore.global_norm([np.array([3.0, 4.0], np.float32), None, np.zeros(2)])
+    5.0
+    """
+    cdef double p = as_norm_type(norm_type)
+    cdef int nt = as_threads(n_threads)
+    cdef list items = as_list(t_list)
+    arrays, wraps, fw = prepare(items)
+    value = collect(readable(arrays), False, "t_list").norm(p, nt)
+    if fw == "tf":
+        return wrap_norm(norm_dtype(arrays).type(value), fw)
+    return value
+
+
+cdef object scalar_of(object value, str name):
+    """A 0-d number (NumPy scalar when it has a dtype) from numbers, arrays, tensors."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    arr, _, _ = as_array(value, name)
+    if arr.ndim != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {arr.shape}")
+    if not (arr.dtype.kind in "fiub" or arr.dtype.name == "bfloat16"):
+        raise TypeError(f"{name} must be a real number, got {arr.dtype}")
+    return arr[()]
+
+
+def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_threads=None):
+    """Scale every tensor by ``clip_norm / max(global_norm, clip_norm)``, as TensorFlow does.
+
+    ``tf.clip_by_global_norm``: out of place, returning new tensors. The
+    scale is computed as TF computes it, ``clip_norm * min(1 / use_norm,
+    1 / clip_norm)`` in the norm's dtype, so outputs equal TF's for the same
+    norm; a non-finite norm makes every output NaN. The norm itself is
+    accumulated in float64 (TF's float32 sum can overflow, clipcore's does
+    not). Each output is written in one fused pass (read input, scale, write).
+    The in-place form is :func:`clip_by_global_norm_`.
+
+    Parameters
+    ----------
+    t_list : list or tuple
+        NumPy arrays, TensorFlow or PyTorch tensors, IndexedSlices (clipped
+        on their values), lists; None entries stay None. Not modified.
+    clip_norm : float
+        The clipping ratio (a number or a 0-d array or tensor).
+    use_norm : scalar, optional
+        The global norm to use instead of computing it; honoured as given
+        (a negative or zero value gives what TF gives) and returned as given.
+    name : str, optional
+        Accepted for TensorFlow compatibility; unused.
+    n_threads : int or None
+        Threads to use; None uses what OpenMP may use.
+
+    Returns
+    -------
+    list_clipped : list
+        One output per entry, of the entry's type and dtype (None for None).
+    global_norm : scalar
+        ``use_norm`` if given; else the norm in the entries' dtype: a 0-d
+        TensorFlow tensor if t_list holds TF tensors, a 0-d PyTorch tensor
+        if it holds torch tensors, else a NumPy scalar.
+
+    Raises
+    ------
+    TypeError
+        t_list not a sequence (a bare array, a string); an entry that is
+        not floating point; a clip_norm or use_norm that is not a number.
+    ValueError
+        A clip_norm or use_norm that is not a scalar.
+
+    Examples
+    --------
+    >>> import numpy as np, clipcore
+    >>> grads = [np.array([-2.0, 4.0], np.float32), None, np.array([1.0, -2.0], np.float32)]
+    >>> clipped, norm = clipcore.clip_by_global_norm(grads, 4.0)
+    >>> norm
+    np.float32(5.0)
+    >>> clipped
+    [array([-1.6,  3.2], dtype=float32), None, array([ 0.8, -1.6], dtype=float32)]
+    """
+    cdef int nt = as_threads(n_threads)
+    cdef list items = as_list(t_list)
+    cdef Py_ssize_t i, n = len(items)
+    cdef cnp.ndarray arr, out
+    cdef _Pairs pairs = _Pairs.__new__(_Pairs)
+    cdef int tnum
+    cdef Py_ssize_t k
+    cdef _Buffers buffers
+    arrays, wraps, fw = prepare(items)
+    c = scalar_of(clip_norm, "clip_norm")
+    # Validates every entry (floating point) whether or not the norm is needed.
+    buffers = collect(readable(arrays), False, "t_list")
+    if use_norm is None:
+        dtype = norm_dtype(arrays)
+        un = dtype.type(buffers.norm(2.0, nt))
+        norm_out = wrap_norm(un, fw)
+    else:
+        un = scalar_of(use_norm, "use_norm")
+        if type(use_norm) in (int, float, bool) or not (un.dtype.kind == "f"
+                                                        or un.dtype.name == "bfloat16"):
+            un = norm_dtype(arrays).type(un)   # a plain number: the entries' dtype
+        norm_out = use_norm
+    with np.errstate(all="ignore"):
+        # TF: clip_norm * minimum(1.0 / use_norm, constant(1.0, norm dtype) / clip_norm),
+        # plus (use_norm - use_norm) so that a non-finite norm gives NaN.
+        c = un.dtype.type(c)
+        one = un.dtype.type(1.0)
+        scale = c * np.minimum(one / un, one / c) + (un - un)
+    cdef float s32 = np.float32(scale)
+    cdef double s64 = np.float64(scale)
+    pairs.reserve(n)
+    slow = []
+    outs = [None] * n
+    fast = []
+    fast_at = []
+    fast_types = []
+    for i in range(n):
+        if arrays[i] is None:
+            continue
+        arr = <cnp.ndarray>arrays[i]
+        tnum = cnp.PyArray_TYPE(arr)
+        if ((tnum == cnp.NPY_FLOAT or tnum == cnp.NPY_DOUBLE) and cnp.PyArray_ISNOTSWAPPED(arr)
+                and cnp.PyArray_ISALIGNED(arr)
+                and (cnp.PyArray_IS_C_CONTIGUOUS(arr) or cnp.PyArray_IS_F_CONTIGUOUS(arr))):
+            fast.append(arr)
+            fast_at.append(i)
+            fast_types.append(tnum)
+        else:
+            outs[i] = np.empty_like(arr)
+            slow.append((arr, outs[i]))
+    fast_outs = empty_like_many(fast, fast_types)
+    for k in range(len(fast)):
+        outs[<Py_ssize_t>fast_at[k]] = fast_outs[k]
+        if cnp.PyArray_SIZE(<cnp.ndarray>fast[k]):
+            pairs.push(<cnp.ndarray>fast[k], <cnp.ndarray>fast_outs[k])
+    with nogil:
+        scale_pairs(pairs, s32, s64, nt)
+    with np.errstate(all="ignore"):
+        for arr, out in slow:            # TF: v * cast(scale, v.dtype)
+            np.multiply(arr, arr.dtype.type(scale), out=out)
+    if wraps is not None:
+        for i in range(n):
+            if wraps[i] is not None:
+                outs[i] = wraps[i](outs[i])
+    return outs, norm_out

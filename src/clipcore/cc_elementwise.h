@@ -1,0 +1,281 @@
+/* Inner loops of clipcore's elementwise and per-axis kernels (module
+ * clipcore._elementwise), in plain C so the compiler vectorizes them.
+ *
+ * Elementwise loops share one signature, as NumPy's ufunc loops do:
+ *     void loop(char *const *p, const ptrdiff_t *s, ptrdiff_t n)
+ * p[k] points at the first element of operand k (inputs, then the output),
+ * s[k] is its stride in elements (0 for a broadcast scalar). The contiguous
+ * cases the API produces (all strides 1; one input a scalar) get loops of
+ * their own, with an in-place twin when the output is the input: the
+ * out-of-place twin is `restrict`-qualified so it vectorizes without a
+ * run-time alias check, and the in-place one reads and writes one pointer.
+ *
+ * NaN and signed zeros follow TensorFlow's CPU kernels:
+ *     maximum(a, b) = b if b is NaN, else (a < b ? b : a)
+ *     minimum(a, b) = b if b is NaN, else (b < a ? b : a)
+ * so NaN in either operand gives NaN and of two equal zeros the first wins.
+ * clip_by_value(x, lo, hi) = maximum(minimum(x, hi), lo), as TF composes it.
+ *
+ * Builds on cc_loops.h (CC_CLONES dispatch, cc_reduce_*, the reduction kinds).
+ */
+#ifndef CLIPCORE_CC_ELEMENTWISE_H
+#define CLIPCORE_CC_ELEMENTWISE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <math.h>
+
+#include "cc_loops.h"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define CC_RESTRICT __restrict__
+#else
+#define CC_RESTRICT
+#endif
+
+/* Element types with kernels; anything else goes through NumPy. */
+enum { CC_F32 = 0, CC_F64, CC_I8, CC_I16, CC_I32, CC_I64,
+       CC_U8, CC_U16, CC_U32, CC_U64, CC_NTYPES };
+/* Elementwise operations (operand counts: 3, 3, 4, 3). */
+enum { CC_OP_MAX = 0, CC_OP_MIN, CC_OP_CLIP, CC_OP_MUL, CC_NOPS };
+
+typedef void (*cc_loop_fn)(char *const *p, const ptrdiff_t *s, ptrdiff_t n);
+
+#define CC_NAN_FLOAT(v) ((v) != (v))
+#define CC_NAN_INT(v) 0
+#define CC_MAXV(a, b, ISNAN) (ISNAN(b) ? (b) : ((a) < (b) ? (b) : (a)))
+#define CC_MINV(a, b, ISNAN) (ISNAN(b) ? (b) : ((b) < (a) ? (b) : (a)))
+
+/* maximum / minimum of two operands. */
+#define CC_DEFINE_MINMAX(NAME, T, OPV, ISNAN)                                   \
+CC_CLONES static void NAME##_vv(const T *CC_RESTRICT a, const T *CC_RESTRICT b,  \
+                                T *CC_RESTRICT o, ptrdiff_t n) {                 \
+    for (ptrdiff_t i = 0; i < n; i++) o[i] = OPV(a[i], b[i], ISNAN); }           \
+CC_CLONES static void NAME##_vv_ina(T *a, const T *b, ptrdiff_t n) {             \
+    for (ptrdiff_t i = 0; i < n; i++) a[i] = OPV(a[i], b[i], ISNAN); }           \
+CC_CLONES static void NAME##_vv_inb(const T *a, T *b, ptrdiff_t n) {             \
+    for (ptrdiff_t i = 0; i < n; i++) b[i] = OPV(a[i], b[i], ISNAN); }           \
+CC_CLONES static void NAME##_vs(const T *CC_RESTRICT a, T b, T *CC_RESTRICT o,   \
+                                ptrdiff_t n) {                                   \
+    for (ptrdiff_t i = 0; i < n; i++) o[i] = OPV(a[i], b, ISNAN); }              \
+CC_CLONES static void NAME##_vs_in(T *a, T b, ptrdiff_t n) {                     \
+    for (ptrdiff_t i = 0; i < n; i++) a[i] = OPV(a[i], b, ISNAN); }              \
+CC_CLONES static void NAME##_sv(T a, const T *CC_RESTRICT b, T *CC_RESTRICT o,   \
+                                ptrdiff_t n) {                                   \
+    for (ptrdiff_t i = 0; i < n; i++) o[i] = OPV(a, b[i], ISNAN); }              \
+CC_CLONES static void NAME##_sv_in(T a, T *b, ptrdiff_t n) {                     \
+    for (ptrdiff_t i = 0; i < n; i++) b[i] = OPV(a, b[i], ISNAN); }              \
+static void NAME(char *const *p, const ptrdiff_t *s, ptrdiff_t n) {             \
+    const T *a = (const T *)p[0], *b = (const T *)p[1];                          \
+    T *o = (T *)p[2];                                                            \
+    const ptrdiff_t sa = s[0], sb = s[1], so = s[2];                             \
+    if (so == 1 && sa == 1 && sb == 1) {                                         \
+        if (o == a) NAME##_vv_ina(o, b, n);                                      \
+        else if (o == b) NAME##_vv_inb(a, o, n);                                 \
+        else NAME##_vv(a, b, o, n);                                              \
+    } else if (so == 1 && sa == 1 && sb == 0) {                                  \
+        if (o == a) NAME##_vs_in(o, *b, n); else NAME##_vs(a, *b, o, n);         \
+    } else if (so == 1 && sa == 0 && sb == 1) {                                  \
+        if (o == b) NAME##_sv_in(*a, o, n); else NAME##_sv(*a, b, o, n);         \
+    } else {                                                                     \
+        for (ptrdiff_t i = 0; i < n; i++)                                        \
+            o[i * so] = OPV(a[i * sa], b[i * sb], ISNAN);                        \
+    }                                                                            \
+}
+
+/* clip_by_value: x, lo, hi -> o. With scalar bounds (the common case) a NaN
+ * bound makes every element NaN, so the loop itself needs no NaN test and
+ * compiles to min/max instructions. */
+#define CC_DEFINE_CLIP(NAME, T, ISNAN)                                          \
+CC_CLONES static void NAME##_ss(const T *CC_RESTRICT x, T lo, T hi,              \
+                                T *CC_RESTRICT o, ptrdiff_t n) {                 \
+    for (ptrdiff_t i = 0; i < n; i++) {                                          \
+        T v = x[i]; v = hi < v ? hi : v; o[i] = v < lo ? lo : v; } }             \
+CC_CLONES static void NAME##_ss_in(T *x, T lo, T hi, ptrdiff_t n) {              \
+    for (ptrdiff_t i = 0; i < n; i++) {                                          \
+        T v = x[i]; v = hi < v ? hi : v; x[i] = v < lo ? lo : v; } }             \
+static void NAME(char *const *p, const ptrdiff_t *s, ptrdiff_t n) {             \
+    const T *x = (const T *)p[0], *lo = (const T *)p[1], *hi = (const T *)p[2];  \
+    T *o = (T *)p[3];                                                            \
+    const ptrdiff_t sx = s[0], sl = s[1], sh = s[2], so = s[3];                  \
+    if (sl == 0 && sh == 0 && !ISNAN(*lo) && !ISNAN(*hi)) {                      \
+        const T l = *lo, h = *hi;                                                \
+        if (sx == 1 && so == 1) {                                                \
+            if (o == x) NAME##_ss_in(o, l, h, n); else NAME##_ss(x, l, h, o, n); \
+        } else {                                                                 \
+            for (ptrdiff_t i = 0; i < n; i++) {                                  \
+                T v = x[i * sx]; v = h < v ? h : v; o[i * so] = v < l ? l : v; } \
+        }                                                                        \
+        return;                                                                  \
+    }                                                                            \
+    for (ptrdiff_t i = 0; i < n; i++) {                                          \
+        T v = CC_MINV(x[i * sx], hi[i * sh], ISNAN);                             \
+        o[i * so] = CC_MAXV(v, lo[i * sl], ISNAN);                               \
+    }                                                                            \
+}
+
+/* o = x * s (floating types): the scaling pass of the norm clips. */
+#define CC_DEFINE_MUL(NAME, T)                                                  \
+CC_CLONES static void NAME##_vs(const T *CC_RESTRICT x, T s, T *CC_RESTRICT o,   \
+                                ptrdiff_t n) {                                   \
+    for (ptrdiff_t i = 0; i < n; i++) o[i] = x[i] * s; }                         \
+CC_CLONES static void NAME##_vs_in(T *x, T s, ptrdiff_t n) {                     \
+    for (ptrdiff_t i = 0; i < n; i++) x[i] *= s; }                               \
+CC_CLONES static void NAME##_vv(const T *CC_RESTRICT x, const T *CC_RESTRICT s,  \
+                                T *CC_RESTRICT o, ptrdiff_t n) {                 \
+    for (ptrdiff_t i = 0; i < n; i++) o[i] = x[i] * s[i]; }                      \
+CC_CLONES static void NAME##_vv_in(T *x, const T *CC_RESTRICT s, ptrdiff_t n) {  \
+    for (ptrdiff_t i = 0; i < n; i++) x[i] *= s[i]; }                            \
+static void NAME(char *const *p, const ptrdiff_t *s, ptrdiff_t n) {             \
+    const T *x = (const T *)p[0], *f = (const T *)p[1];                          \
+    T *o = (T *)p[2];                                                            \
+    const ptrdiff_t sx = s[0], sf = s[1], so = s[2];                             \
+    if (sx == 1 && so == 1 && sf == 0) {                                         \
+        if (o == x) NAME##_vs_in(o, *f, n); else NAME##_vs(x, *f, o, n);         \
+    } else if (sx == 1 && so == 1 && sf == 1 && o != f) {                        \
+        if (o == x) NAME##_vv_in(o, f, n); else NAME##_vv(x, f, o, n);           \
+    } else {                                                                     \
+        for (ptrdiff_t i = 0; i < n; i++) o[i * so] = x[i * sx] * f[i * sf];     \
+    }                                                                            \
+}
+
+#define CC_DEFINE_ALL(SUF, T, ISNAN)                                            \
+    CC_DEFINE_MINMAX(cc_max_##SUF, T, CC_MAXV, ISNAN)                           \
+    CC_DEFINE_MINMAX(cc_min_##SUF, T, CC_MINV, ISNAN)                           \
+    CC_DEFINE_CLIP(cc_clip_##SUF, T, ISNAN)
+
+CC_DEFINE_ALL(f32, float, CC_NAN_FLOAT)
+CC_DEFINE_ALL(f64, double, CC_NAN_FLOAT)
+CC_DEFINE_ALL(i8, int8_t, CC_NAN_INT)
+CC_DEFINE_ALL(i16, int16_t, CC_NAN_INT)
+CC_DEFINE_ALL(i32, int32_t, CC_NAN_INT)
+CC_DEFINE_ALL(i64, int64_t, CC_NAN_INT)
+CC_DEFINE_ALL(u8, uint8_t, CC_NAN_INT)
+CC_DEFINE_ALL(u16, uint16_t, CC_NAN_INT)
+CC_DEFINE_ALL(u32, uint32_t, CC_NAN_INT)
+CC_DEFINE_ALL(u64, uint64_t, CC_NAN_INT)
+CC_DEFINE_MUL(cc_mul_f32, float)
+CC_DEFINE_MUL(cc_mul_f64, double)
+
+#define CC_ROW(SUF) { cc_max_##SUF, cc_min_##SUF, cc_clip_##SUF, NULL }
+static const cc_loop_fn cc_loops[CC_NTYPES][CC_NOPS] = {
+    { cc_max_f32, cc_min_f32, cc_clip_f32, cc_mul_f32 },
+    { cc_max_f64, cc_min_f64, cc_clip_f64, cc_mul_f64 },
+    CC_ROW(i8), CC_ROW(i16), CC_ROW(i32), CC_ROW(i64),
+    CC_ROW(u8), CC_ROW(u16), CC_ROW(u32), CC_ROW(u64),
+};
+#undef CC_ROW
+
+CC_UNUSED static inline cc_loop_fn cc_get_loop(int tcode, int op) {
+    if (tcode < 0 || tcode >= CC_NTYPES || op < 0 || op >= CC_NOPS) return NULL;
+    return cc_loops[tcode][op];
+}
+
+/* ---- Per-axis reductions over a 3-d view (A, R, B), reducing R. ----
+ * Kinds are cc_loops.h's CC_SUMSQ, CC_SUMABS, CC_MAXABS, all in float64
+ * (maxima NaN-propagating). Rows shorter than CC_SHORT_ROW are summed
+ * serially; longer ones by cc_reduce_* (CC_LANES float64 lanes). Which one
+ * runs depends on the shape only, so results never depend on threads. */
+#define CC_SHORT_ROW 32
+
+/* The per-slice scale of clip_by_norm: clip / max(norm, clip), with
+ * TensorFlow's NaN-propagating maximum (0/0 and inf/inf give NaN, as TF's
+ * x * clip / max(norm, clip) does). clip is >= 0 or NaN. */
+static inline double cc_norm_scale(double sumsq, double clip) {
+    double norm = sqrt(sumsq);
+    double m = (norm != norm || clip != clip) ? NAN : (norm < clip ? clip : norm);
+    return clip / m;
+}
+
+#define CC_DEFINE_AXIS(SUF, T)                                                  \
+/* One row: n elements, stride s. */                                            \
+static inline double cc_row_reduce_##SUF(const T *x, ptrdiff_t n, ptrdiff_t s, int kind) { \
+    if (n >= CC_SHORT_ROW) return cc_reduce_one_##SUF(x, n, s, kind, 1.0, 1.0);     \
+    double acc = 0.0;                                                           \
+    for (ptrdiff_t i = 0; i < n; i++) {                                         \
+        double v = fabs((double)x[i * s]);                                      \
+        if (kind == CC_SUMSQ) acc += v * v;                                     \
+        else if (kind == CC_SUMABS) acc += v;                                   \
+        else acc = (v > acc || v != v) ? v : acc;                               \
+    }                                                                           \
+    return acc;                                                                 \
+}                                                                               \
+/* res[a] = reduction of row a, for nrows rows. */                              \
+CC_UNUSED static void cc_rows_reduce_##SUF(const T *x, ptrdiff_t nrows, ptrdiff_t sa,     \
+                                 ptrdiff_t n, ptrdiff_t s, int kind, double *res) { \
+    for (ptrdiff_t a = 0; a < nrows; a++)                                       \
+        res[a] = cc_row_reduce_##SUF(x + a * sa, n, s, kind);                   \
+}                                                                               \
+/* clip_by_norm of nrows rows, each reduced then scaled while it is in cache. */ \
+CC_UNUSED static void cc_rows_clip_##SUF(const T *x, ptrdiff_t nrows, ptrdiff_t sa,       \
+                               ptrdiff_t n, ptrdiff_t s, T *o, ptrdiff_t oa,    \
+                               ptrdiff_t os, double clip) {                     \
+    for (ptrdiff_t a = 0; a < nrows; a++) {                                     \
+        const T *xr = x + a * sa;                                               \
+        T *orow = o + a * oa;                                                   \
+        T f = (T)cc_norm_scale(cc_row_reduce_##SUF(xr, n, s, CC_SUMSQ), clip);  \
+        char *p[3] = { (char *)xr, (char *)&f, (char *)orow };                  \
+        ptrdiff_t st[3] = { s, 0, os };                                         \
+        cc_mul_##SUF(p, st, n);                                                 \
+    }                                                                           \
+}                                                                               \
+/* acc[b] (b < nb) accumulates nr rows (stride sr) of nb elements (stride sb).  \
+ * Contiguous rows are taken four at a time (their terms added pairwise, then  \
+ * to acc): a quarter of the accumulator traffic. */                           \
+CC_CLONES CC_UNUSED static void cc_cols_reduce_##SUF(const T *x, ptrdiff_t nr, ptrdiff_t sr, \
+                                           ptrdiff_t nb, ptrdiff_t sb, int kind, \
+                                           double *CC_RESTRICT acc) {           \
+    ptrdiff_t r = 0;                                                            \
+    if (sb == 1 && kind == CC_SUMSQ) {                                          \
+        for (; r + 4 <= nr; r += 4) {                                           \
+            const T *x0 = x + r * sr, *x1 = x0 + sr, *x2 = x1 + sr, *x3 = x2 + sr; \
+            for (ptrdiff_t b = 0; b < nb; b++) {                                \
+                double v0 = (double)x0[b], v1 = (double)x1[b];                  \
+                double v2 = (double)x2[b], v3 = (double)x3[b];                  \
+                acc[b] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3); }          \
+        }                                                                       \
+    } else if (sb == 1 && kind == CC_SUMABS) {                                  \
+        for (; r + 4 <= nr; r += 4) {                                           \
+            const T *x0 = x + r * sr, *x1 = x0 + sr, *x2 = x1 + sr, *x3 = x2 + sr; \
+            for (ptrdiff_t b = 0; b < nb; b++)                                  \
+                acc[b] += (fabs((double)x0[b]) + fabs((double)x1[b]))           \
+                          + (fabs((double)x2[b]) + fabs((double)x3[b]));        \
+        }                                                                       \
+    }                                                                           \
+    for (; r < nr; r++) {                                                       \
+        const T *xr = x + r * sr;                                               \
+        if (sb == 1) {                                                          \
+            if (kind == CC_SUMSQ)                                               \
+                for (ptrdiff_t b = 0; b < nb; b++) {                            \
+                    double v = (double)xr[b]; acc[b] += v * v; }                \
+            else if (kind == CC_SUMABS)                                         \
+                for (ptrdiff_t b = 0; b < nb; b++) acc[b] += fabs((double)xr[b]); \
+            else                                                                \
+                for (ptrdiff_t b = 0; b < nb; b++) {                            \
+                    double v = fabs((double)xr[b]);                             \
+                    acc[b] = (v > acc[b] || v != v) ? v : acc[b]; }             \
+        } else {                                                                \
+            for (ptrdiff_t b = 0; b < nb; b++) {                                \
+                double v = fabs((double)xr[b * sb]);                            \
+                if (kind == CC_SUMSQ) acc[b] += v * v;                          \
+                else if (kind == CC_SUMABS) acc[b] += v;                        \
+                else acc[b] = (v > acc[b] || v != v) ? v : acc[b];              \
+            }                                                                   \
+        }                                                                       \
+    }                                                                           \
+}                                                                               \
+/* o[r, b] = x[r, b] * f[b] for nr rows of nb elements. */                      \
+CC_UNUSED static void cc_cols_scale_##SUF(const T *x, ptrdiff_t nr, ptrdiff_t sr, ptrdiff_t sb, \
+                                const T *f, ptrdiff_t nb, T *o, ptrdiff_t osr,  \
+                                ptrdiff_t osb) {                                \
+    ptrdiff_t st[3] = { sb, 1, osb };                                           \
+    for (ptrdiff_t r = 0; r < nr; r++) {                                        \
+        char *p[3] = { (char *)(x + r * sr), (char *)f, (char *)(o + r * osr) }; \
+        cc_mul_##SUF(p, st, nb);                                                \
+    }                                                                           \
+}
+
+CC_DEFINE_AXIS(f32, float)
+CC_DEFINE_AXIS(f64, double)
+
+#endif
