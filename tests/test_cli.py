@@ -69,7 +69,7 @@ def test_workload_selection():
 def test_default_out_dir_is_named_and_ignored_by_git():
     name = bench.default_out_dir()
     assert name.startswith("bench-results-")
-    with open(os.path.join(ROOT, ".gitignore")) as f:
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), ".gitignore")) as f:
         assert "bench-results*/" in f.read().split()
 
 
