@@ -222,7 +222,7 @@ def check_plot_path(path):
 
 
 def plot_losses(without, with_clip, path):
-    """Write the two runs' per-step losses to path (PNG); non-finite steps marked."""
+    """Write the two runs' training losses per step to path (PNG); the blow-up is marked."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 4.5))
@@ -232,17 +232,24 @@ def plot_losses(without, with_clip, path):
         loss = np.array(r["step_loss"])
         steps = np.arange(1, len(loss) + 1)
         ok = np.isfinite(loss)
-        ax.plot(steps[ok], loss[ok], color=color, linewidth=1, label=label)
-        if r["first_nonfinite_step"] is not None:
-            s = r["first_nonfinite_step"]
+        ax.plot(steps[ok], loss[ok], color=color, linewidth=0.6, alpha=0.35)
+        # The mean of the last 20 steps: the trend through the batch-to-batch noise.
+        kernel = np.ones(20) / 20
+        if ok.sum() >= 20:
+            smooth = np.convolve(loss[ok], kernel, mode="valid")
+            ax.plot(steps[ok][19:], smooth, color=color, linewidth=2, label=label)
+        else:
+            ax.plot(steps[ok], loss[ok], color=color, linewidth=2, label=label)
+        s = r["first_nonfinite_step"]
+        if s is not None:
             ax.axvline(s, color=color, linestyle="--", linewidth=1)
-            ax.annotate(f" loss {loss[s - 1]} from step {s}", (s, 1), color=color,
+            ax.annotate(f" loss {loss[s - 1]} from step {s}", (s, 0.97), color=color,
                         xycoords=("data", "axes fraction"), va="top", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("step (batch of 32)")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xlabel("step (batch of 32); thick: mean of the last 20 steps")
     ax.set_ylabel("training loss (cross-entropy)")
     ax.set_title("MLP 784-256-128-10, plain SGD lr=1, synthetic digits")
-    ax.legend(loc="upper right")
+    ax.legend(loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
