@@ -437,7 +437,7 @@ def select_cases(names=None):
 
 
 def cpu_model():
-    """The CPU's model name (Linux /proc/cpuinfo, else platform's guess)."""
+    """The CPU's model name (Linux /proc/cpuinfo, macOS sysctl, else platform's guess)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -445,6 +445,12 @@ def cpu_model():
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    if sys.platform == "darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], text=True,
+                                  capture_output=True, timeout=10).stdout.strip() or "unknown"
+        except (OSError, subprocess.SubprocessError):
+            pass
     return platform.processor() or platform.machine() or "unknown"
 
 
