@@ -23,7 +23,9 @@ Results JSON (``results.json``), schema ``clipcore-bench/1``::
      "quick": bool, "repeat": int, "warmup": int, "threads": int,
      "machine": {"cpu", "logical_cpus", "available_cpus", "threads",
                  "simd", "openmp", "platform", "python", "numpy", "clipcore",
-                 "load_average": [before the run, after it] (1-minute, or null)},
+                 "load_average": [before the run, after it] (1-minute, or null),
+                 "other_load": CPUs' worth of time other processes used during
+                               the run (Linux; null elsewhere)},
      "families": {family: {"status": "ok" | "not installed" | "error",
                            "version": str | null, "threads": int | null,
                            "seconds": wall time of its process (absent if not run)}},
@@ -575,6 +577,7 @@ def _median(xs):
 def run(cases, *, threads, repeat, warmup=1, seed=0, progress=None, argv=None, quick=False):
     """Measure every case with every family available; returns the results dict."""
     load_before = _load_average()
+    busy_before, own_before, wall_before = _cpu_busy_s(), _own_cpu_s(), time.perf_counter()
     families = {}
     runnable = []
     for family in FAMILIES:
@@ -604,7 +607,28 @@ def run(cases, *, threads, repeat, warmup=1, seed=0, progress=None, argv=None, q
     results = assemble(cases, events, families, threads=threads, repeat=repeat, warmup=warmup,
                        argv=argv, quick=quick)
     results["machine"]["load_average"] = [load_before, _load_average()]
+    busy = _cpu_busy_s()
+    results["machine"]["other_load"] = None if busy is None else round(max(
+        0.0, (busy - busy_before) - (_own_cpu_s() - own_before))
+        / (time.perf_counter() - wall_before), 2)
     return results
+
+
+def _cpu_busy_s():
+    """CPU seconds all processes have used since boot (Linux /proc/stat; None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq = ticks
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s():
+    """CPU seconds used by this process and its finished workers."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _load_average():
@@ -719,11 +743,15 @@ def format_table(results):
         f = results["families"][fam]
         if f["status"] == "ok":
             lines[-1] += f", {fam} {f['version']}"
-    load = m.get("load_average") or [None]
-    if load[0] is not None and load[0] >= 1.0:
-        lines.append(f"warning: the machine was busy before the run (load average {load[0]:.2f} "
-                     f"on {m['available_cpus']} CPUs): other work competes for the cores and "
-                     f"the timings may be off")
+    other = m.get("other_load")
+    load = (m.get("load_average") or [None])[0]
+    if other is not None and other >= 0.2:
+        lines.append(f"warning: other processes kept {other:.2f} CPUs busy during the run (of "
+                     f"{m['available_cpus']}): they compete for the cores; timings may be off, "
+                     f"threaded ones most")
+    elif other is None and load is not None and load >= 1.0:
+        lines.append(f"warning: the machine was busy before the run (load average {load:.2f} "
+                     f"on {m['available_cpus']} CPUs): timings may be off")
     head = (f"  {'implementation':<15}{'call':<38}{'median':>10}{'GB/s':>8}{'% ceiling':>11}"
             "  speed-up of clipcore")
     ceiling_names = {"read": "one read pass", "rw": "one read-write pass",

@@ -204,9 +204,13 @@ def test_assemble_computes_ratios_and_ceilings():
     assert "clipcore Plan" not in relu["results"]
     assert relu["results"]["numpy"]["message"] == "AssertionError: relu differs"
     assert relu["speedup"] == {}
-    table = bench.format_table(dict(r, machine=dict(r["machine"], load_average=[0.1, 0.2])))
+    quiet = dict(r["machine"], load_average=[0.1, 0.2], other_load=0.05)
+    table = bench.format_table(dict(r, machine=quiet))
     assert "2.00x, Plan 3.33x" in table and "not installed" in table
     assert "error: AssertionError: relu differs" in table
+    assert "warning" not in table
+    busy = dict(quiet, other_load=0.9)
+    assert "other processes kept 0.90 CPUs busy" in bench.format_table(dict(r, machine=busy))
 
 
 # --- a --quick run end to end, NumPy only ------------------------------------
@@ -216,8 +220,9 @@ def check_schema(r, repeat):
     assert r["repeat"] == repeat and isinstance(r["threads"], int) and r["threads"] >= 1
     m = r["machine"]
     for key in ("cpu", "logical_cpus", "available_cpus", "threads", "simd", "openmp",
-                "platform", "python", "numpy", "clipcore", "load_average"):
+                "platform", "python", "numpy", "clipcore", "load_average", "other_load"):
         assert key in m
+    assert m["other_load"] is None or m["other_load"] >= 0
     assert m["simd"] == clipcore.kernels.simd_path() and m["clipcore"] == clipcore.__version__
     assert set(r["families"]) == {"clipcore", "numpy", "torch", "tensorflow"}
     for w, c in r["ceilings"].items():
