@@ -1,0 +1,80 @@
+"""Shared set-up of the pytest-benchmark suite: ``pytest benchmarks/ --benchmark-only``.
+
+The suite measures the same implementations as ``python -m clipcore bench``
+(it reuses clipcore.bench's data, calls and checks), grouped per workload so
+pytest-benchmark's table compares them side by side. Unlike the CLI it runs
+everything in one process; each peer's thread count is set explicitly
+(``torch.set_num_threads``, TensorFlow's intra/inter-op threads, clipcore's
+``n_threads``; ``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS`` for BLAS), and a
+family's thread pool may still be spinning down while the next one runs:
+for isolated figures use the CLI, which runs each family in its own process.
+
+Environment: ``CLIPCORE_BENCH_THREADS`` (default: what OpenMP may use),
+``CLIPCORE_BENCH_ROUNDS`` (timed calls per benchmark, default 10).
+"""
+import os
+import pathlib
+import sys
+
+import pytest
+
+# Run from a source tree with the in-place build (python setup.py build_ext
+# --inplace), use that build even without PYTHONPATH.
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if any((ROOT / "clipcore").glob("kernels*.so")) or any((ROOT / "clipcore").glob("kernels*.pyd")):
+    sys.path.insert(0, str(ROOT))
+
+from clipcore import bench, kernels  # noqa: E402
+
+THREADS = int(os.environ.get("CLIPCORE_BENCH_THREADS") or kernels.max_threads())
+ROUNDS = int(os.environ.get("CLIPCORE_BENCH_ROUNDS") or 10)
+
+
+
+class Suite:
+    """What every benchmark module uses (the ``suite`` fixture)."""
+
+    threads = THREADS
+    rounds = ROUNDS
+
+    def __init__(self):
+        self._cache = {}
+
+    def data(self, workload):
+        """The workload's bench.Data; one workload is kept at a time (GPT-2: 1 GB)."""
+        if workload not in self._cache:
+            self._cache.clear()
+            self._cache[workload] = bench.Data(workload, seed=0, n_threads=THREADS)
+        return self._cache[workload]
+
+    calls = staticmethod(lambda family, op, data: _calls(family, op, data))
+    run = staticmethod(lambda benchmark, group, call, data, rounds=ROUNDS:
+                       _run(benchmark, group, call, data, rounds))
+
+
+@pytest.fixture(scope="session")
+def suite():
+    return Suite()
+
+
+def _calls(family, op, data):
+    """The family's calls for op with its threads set, or skip if it is not installed."""
+    if family == "torch":
+        torch = pytest.importorskip("torch")
+        torch.set_num_threads(THREADS)
+    elif family == "tensorflow":
+        tf = pytest.importorskip("tensorflow")
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+            tf.config.threading.set_inter_op_parallelism_threads(THREADS)
+        except RuntimeError:    # TensorFlow already running: its threads are set
+            pass
+    return bench.calls(family, op, data, THREADS)
+
+
+def _run(benchmark, group, call, data, rounds):
+    """Time call on freshly restored data each round; returns the last output."""
+    benchmark.group = group
+    benchmark.extra_info.update(threads=THREADS, values=int(data.flat.size))
+    return benchmark.pedantic(call, setup=data.restore, rounds=rounds, warmup_rounds=1,
+                              iterations=1)

@@ -1,0 +1,31 @@
+"""Global-norm clipping on the core workloads: clipcore (list, Plan) against its peers.
+
+Issue 2's targets, read from the groups' side-by-side tables: 2000x512 >= 10x
+NumPy (list) and >= 25x (Plan); MNIST MLP >= 2.5x NumPy; ResNet-50 and GPT-2
+>= 92% of the ceiling (the ``ceiling`` row: one read pass + one read-write
+pass over the same bytes; compare its Min with the others' Median) and ahead
+of NumPy and torch; GPT-2 with no clipping needed >= 1.8x torch.
+"""
+import pytest
+
+from clipcore import bench, kernels
+
+IMPLS = ("clipcore", "clipcore Plan", "numpy", "torch", "tensorflow")
+CASES = [c for c in bench.CASES if c.op in ("clip", "noclip")]
+PARAMS = [(case, impl) for case in CASES
+          for impl in (("ceiling",) if case.op == "clip" else ()) + IMPLS]
+
+
+@pytest.mark.parametrize("case, impl", PARAMS,
+                         ids=[f"{c.key}-{i.replace(' ', '-')}" for c, i in PARAMS])
+def test_clip_by_global_norm(benchmark, suite, case, impl):
+    data = suite.data(case.workload)
+    if impl == "ceiling":
+        benchmark.extra_info["what"] = "bandwidth_probe: one read pass + one read-write pass"
+        suite.run(benchmark, case.key,
+                  lambda: kernels.bandwidth_probe(data.flat, suite.threads), data)
+        return
+    call = suite.calls(bench.IMPL_FAMILY[impl], case.op, data)[impl]
+    suite.run(benchmark, case.key, call, data)
+    data.restore()
+    bench.verify(case.op, data, call())     # the timed calls clipped for real
