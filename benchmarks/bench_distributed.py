@@ -37,28 +37,11 @@ import numpy as np
 
 import clipcore
 from clipcore import distributed
+from clipcore import workloads
 
 
-def resnet50_shapes():
-    """torchvision's resnet50 parameter shapes: 161 tensors, 25,557,032 values."""
-    shapes = [(64, 3, 7, 7), (64,), (64,)]
-    inplanes = 64
-    for width, blocks in [(64, 3), (128, 4), (256, 6), (512, 3)]:
-        for b in range(blocks):
-            shapes += [(width, inplanes, 1, 1), (width,), (width,),
-                       (width, width, 3, 3), (width,), (width,),
-                       (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
-            if b == 0:
-                shapes += [(4 * width, inplanes, 1, 1), (4 * width,), (4 * width,)]
-            inplanes = 4 * width
-    return shapes + [(1000, 2048), (1000,)]
-
-
-WORKLOADS = {
-    "mnist_mlp": [(256, 784), (256,), (128, 256), (128,), (10, 128), (10,)],
-    "2000x512": [(512,)] * 2000,
-    "resnet50": resnet50_shapes(),
-}
+WORKLOADS = {"mnist_mlp": workloads.shapes("mlp"), "2000x512": workloads.shapes("2000x512"),
+             "resnet50": workloads.shapes("resnet50")}
 REPEATS = {"mnist_mlp": 400, "2000x512": 200, "resnet50": 40}
 
 

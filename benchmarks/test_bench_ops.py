@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import clipcore  # noqa: E402
-from clipcore import kernels  # noqa: E402
+from clipcore import kernels, workloads  # noqa: E402
 
 tf = pytest.importorskip("tensorflow")
 
@@ -33,22 +33,7 @@ N = 16 * 1024 * 1024
 ROWS = 4096                       # clip_by_norm per-axis: a 4096 x 4096 matrix
 
 
-def resnet50_shapes():
-    """The 161 parameter tensors of ResNet-50 (torchvision layout, 25,557,032 values)."""
-    shapes = [(64, 3, 7, 7), (64,), (64,)]
-    inplanes = 64
-    for width, blocks in [(64, 3), (128, 4), (256, 6), (512, 3)]:
-        for b in range(blocks):
-            shapes += [(width, inplanes, 1, 1), (width,), (width,),
-                       (width, width, 3, 3), (width,), (width,),
-                       (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
-            if b == 0:
-                shapes += [(4 * width, inplanes, 1, 1), (4 * width,), (4 * width,)]
-            inplanes = 4 * width
-    return shapes + [(1000, 2048), (1000,)]
-
-
-WORKLOADS = {"resnet50": resnet50_shapes(), "2000x512": [(512,)] * 2000}
+WORKLOADS = {"resnet50": workloads.shapes("resnet50"), "2000x512": workloads.shapes("2000x512")}
 
 
 @pytest.fixture(scope="module")

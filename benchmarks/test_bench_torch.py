@@ -19,39 +19,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import clipcore.torch as ct  # noqa: E402
+from clipcore import workloads  # noqa: E402
 
 
-def resnet50_shapes():
-    """torchvision's resnet50 parameter shapes: 161 tensors, 25,557,032 values."""
-    shapes = [(64, 3, 7, 7), (64,), (64,)]
-    inplanes = 64
-    for width, blocks in [(64, 3), (128, 4), (256, 6), (512, 3)]:
-        for b in range(blocks):
-            shapes += [(width, inplanes, 1, 1), (width,), (width,),
-                       (width, width, 3, 3), (width,), (width,),
-                       (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
-            if b == 0:
-                shapes += [(4 * width, inplanes, 1, 1), (4 * width,), (4 * width,)]
-            inplanes = 4 * width
-    return shapes + [(1000, 2048), (1000,)]
-
-
-def gpt2_shapes():
-    """GPT-2 small (tied embeddings counted once): 148 tensors, 124,439,808 values."""
-    d = 768
-    shapes = [(50257, d), (1024, d)]
-    for _ in range(12):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,),
-                   (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    return shapes + [(d,), (d,)]
-
-
-WORKLOADS = {
-    "2000x512": [(512,)] * 2000,
-    "mnist_mlp": [(256, 784), (256,), (128, 256), (128,), (10, 128), (10,)],
-    "resnet50": resnet50_shapes(),
-    "gpt2": gpt2_shapes(),
-}
+WORKLOADS = {"2000x512": workloads.shapes("2000x512"), "mnist_mlp": workloads.shapes("mlp"),
+             "resnet50": workloads.shapes("resnet50"), "gpt2": workloads.shapes("gpt2")}
 SIZES = {"2000x512": (2000, 1_024_000), "mnist_mlp": (6, 235_146),
          "resnet50": (161, 25_557_032), "gpt2": (148, 124_439_808)}
 NORM_TYPES = {"2": 2.0, "1": 1.0, "inf": float("inf")}

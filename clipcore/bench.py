@@ -99,8 +99,7 @@ CASES = (
     Case("resnet50", "ResNet-50", "resnet50", "clip"),
     Case("gpt2", "GPT-2 small", "gpt2", "clip"),
     Case("gpt2-noclip", "GPT-2, no clip needed", "gpt2", "noclip"),
-    # Issue 3's elementwise ops on 16M values: the peers now, clipcore once
-    # it has them (see _clipcore_elementwise).
+    # The elementwise ops on 16M values.
     Case("clip_by_value", "clip_by_value 16M", "elementwise", "clip_by_value"),
     Case("relu", "relu 16M", "elementwise", "relu"),
     Case("clip_by_norm", "clip_by_norm 16M", "elementwise", "clip_by_norm"),
@@ -109,7 +108,7 @@ CASES = (
 # What each implementation calls, per op (no entry: the family has no such op).
 CALLS = {
     "clipcore": {"clip": "clip_by_global_norm_(list)", "noclip": "clip_by_global_norm_(list)",
-                 "clip_by_value": "clip_by_value(x, lo, hi, out=x)", "relu": "relu_(x)",
+                 "clip_by_value": "clip_by_value_(x, lo, hi)", "relu": "relu_(x)",
                  "clip_by_norm": "clip_by_norm(x, c)"},
     "clipcore Plan": {"clip": "Plan.clip_by_global_norm_", "noclip": "Plan.clip_by_global_norm_"},
     "numpy": {"clip": "np.dot per array + in-place multiply",
@@ -127,21 +126,6 @@ FAMILY_IMPLS = {"clipcore": ("clipcore", "clipcore Plan"), "numpy": ("numpy",),
                 "torch": ("torch",), "tensorflow": ("tensorflow",)}
 IMPL_FAMILY = {impl: fam for fam, impls in FAMILY_IMPLS.items() for impl in impls}
 MODULE = {"numpy": "numpy", "torch": "torch", "tensorflow": "tensorflow"}
-
-
-def _clipcore_elementwise(cc):
-    """Issue 3's elementwise ops in this clipcore, as op -> factory(x, params) -> call.
-
-    Empty while clipcore has no ``clip_by_value``; the cases then show the
-    peers only.
-    """
-    if not hasattr(cc, "clip_by_value"):
-        return {}
-    return {
-        "clip_by_value": lambda x, p: _in_place(cc.clip_by_value, x, p["lo"], p["hi"], out=x),
-        "relu": lambda x, p: _in_place(cc.relu_, x),
-        "clip_by_norm": lambda x, p: lambda: [cc.clip_by_norm(x, p["clip_norm"])],
-    }
 
 
 def impl_names(family, op):
@@ -224,8 +208,13 @@ def _calls_clipcore(op, data, threads):
         return {"clipcore": _in_place(clipcore.clip_by_global_norm_, data.arrays,
                                       p["clip_norm"], n_threads=threads),
                 "clipcore Plan": _in_place(plan.clip_by_global_norm_, p["clip_norm"])}
-    ops = _clipcore_elementwise(clipcore)
-    return {"clipcore": ops[op](data.arrays[0], p)} if op in ops else {}
+    x = data.arrays[0]
+    if op == "clip_by_value":
+        return {"clipcore": _in_place(clipcore.clip_by_value_, x, p["lo"], p["hi"],
+                                      n_threads=threads)}
+    if op == "relu":
+        return {"clipcore": _in_place(clipcore.relu_, x, n_threads=threads)}
+    return {"clipcore": lambda: [clipcore.clip_by_norm(x, p["clip_norm"], n_threads=threads)]}
 
 
 def _calls_numpy(op, data, threads):
