@@ -11,13 +11,10 @@ The data are synthetic (10 Gaussian classes in 784 dimensions, no download);
 the network is the lesson's 784-256-128-10 MLP with ReLU and softmax
 cross-entropy, trained with plain SGD.
 
-Threads: NumPy's matrix products run on OpenBLAS's own thread pool. On a
-machine with few cores, clipcore's OpenMP threads (which spin a little after
-each call, waiting for more work) and OpenBLAS's threads then compete for the
-same cores and every step slows down many times over. For 235,146 values one
-thread clips in about 20 microseconds, so the Plan here uses ``n_threads=1``
-(``--n-threads 0`` for OpenMP's default; ``OMP_WAIT_POLICY=passive`` also
-avoids the contention).
+Threads: NumPy's matrix products run on OpenBLAS's own thread pool, and
+clipcore's OpenMP threads share the same cores. For 235,146 values one thread
+clips in about 20 microseconds, and a second one must be woken at every step,
+so the Plan here uses ``n_threads=1`` (``--n-threads 0`` for OpenMP's default).
 """
 import argparse
 import time
