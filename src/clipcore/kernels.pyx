@@ -26,12 +26,18 @@ cdef extern from "cc_loops.h" nogil:
 
 # Chunks hold at least CHUNK_MIN elements and there are at most MAX_CHUNKS of
 # them, so the partials fit on the stack: no allocation proportional to data.
-# Below PARALLEL_MIN elements one thread does the work: waking a team costs
-# more than it saves.
+# Below PARALLEL_MIN elements one thread does the work: even an awake team
+# costs more than it saves. When n_threads is not given, one thread also does
+# work below AUTO_PARALLEL_MIN elements: OpenMP's idle threads soon sleep
+# (GOMP_SPINCOUNT, see __init__.py) and waking them costs ~50 us on a VM, as
+# much as one thread spends on 2M elements; the data of a small list also
+# sits in the cache of the core that wrote it. A training loop that clips
+# once per step hits both.
 cdef enum:
     CHUNK_MIN = 16384
     MAX_CHUNKS = 4096
     PARALLEL_MIN = 65536
+    AUTO_PARALLEL_MIN = 1 << 21
 
 
 cdef int _forked_child = 0
@@ -55,6 +61,8 @@ cdef int resolve_threads(Py_ssize_t n_total, int n_threads) noexcept nogil:
     if _forked_child or n_total < PARALLEL_MIN:
         return 1
     if n_threads <= 0:
+        if n_total < AUTO_PARALLEL_MIN:
+            return 1
         n_threads = cc_max_threads()
     n_chunks = (n_total + chunk_size(n_total) - 1) // chunk_size(n_total)
     if n_threads > n_chunks:
