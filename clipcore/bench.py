@@ -202,19 +202,20 @@ def _in_place(f, *args, **kwargs):
 
 
 def _calls_clipcore(op, data, threads):
+    # clipcore's default thread policy (n_threads=None): the worker's
+    # OMP_NUM_THREADS is the thread count, small lists run on one thread.
     p = data.params[op]
     if op in ("clip", "noclip"):
-        plan = clipcore.Plan(data.arrays, n_threads=threads)
+        plan = clipcore.Plan(data.arrays)
         return {"clipcore": _in_place(clipcore.clip_by_global_norm_, data.arrays,
-                                      p["clip_norm"], n_threads=threads),
+                                      p["clip_norm"]),
                 "clipcore Plan": _in_place(plan.clip_by_global_norm_, p["clip_norm"])}
     x = data.arrays[0]
     if op == "clip_by_value":
-        return {"clipcore": _in_place(clipcore.clip_by_value_, x, p["lo"], p["hi"],
-                                      n_threads=threads)}
+        return {"clipcore": _in_place(clipcore.clip_by_value_, x, p["lo"], p["hi"])}
     if op == "relu":
-        return {"clipcore": _in_place(clipcore.relu_, x, n_threads=threads)}
-    return {"clipcore": lambda: [clipcore.clip_by_norm(x, p["clip_norm"], n_threads=threads)]}
+        return {"clipcore": _in_place(clipcore.relu_, x)}
+    return {"clipcore": lambda: [clipcore.clip_by_norm(x, p["clip_norm"])]}
 
 
 def _calls_numpy(op, data, threads):
