@@ -550,14 +550,15 @@ def test_forked_child_runs_serial_and_correct():
     assert result == b"1"
 
 
-@pytest.mark.parametrize("culprit", [0, 1234, 2999])
-def test_overlap_found_among_thousands_of_buffers(culprit):
-    arrays = [np.full(int(n), 1.0, np.float32) for n in RNG.integers(1, 64, 3000)]
-    order = RNG.permutation(3000)          # addresses in no particular order
+@pytest.mark.parametrize("count, culprit", [(40, 0), (40, 39), (3000, 0), (3000, 1234), (3000, 2999)])
+def test_overlap_found_among_many_buffers(count, culprit):
+    # Fewer than 64 extents are insertion-sorted, more are radix-sorted.
+    arrays = [np.full(int(n), 1.0, np.float32) for n in RNG.integers(1, 64, count)]
+    order = RNG.permutation(count)          # addresses in no particular order
     arrays = [arrays[i] for i in order]
     clipcore.clip_by_global_norm_(arrays, 1e9)          # disjoint: fine
     before = snapshot(arrays)
-    with pytest.raises(ValueError, match=rf"t_list\[{culprit}\] and t_list\[3000\] share memory"):
+    with pytest.raises(ValueError, match=rf"t_list\[{culprit}\] and t_list\[{count}\] share memory"):
         clipcore.clip_by_global_norm_(arrays + [arrays[culprit][:1]], 1e-3)
     assert snapshot(arrays) == before
 

@@ -38,7 +38,15 @@ cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
     cdef Py_ssize_t count[2048]
     cdef Extent *tmp
     cdef Extent *swap
-    if n < 2:
+    cdef Extent e
+    if n < 64:         # a few buffers: insertion sort, no 2048-entry tables
+        for i in range(1, n):
+            e = a[i]
+            d = i
+            while d > 0 and a[d - 1].lo > e.lo:
+                a[d] = a[d - 1]
+                d -= 1
+            a[d] = e
         return 0
     base = <size_t>a[0].lo
     for i in range(n):
