@@ -29,8 +29,8 @@ cdef extern from "cc_loops.h" nogil:
 # Below PARALLEL_MIN elements one thread does the work: even an awake team
 # costs more than it saves. When n_threads is not given, one thread also does
 # work below AUTO_PARALLEL_MIN elements: OpenMP's idle threads soon sleep
-# (GOMP_SPINCOUNT, see __init__.py) and waking them costs ~50 us on a VM, as
-# much as one thread spends on 2M elements; the data of a small list also
+# (GOMP_SPINCOUNT, see __init__.py) and waking them cost 20-300 us on a VM, as
+# much as one thread spends on 0.4-6M elements; the data of a small list also
 # sits in the cache of the core that wrote it. A training loop that clips
 # once per step hits both.
 cdef enum:
