@@ -51,6 +51,18 @@ class Suite:
     run = staticmethod(lambda benchmark, group, call, data, rounds=ROUNDS:
                        _run(benchmark, group, call, data, rounds))
 
+    def ceiling(self, benchmark, case, data):
+        """The case's ceiling row: one read pass + one read-write pass over its bytes."""
+        benchmark.extra_info["what"] = "bandwidth_probe: one read pass + one read-write pass"
+        _run(benchmark, case.key, lambda: kernels.bandwidth_probe(data.flat, THREADS), data,
+             self.rounds)
+
+    def run_checked(self, benchmark, case, call, data):
+        """Time call in the case's group, then check that a call does the case's op."""
+        _run(benchmark, case.key, call, data, self.rounds)
+        data.restore()
+        bench.verify(case.op, data, call())
+
 
 @pytest.fixture(scope="session")
 def suite():

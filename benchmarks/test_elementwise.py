@@ -1,7 +1,11 @@
-"""Issue 3's elementwise ops on 16M float32 values: the peers now; clipcore once it has them."""
+"""The elementwise ops on 16M float32 values: clipcore against its peers, with the ceiling.
+
+The same cases as ``python -m clipcore bench``; benchmarks/test_bench_ops.py
+adds the ``out=``, allocating and one-thread forms.
+"""
 import pytest
 
-from clipcore import bench, kernels
+from clipcore import bench
 
 CASES = [c for c in bench.CASES if c.workload == "elementwise"]
 PARAMS = [(case, impl) for case in CASES
@@ -12,13 +16,8 @@ PARAMS = [(case, impl) for case in CASES
 def test_elementwise(benchmark, suite, case, impl):
     data = suite.data(case.workload)
     if impl == "ceiling":
-        benchmark.extra_info["what"] = "bandwidth_probe: one read pass + one read-write pass"
-        suite.run(benchmark, case.key,
-                  lambda: kernels.bandwidth_probe(data.flat, suite.threads), data)
-        return
+        return suite.ceiling(benchmark, case, data)
     found = suite.calls(bench.IMPL_FAMILY[impl], case.op, data)
     if impl not in found:
-        pytest.skip(f"{impl} has no {case.op}" + (" yet (issue 3)" if impl == "clipcore" else ""))
-    suite.run(benchmark, case.key, found[impl], data)
-    data.restore()
-    bench.verify(case.op, data, found[impl]())
+        pytest.skip(f"{impl} has no {case.op}")
+    suite.run_checked(benchmark, case, found[impl], data)

@@ -8,7 +8,7 @@ of NumPy and torch; GPT-2 with no clipping needed >= 1.8x torch.
 """
 import pytest
 
-from clipcore import bench, kernels
+from clipcore import bench
 
 IMPLS = ("clipcore", "clipcore Plan", "numpy", "torch", "tensorflow")
 CASES = [c for c in bench.CASES if c.op in ("clip", "noclip")]
@@ -21,11 +21,7 @@ PARAMS = [(case, impl) for case in CASES
 def test_clip_by_global_norm(benchmark, suite, case, impl):
     data = suite.data(case.workload)
     if impl == "ceiling":
-        benchmark.extra_info["what"] = "bandwidth_probe: one read pass + one read-write pass"
-        suite.run(benchmark, case.key,
-                  lambda: kernels.bandwidth_probe(data.flat, suite.threads), data)
-        return
-    call = suite.calls(bench.IMPL_FAMILY[impl], case.op, data)[impl]
-    suite.run(benchmark, case.key, call, data)
-    data.restore()
-    bench.verify(case.op, data, call())     # the timed calls clipped for real
+        return suite.ceiling(benchmark, case, data)
+    # check afterwards that the timed calls clipped for real
+    suite.run_checked(benchmark, case, suite.calls(bench.IMPL_FAMILY[impl], case.op, data)[impl],
+                      data)
