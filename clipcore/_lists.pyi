@@ -1,7 +1,5 @@
 from typing import Any, Sequence
 
-def global_norm(t_list: Sequence[Any], *, norm_type: float = 2.0,
-                n_threads: int | None = None) -> float: ...
 def clip_by_global_norm_(t_list: Sequence[Any], clip_norm: float, *, use_norm: float | None = None,
                          norm_type: float = 2.0, error_if_nonfinite: bool = False,
                          n_threads: int | None = None) -> float: ...

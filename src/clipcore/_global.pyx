@@ -11,10 +11,9 @@ from cpython.ref cimport Py_REFCNT
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
-from clipcore._lists cimport _Buffers, collect, as_threads, as_norm_type
+from clipcore._lists cimport _Buffers, collect, as_threads, as_norm_type, as_tuple
 from clipcore.kernels cimport resolve_threads
 
-import collections.abc
 import importlib
 
 import numpy as np
@@ -198,19 +197,6 @@ cdef void scale_pairs(_Pairs pr, float s32, double s64, int n_threads) noexcept 
                     (c + 1) * chunk if (c + 1) * chunk < n else n, s32, s64)
 
 
-cdef list as_list(object t_list):
-    """TensorFlow's check: any sequence but a string (nor, here, an array or bytes)."""
-    if type(t_list) is list:
-        return list(<list>t_list)
-    if type(t_list) is tuple:
-        return list(<tuple>t_list)
-    if (isinstance(t_list, (str, bytes)) or isinstance(t_list, np.ndarray)
-            or not isinstance(t_list, collections.abc.Sequence)):
-        raise TypeError(f"t_list must be a list or tuple of arrays, got "
-                        f"{type(t_list).__name__}")
-    return list(t_list)
-
-
 cdef tuple prepare(list items):
     """(arrays, wraps, fw): each entry as an ndarray (None kept) and how to wrap it.
 
@@ -302,6 +288,8 @@ def global_norm(t_list, name=None, *, norm_type=2.0, n_threads=None):
         A Python float (computed in float64: no float32 overflow), except
         when t_list holds TensorFlow tensors: then, as TF returns it, a 0-d
         tensor of the entries' dtype (float32 for an empty list).
+        A NaN element makes it NaN, an inf element (and no NaN) inf; an
+        empty list gives 0.0.
 
     Raises
     ------
@@ -316,7 +304,7 @@ def global_norm(t_list, name=None, *, norm_type=2.0, n_threads=None):
     """
     cdef double p = as_norm_type(norm_type)
     cdef int nt = as_threads(n_threads)
-    cdef list items = as_list(t_list)
+    cdef list items = list(as_tuple(t_list, "t_list"))
     arrays, wraps, fw = prepare(items)
     value = collect(readable(arrays), False, "t_list").norm(p, nt)
     if fw == "tf":
@@ -390,7 +378,7 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_thread
     [array([-1.6,  3.2], dtype=float32), None, array([ 0.8, -1.6], dtype=float32)]
     """
     cdef int nt = as_threads(n_threads)
-    cdef list items = as_list(t_list)
+    cdef list items = list(as_tuple(t_list, "t_list"))
     cdef Py_ssize_t i, n = len(items)
     cdef cnp.ndarray arr, out
     cdef _Pairs pairs = _Pairs.__new__(_Pairs)

@@ -17,6 +17,7 @@ cdef class _Buffers:
     cdef double clip(self, double clip_norm, object use_norm, double norm_type,
                      bint error_if_nonfinite, int n_threads) except? -1.0
 
+cdef tuple as_tuple(object t_list, str name)
 cdef _Buffers collect(object t_list, bint in_place, str name)
 cdef double as_real(object value, str name) except? -1.0
 cdef double as_clip_norm(object value) except? -1.0

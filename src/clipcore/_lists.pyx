@@ -280,6 +280,7 @@ cdef class _Buffers:
 
 
 cdef tuple as_tuple(object t_list, str name):
+    """t_list as a tuple: TensorFlow's check (any sequence but a string), nor an array or bytes."""
     if type(t_list) is tuple:
         return <tuple>t_list
     if type(t_list) is list:
@@ -344,44 +345,6 @@ cdef int as_threads(object value) except -1:
     if value < 1:
         raise ValueError(f"n_threads must be None or an int >= 1, got {value}")
     return min(value, 1 << 16)
-
-
-def global_norm(t_list, *, norm_type=2.0, n_threads=None):
-    """The norm of all elements of all buffers in t_list, as one vector.
-
-    Parameters
-    ----------
-    t_list : list or tuple of arrays
-        float32 or float64 NumPy arrays or objects exposing such memory
-        (``__dlpack__``, the buffer protocol, ``__array__``); None entries are
-        skipped. Other float dtypes are read through a float64 copy.
-    norm_type : float, default 2.0
-        p of the p-norm: 2 (euclidean), 1, ``inf`` or any p > 0.
-    n_threads : int or None
-        Threads to use; None uses what OpenMP may use (``OMP_NUM_THREADS``,
-        threadpoolctl). Small lists always run on one thread.
-
-    Returns
-    -------
-    float
-        The norm, accumulated in float64: no finite float32 input overflows.
-        A NaN element makes it NaN, an inf element (and no NaN) makes it inf.
-        0.0 for an empty list.
-
-    Raises
-    ------
-    TypeError
-        If t_list is not a list or tuple, or an entry is not a float buffer.
-
-    Examples
-    --------
-    >>> import numpy as np, clipcore
-    >>> clipcore.global_norm([np.full(4, 1.5, np.float32), np.zeros(3, np.float32)])
-    3.0
-    """
-    cdef double p = as_norm_type(norm_type)
-    cdef int nt = as_threads(n_threads)
-    return collect(t_list, False, "t_list").norm(p, nt)
 
 
 def clip_by_global_norm_(t_list, clip_norm, *, use_norm=None, norm_type=2.0,
