@@ -17,11 +17,10 @@ has torch's dtype (float32 for float32 gradients) and the clipping
 coefficient is computed from it exactly as torch does,
 ``min(max_norm / (total_norm + 1e-6), 1)``.
 
-Trainers that keep their gradient tensors between steps
-(``zero_grad(set_to_none=False)``, gradient bucket views) get a cached Plan
-from the second call on: later calls only check that each tensor is the same
-object with the same data pointer, shape, strides and dtype. The cache holds
-only weak references, so it never keeps a gradient alive.
+Each call checks every tensor (type, device, dtype, layout, contiguity) and
+reads its address and size: a few hundred nanoseconds per tensor, the same
+for fresh gradient tensors every step (``zero_grad(set_to_none=True)``, the
+default) as for kept ones. Nothing is cached and no tensor is kept alive.
 
 ``foreach`` is accepted for compatibility; the fast path ignores it and
 torch's path receives it. Threads: as for every clipcore function, what
@@ -33,20 +32,18 @@ inference mode.
 
 Importing this module imports torch; ``import clipcore`` alone does not.
 """
-import ctypes
-import itertools
 import math
 import operator
 import struct
 import types
 import warnings
-import weakref
 
 import numpy as np
 import torch
 from torch.nn import utils as _torch
 
 import clipcore
+from clipcore import _lists
 from clipcore import kernels as _kernels
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
@@ -55,10 +52,7 @@ _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
 _f32 = torch.float32
 _f64 = torch.float64
-_data_ptr = torch.Tensor.data_ptr
-_numel = torch.Tensor.numel
-_is_contiguous = torch.Tensor.is_contiguous
-_dtype_of = operator.attrgetter("dtype")
+_strided = torch.strided
 _grad_of = operator.attrgetter("grad")
 _EPS_F32 = struct.unpack("f", struct.pack("f", 1e-6))[0]    # torch casts the 1e-6 to float32
 _pack_f32 = struct.Struct("f").pack
@@ -75,112 +69,51 @@ def _no_internal_overlap(shape, strides):
     return True
 
 
-def _cpu_views(tensors, writable):
-    """NumPy views over the memory of CPU float32/float64 tensors.
+def _memory(tensors, writable):
+    """Where the tensors' values lie, for the fast path.
 
-    Returns (views, has_float64, all_contiguous_float32), or None when some
-    tensor needs torch's own path: a subclass, another dtype, anything
-    ``Tensor.numpy()`` refuses (other devices and layouts, requires_grad,
-    negative or conjugate bits; for reading, requires_grad is fine), or a
-    self-overlapping view to write.
+    Returns (addresses, lengths, float64 flags) when every tensor is a plain
+    contiguous CPU float32/float64 tensor (that does not require grad, for
+    writing); "strided" when they are that except that some are strided; None
+    when some tensor needs torch's own path (a subclass, another device, dtype
+    or layout, no storage). A few attribute reads per tensor: with fresh
+    gradients every step this is most of the call's cost.
     """
+    addresses, lengths, is_f64 = [], [], []
+    try:
+        for t in tensors:
+            cls = type(t)
+            if cls is not _Tensor and cls is not _Parameter:
+                return None
+            dtype = t.dtype
+            if ((dtype is not _f32 and dtype is not _f64) or not t.is_cpu
+                    or t.layout is not _strided or (writable and t.requires_grad)):
+                return None
+            if not t.is_contiguous():
+                return "strided"
+            addresses.append(t.data_ptr())
+            lengths.append(t.numel())
+            is_f64.append(dtype is _f64)
+    except RuntimeError:    # no storage (functorch's wrappers and the like)
+        return None
+    return addresses, lengths, is_f64
+
+
+def _strided_views(tensors, writable):
+    """NumPy views over the tensors' memory, or None when torch's path is needed."""
     views = []
-    append = views.append
-    has_f64 = False
-    contiguous_f32 = True
     for t in tensors:
-        cls = type(t)
-        if cls is not _Tensor and cls is not _Parameter:
-            return None
-        dtype = t.dtype
-        if dtype is _f64:
-            has_f64 = True
-        elif dtype is not _f32:
-            return None
         try:
-            view = t.numpy()
-        except (RuntimeError, TypeError):
-            if writable or not t.requires_grad:
-                return None     # writing: torch's in-place ops also bump autograd's version
-            try:
-                view = t.detach().numpy()
-            except (RuntimeError, TypeError):
-                return None
-        if not t.is_contiguous():
-            contiguous_f32 = False
-            if writable and not _no_internal_overlap(t.shape, t.stride()):
-                return None
-        append(view)
-    return views, has_f64, contiguous_f32 and not has_f64
+            views.append(t.numpy() if writable else t.detach().numpy())
+        except (RuntimeError, TypeError):    # e.g. the negative bit
+            return None
+        if writable and not _no_internal_overlap(t.shape, t.stride()):
+            return None
+    return views
 
 
-class _Cache:
-    """The tensors of the last call (weakly) and, once they come back, a Plan over their memory.
-
-    A trainer that keeps its gradient tensors between steps (``zero_grad(set_to_none=False)``,
-    gradient bucket views) passes the same tensors every call: the second call keeps views
-    and a Plan, and later calls skip the per-tensor work, checking only that each tensor is
-    the same object covering the same memory (data pointer, size, dtype; shape and strides
-    when strided). The cache holds no strong reference (its arrays are made from raw
-    pointers), so it never keeps a gradient alive; with fresh gradients every step it costs
-    one weak reference per tensor.
-    """
-
-    def __init__(self):
-        # Each attribute is replaced whole, never updated, so that threads calling at the
-        # same time see either the old or the new value, not a mix.
-        self.refs = ()       # weak references to the last call's tensors
-        self.entry = None    # (their layout key, a _Fast over raw views) once they came back
-
-
-def _layout_key(tensors):
-    """What fixes the memory a list of tensors covers (for the same tensor objects).
-
-    A contiguous tensor covers numel elements of its dtype from its data pointer; a
-    strided one also needs its shape and strides.
-    """
-    contiguous = list(map(_is_contiguous, tensors))
-    return (list(map(_data_ptr, tensors)), list(map(_numel, tensors)),
-            list(map(_dtype_of, tensors)), contiguous,
-            [(t.shape, t.stride()) for t in itertools.compress(tensors,
-                                                               map(operator.not_, contiguous))])
-
-
-def _raw_view(t):
-    """An ndarray over t's memory that holds no reference to t (see _Cache)."""
-    itemsize = t.element_size()
-    dtype = np.float64 if itemsize == 8 else np.float32
-    if t.numel() == 0:
-        return np.empty(0, dtype)
-    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
-    buf = (ctypes.c_char * (span * itemsize)).from_address(t.data_ptr())
-    return np.ndarray(t.shape, dtype, buffer=buf, strides=[st * itemsize for st in t.stride()])
-
-
-class _Fast:
-    """Views over a list of CPU float32/float64 tensors, and a Plan over them when needed."""
-
-    __slots__ = ("views", "has_f64", "contiguous_f32", "_plan")
-
-    def __init__(self, views, has_f64, contiguous_f32):
-        self.views, self.has_f64, self.contiguous_f32 = views, has_f64, contiguous_f32
-        self._plan = None
-
-    def plan(self, writable):
-        """A Plan over the views, or None when writing to tensors that share memory.
-
-        For reading, tensors sharing memory get a stand-in with Plan.global_norm.
-        """
-        if self._plan is None:
-            try:
-                self._plan = clipcore.Plan(self.views)
-            except ValueError:   # shared memory: fine to read, not to scale (torch would scale twice)
-                self._plan = False if writable else _ListNorm(self.views)
-        return None if self._plan is False else self._plan
-
-
-class _ListNorm:
-    """Plan.global_norm's stand-in for tensors that may share memory (reading only)."""
+class _ViewsNorm:
+    """Plan.global_norm over views that may share memory (reading only)."""
 
     def __init__(self, views):
         self.views = views
@@ -189,29 +122,28 @@ class _ListNorm:
         return clipcore.global_norm(self.views, norm_type=norm_type)
 
 
-def _fast(tensors, writable, cache):
-    """The fast path's views of the tensors (a _Fast), or None for torch's own path."""
-    refs = cache.refs
-    same = len(refs) == len(tensors) and all(map(operator.is_, (r() for r in refs), tensors))
-    if same:
-        key = _layout_key(tensors)
-        entry = cache.entry
-        if entry is not None and entry[0] == key:
-            return entry[1]
-    checked = _cpu_views(tensors, writable)
-    if checked is None:
-        cache.refs = ()
+def _plan(tensors, writable):
+    """(a Plan over the tensors' memory, whether any is float64), or None for torch's path.
+
+    Nothing is cached: the tensors are checked at every call, so fresh gradient
+    tensors (``zero_grad(set_to_none=True)``) cost the same as kept ones. The
+    Plan holds no reference to the tensors; the caller's list keeps them
+    alive during the call.
+    """
+    memory = _memory(tensors, writable)
+    if memory is None:
         return None
-    if same:    # seen twice: keep views that hold no reference to the tensors
-        fast = _Fast([_raw_view(t) for t in tensors], checked[1], checked[2])
-        cache.entry = (key, fast)
-    else:
-        fast = _Fast(*checked)
-        cache.refs = [weakref.ref(t) for t in tensors]
-    return fast
-
-
-_caches = {name: _Cache() for name in ("norm", "clip", "clip_norm", "value")}
+    try:
+        if memory == "strided":
+            views = _strided_views(tensors, writable)
+            if views is None:
+                return None
+            has_f64 = any(v.dtype == np.float64 for v in views)
+            return (clipcore.Plan(views) if writable else _ViewsNorm(views)), has_f64
+        addresses, lengths, is_f64 = memory
+        return _lists.plan_over_memory(addresses, lengths, is_f64, writable=writable), any(is_f64)
+    except ValueError:     # tensors sharing memory: torch scales it once per tensor
+        return None
 
 
 def _as_list(tensors):
@@ -309,12 +241,13 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     """
     tensors = _as_list(tensors)
     norm_type = float(norm_type)
-    fast = _fast(tensors, False, _caches["norm"]) if norm_type > 0 else None
+    fast = _plan(tensors, False) if norm_type > 0 else None
     if fast is None:
         return _torch.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
     if not tensors:
         return torch.tensor(0.0)
-    total = _total_norm_tensor(fast.plan(False).global_norm(norm_type=norm_type), fast.has_f64)
+    plan, has_f64 = fast
+    total = _total_norm_tensor(plan.global_norm(norm_type=norm_type), has_f64)
     _check_finite(total, norm_type, error_if_nonfinite)
     return total
 
@@ -350,12 +283,11 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
             or not total_norm.is_floating_point()):
         fast = None
     else:
-        fast = _fast(grads, True, _caches["clip"])
-    plan = fast and fast.plan(True)
-    if plan is None:    # also: gradients sharing memory, which torch scales once per entry
+        fast = _plan(grads, True)
+    if fast is None:    # also: gradients sharing memory, which torch scales once per entry
         return _torch.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
     if grads:
-        _scale(plan, grads, max_norm, total_norm)
+        _scale(fast[0], grads, max_norm, total_norm)
     return None
 
 
@@ -414,14 +346,14 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
                           stacklevel=2)
     grads = [g for g in map(_grad_of, parameters) if g is not None]
     norm_type = float(norm_type)
-    fast = _fast(grads, True, _caches["clip_norm"]) if norm_type > 0 else None
-    plan = fast and fast.plan(True)
-    if plan is None:    # also: gradients sharing memory, which torch scales once per entry
+    fast = _plan(grads, True) if norm_type > 0 else None
+    if fast is None:    # also: gradients sharing memory, which torch scales once per entry
         return _torch.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite,
                                       foreach)
     if not grads:
         return torch.tensor(0.0)
-    total = _total_norm_tensor(plan.global_norm(norm_type=norm_type), fast.has_f64)
+    plan, has_f64 = fast
+    total = _total_norm_tensor(plan.global_norm(norm_type=norm_type), has_f64)
     _check_finite(total, norm_type, error_if_nonfinite)
     _scale(plan, grads, float(max_norm), total)
     return total
@@ -456,8 +388,11 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
     parameters = _as_list(parameters)
     clip_value = float(clip_value)
     grads = [g for g in map(_grad_of, parameters) if g is not None]
-    fast = _fast(grads, True, _caches["value"])
-    if fast is None or not fast.contiguous_f32:
+    memory = _memory(grads, True)
+    # The clamp, unlike a scaling, is not symmetric in sign: a tensor with the
+    # negative bit (memory holding -value) goes to torch too.
+    if (not isinstance(memory, tuple) or any(memory[2])
+            or any(map(_Tensor.is_neg, grads))):
         return _torch.clip_grad_value_(parameters, clip_value, foreach)
-    _kernels._clip_value_f32_(fast.views, -clip_value, clip_value)
+    _kernels._clip_value_f32_(memory[0], memory[1], -clip_value, clip_value)
     return None

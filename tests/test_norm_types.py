@@ -128,6 +128,30 @@ def test_nan_and_inf_rules(p, where, n_threads):
     assert math.isnan(clipcore.global_norm(arrays, norm_type=p, n_threads=n_threads))
 
 
+@pytest.mark.parametrize("p", [2.0, 1.0, INF])
+def test_every_length_and_start_of_a_contiguous_buffer(p):
+    # The float32 kernels read whole blocks of 64 and then a masked partial
+    # block: every length below 3 blocks, at aligned and unaligned starts,
+    # with a NaN, an inf or a tie for the max in the partial block's last slot.
+    rng = np.random.default_rng(7)
+    block = (rng.standard_normal(256) * 10.0 ** rng.integers(-20, 20, 256)).astype(np.float32)
+    for start in (0, 1, 5):
+        for n in range(0, 200):
+            x = block[start:start + n]
+            assert clipcore.global_norm([x], norm_type=p) == pytest.approx(ref_norm([x], p),
+                                                                           rel=1e-13)
+            if n == 0:
+                continue
+            for bad, check in ((NAN, math.isnan), (-INF, lambda v: v == INF)):
+                y = x.copy()
+                y[-1] = bad
+                assert check(clipcore.global_norm([y], norm_type=p)), (start, n, bad)
+    # Bit patterns in the max: -0.0, subnormals, the largest float32.
+    for values in ([-0.0, 1e-45, -3e-45], [-3.4028235e38, 1.0], [1e-45] * 70):
+        x = np.array(values, np.float32)
+        assert clipcore.global_norm([x], norm_type=INF) == float(np.abs(x).max())
+
+
 @pytest.mark.parametrize("p", NORM_TYPES)
 def test_empty_and_zero(p):
     assert clipcore.global_norm([], norm_type=p) == 0.0

@@ -84,6 +84,36 @@ cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
     return 0
 
 
+cdef int report_overlap(Extent *exts, Py_ssize_t count, list arrays, str name) except -1:
+    """Raise ValueError naming the first two buffers that share memory.
+
+    Extents that overlap are checked with np.shares_memory when arrays holds
+    the arrays (interleaved strided views may be disjoint); without arrays
+    the buffers are contiguous and overlapping extents share memory.
+    """
+    cdef Py_ssize_t i, j
+    cdef char *max_hi = NULL
+    cdef bint is_sorted = True
+    for j in range(1, count):
+        if exts[j].lo < exts[j - 1].lo:
+            is_sorted = False
+            break
+    if not is_sorted:
+        sort_extents(exts, count)
+    for j in range(count):
+        if j and exts[j].lo < max_hi:
+            for i in range(j):
+                if exts[i].hi > exts[j].lo and (arrays is None or np.shares_memory(
+                        arrays[exts[i].pos], arrays[exts[j].pos])):
+                    a = min(exts[i].pos, exts[j].pos)
+                    b = max(exts[i].pos, exts[j].pos)
+                    raise ValueError(f"{name}[{a}] and {name}[{b}] share memory: clipping "
+                                     f"in place would scale it twice")
+        if j == 0 or exts[j].hi > max_hi:
+            max_hi = exts[j].hi
+    return 0
+
+
 cdef class _Buffers:
     """The validated buffers of one t_list, laid out for the kernels."""
 
@@ -202,11 +232,9 @@ cdef class _Buffers:
 
     cdef int check_overlaps(self, str name) except -1:
         """Raise when two arrays share memory: in place, it would be scaled twice."""
-        cdef Py_ssize_t m = len(self.arrays), j, i, d, ext, count = 0, n_sorted
+        cdef Py_ssize_t m = len(self.arrays), j, d, ext, count = 0
         cdef Extent *exts = <Extent *>malloc((m + 1) * sizeof(Extent))
         cdef cnp.ndarray arr
-        cdef char *max_hi
-        cdef bint is_sorted = True
         if exts == NULL:
             raise MemoryError()
         try:
@@ -225,25 +253,8 @@ cdef class _Buffers:
                         exts[count].hi += ext
                 exts[count].hi += cnp.PyArray_ITEMSIZE(arr)
                 exts[count].pos = j
-                if count and exts[count].lo < exts[count - 1].lo:
-                    is_sorted = False
                 count += 1
-            if not is_sorted:
-                sort_extents(exts, count)
-            max_hi = NULL
-            for j in range(count):
-                if j and exts[j].lo < max_hi:
-                    # Extents overlap; interleaved views may still be disjoint.
-                    for i in range(j):
-                        if exts[i].hi > exts[j].lo and np.shares_memory(
-                                self.arrays[exts[i].pos], self.arrays[exts[j].pos]):
-                            a = min(exts[i].pos, exts[j].pos)
-                            b = max(exts[i].pos, exts[j].pos)
-                            raise ValueError(
-                                f"{name}[{a}] and {name}[{b}] share memory: clipping in "
-                                f"place would scale it twice")
-                if j == 0 or exts[j].hi > max_hi:
-                    max_hi = exts[j].hi
+            report_overlap(exts, count, self.arrays, name)
         finally:
             free(exts)
         return 0
@@ -463,3 +474,42 @@ cdef class Plan:
         if use_norm is not None:
             use_norm = as_real(use_norm, "use_norm")
         return self.buffers.clip(c, use_norm, p, bool(error_if_nonfinite), self.n_threads)
+
+
+def plan_over_memory(addresses, lengths, is_float64, *, bint writable):
+    """A Plan over contiguous float32/float64 buffers given by address and length.
+
+    For adapters that check the buffers themselves (clipcore.torch): no
+    reference is taken, so the caller keeps the memory alive while using the
+    Plan. With writable, buffers that share memory raise ValueError (they
+    would be scaled twice); for reading, sharing is fine.
+    """
+    cdef Py_ssize_t count = len(addresses), i, n_ext = 0, length
+    cdef Plan plan = Plan.__new__(Plan)
+    cdef _Buffers buf = _Buffers.__new__(_Buffers)
+    cdef Extent *exts = NULL
+    cdef char *data
+    cdef int itemsize
+    if writable:
+        exts = <Extent *>malloc((count + 1) * sizeof(Extent))
+        if exts == NULL:
+            raise MemoryError()
+    try:
+        for i in range(count):
+            length = lengths[i]
+            if length == 0:
+                continue
+            data = <char *><size_t>addresses[i]
+            itemsize = 8 if is_float64[i] else 4
+            buf.push(data, length, 1, SEG_F64 if itemsize == 8 else SEG_F32)
+            if writable:
+                exts[n_ext].lo = data
+                exts[n_ext].hi = data + length * itemsize
+                exts[n_ext].pos = i
+                n_ext += 1
+        if writable:
+            report_overlap(exts, n_ext, None, "tensors")
+    finally:
+        free(exts)
+    plan.buffers = buf
+    return plan

@@ -8,7 +8,6 @@ combined in chunk order: the result is bitwise identical for any thread count.
 from cython.parallel cimport prange
 from libc.math cimport sqrt, pow, INFINITY, NAN, isnan
 from libc.stdlib cimport malloc, calloc, free
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_FORMAT, PyBUF_C_CONTIGUOUS
 
 import os
 
@@ -294,44 +293,29 @@ cdef int clip_value_f32(float **ptrs, const Py_ssize_t *lengths, Py_ssize_t coun
     return 0
 
 
-def _clip_value_f32_(arrays, double lo, double hi, int n_threads=0):
-    """Clamp writable C-contiguous float32 buffers in place (clipcore.torch's fast path).
+def _clip_value_f32_(addresses, lengths, double lo, double hi, int n_threads=0):
+    """Clamp contiguous float32 buffers, given by address and length, in place.
 
-    Runs ``clip_value_f32`` over buffers of any shape; every buffer is checked
-    before any is written. Not public API: it exists for
-    ``clipcore.torch.clip_grad_value_``.
+    Runs ``clip_value_f32``. Not public API: it exists for
+    ``clipcore.torch.clip_grad_value_``, which checks the tensors and keeps
+    them alive during the call.
     """
-    cdef Py_ssize_t count = len(arrays), i, n_views = 0
-    cdef Py_buffer *views = <Py_buffer *>malloc((count + 1) * sizeof(Py_buffer))
+    cdef Py_ssize_t count = len(addresses), i
     cdef float **ptrs = <float **>calloc(count + 1, sizeof(float *))
-    cdef Py_ssize_t *lengths = <Py_ssize_t *>calloc(count + 1, sizeof(Py_ssize_t))
-    cdef int status
+    cdef Py_ssize_t *lens = <Py_ssize_t *>calloc(count + 1, sizeof(Py_ssize_t))
+    cdef int status = -1
     try:
-        if views == NULL or ptrs == NULL or lengths == NULL:
-            raise MemoryError()
-        for i in range(count):
-            try:
-                PyObject_GetBuffer(arrays[i], &views[i],
-                                   PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS)
-            except (TypeError, ValueError, BufferError) as exc:
-                raise ValueError(f"arrays[{i}]: expected a writable C-contiguous float32 "
-                                 f"buffer ({exc})") from None
-            n_views += 1
-            if views[i].itemsize != 4 or views[i].format == NULL or views[i].format not in (b"f", b"@f", b"=f"):
-                raise ValueError(f"arrays[{i}]: expected a writable C-contiguous float32 "
-                                 f"buffer, got format {views[i].format!r}")
-            ptrs[i] = <float *>views[i].buf
-            lengths[i] = views[i].len // 4
-        with nogil:
-            status = clip_value_f32(ptrs, lengths, count, <float>lo, <float>hi, n_threads)
+        if ptrs != NULL and lens != NULL:
+            for i in range(count):
+                ptrs[i] = <float *><size_t>addresses[i]
+                lens[i] = lengths[i]
+            with nogil:
+                status = clip_value_f32(ptrs, lens, count, <float>lo, <float>hi, n_threads)
         if status != 0:
             raise MemoryError()
     finally:
-        for i in range(n_views):
-            PyBuffer_Release(&views[i])
-        free(views)
         free(ptrs)
-        free(lengths)
+        free(lens)
 
 
 def openmp_enabled():
