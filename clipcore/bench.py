@@ -17,9 +17,9 @@ alike, so clipping really happens on every repeat. After the last repeat the
 output is checked (the clipped norm, the clipped values), so a fast wrong
 answer shows as an error, not as a win.
 
-Results JSON (``results.json``), schema ``clipcore-bench/1``::
+Results JSON (``results.json``), schema ``clipcore-bench/2``::
 
-    {"schema": "clipcore-bench/1", "created": ISO time, "argv": [...],
+    {"schema": "clipcore-bench/2", "created": ISO time, "argv": [...],
      "quick": bool, "repeat": int, "warmup": int, "threads": int,
      "machine": {"cpu", "logical_cpus", "available_cpus", "threads",
                  "simd", "openmp", "platform", "python", "numpy", "clipcore",
@@ -29,8 +29,10 @@ Results JSON (``results.json``), schema ``clipcore-bench/1``::
      "families": {family: {"status": "ok" | "not installed" | "error",
                            "version": str | null, "threads": int | null,
                            "seconds": wall time of its process (absent if not run)}},
-     "ceilings": {workload: {"values", "bytes", "read_s": [...], "rw_s": [...]}},
-                 (the probe's passes; 2 x repeat of them)
+     "ceilings": {workload: {"values", "bytes", "read_s": [...], "rw_s": [...],
+                             "rw_alone_s": [...]}},
+                 (the probe's passes, 2 x repeat of each: a read pass and the
+                 read-write pass after it; a read-write pass on its own)
      "cases": [{"key", "label", "workload", "op", "tensors", "values", "bytes",
                 "traffic_bytes", "params": {...},
                 "ceiling": {"kind", "best_s", "gbps"} | null,
@@ -60,7 +62,7 @@ import numpy as np
 import clipcore
 from clipcore import kernels, workloads
 
-SCHEMA = "clipcore-bench/1"
+SCHEMA = "clipcore-bench/2"
 FAMILIES = ("clipcore", "numpy", "torch", "tensorflow")
 PEERS = FAMILIES[1:]
 # Set this to a comma-separated list of module names (torch, tensorflow,
@@ -330,18 +332,26 @@ def verify(op, data, out):
 
 
 def probe_ceiling(data, threads, repeat, warmup=1):
-    """The bandwidth ceiling over data.flat: lists of (read pass, read-write pass) seconds.
+    """The bandwidth ceiling over data.flat: lists of seconds of the probe's passes.
 
-    Each probe runs after ``data.restore()``, as every timed call does.
+    Returns (read, rw, rw_alone): a read pass and the read-write pass that
+    follows it (what a clip does: norm, then scale), and a read-write pass on
+    its own (what an in-place elementwise op does). Each probe runs after
+    ``data.restore()``, as every timed call does: a pass straight after the
+    restore also pays for writing the restored data back from the cache, which
+    a pass after the read pass has already done.
     """
-    read, rw = [], []
+    read, rw, rw_alone = [], [], []
     for i in range(warmup + repeat):
         data.restore()
         r, w = kernels.bandwidth_probe(data.flat, threads)
+        data.restore()
+        w_alone = kernels.bandwidth_probe(data.flat, threads, read=False)[1]
         if i >= warmup:
             read.append(r)
             rw.append(w)
-    return read, rw
+            rw_alone.append(w_alone)
+    return read, rw, rw_alone
 
 
 def _configure_threads(family, threads):
@@ -379,7 +389,7 @@ def _worker():
         data = Data(workload, spec["seed"], threads)
         if family == "clipcore":
             _emit(event="params", workload=workload, params=data.params, norm=data.norm)
-            read, rw = probe_ceiling(data, threads, spec["repeat"], spec["warmup"])
+            probes = probe_ceiling(data, threads, spec["repeat"], spec["warmup"])
         for case in cases:
             op = case["op"]
             try:
@@ -405,9 +415,10 @@ def _worker():
                     _emit(event="result", case=case["key"], impl=impl, status="ok", times_s=times)
                 del out     # TensorFlow's outputs of GPT-2 hold 500 MB
         if family == "clipcore":
-            more_read, more_rw = probe_ceiling(data, threads, spec["repeat"], 0)
+            read, rw, rw_alone = (a + b for a, b in
+                                  zip(probes, probe_ceiling(data, threads, spec["repeat"], 0)))
             _emit(event="ceiling", workload=workload, values=int(data.flat.size),
-                  read_s=read + more_read, rw_s=rw + more_rw)
+                  read_s=read, rw_s=rw, rw_alone_s=rw_alone)
         del data, found
 
 
@@ -630,12 +641,13 @@ def _load_average():
 
 
 def assemble(cases, events, families, *, threads, repeat, warmup, argv=None, quick=False):
-    """Build the results dict (schema clipcore-bench/1) from the workers' events."""
+    """Build the results dict (schema clipcore-bench/2) from the workers' events."""
     ceilings, params = {}, {}
     for e in events.get("clipcore", []):
         if e["event"] == "ceiling":
             ceilings[e["workload"]] = {"values": e["values"], "bytes": 4 * e["values"],
-                                       "read_s": e["read_s"], "rw_s": e["rw_s"]}
+                                       "read_s": e["read_s"], "rw_s": e["rw_s"],
+                                       "rw_alone_s": e["rw_alone_s"]}
         elif e["event"] == "params":
             params[e["workload"]] = e["params"]
     found = {}
@@ -652,7 +664,7 @@ def assemble(cases, events, families, *, threads, repeat, warmup, argv=None, qui
         ceiling = None
         if case.workload in ceilings:
             c = ceilings[case.workload]
-            per_probe = {"read": c["read_s"], "rw": c["rw_s"],
+            per_probe = {"read": c["read_s"], "rw": c["rw_alone_s"],
                          "read+rw": [r + w for r, w in zip(c["read_s"], c["rw_s"])]}[kind]
             best = min(per_probe)
             ceiling = {"kind": kind, "best_s": best, "gbps": traffic / best / 1e9}
@@ -769,8 +781,8 @@ def format_table(results):
             lines.append(row)
     lines += ["", "GB/s: the bytes the operation must move at least (clipping: read for the "
                   "norm, read + write to scale) / median time.",
-              "ceiling: the fastest of 2 x repeat bandwidth probes over as many bytes, run "
-              "before and after clipcore's calls.",
+              "ceiling: the fastest of 2 x repeat bandwidth probes over as many bytes, each on "
+              "freshly restored data, run before and after clipcore's calls.",
               "% ceiling: the ceiling's time / the row's time. speed-up: the row's time / "
               "clipcore's time (Plan: / the Plan's time).",
               "Each family ran in its own process, all with the same thread count."]

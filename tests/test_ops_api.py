@@ -188,6 +188,46 @@ def test_indexed_slices_like_objects():
     np.testing.assert_array_equal(values, [[0.35, 0.35], [0.3, 0.35]])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_large_outputs_equal_the_plain_loops(dtype, n_threads):
+    # Outputs of 16 MiB and more go to memory through streaming stores (their
+    # own AVX-512 loops, plain stores up to the output's first 64-byte
+    # boundary and for the tail): the values must be the plain loops' bit for
+    # bit, NaN, zeros and infinities included, at any input and output start.
+    n = (1 << 24) // np.dtype(dtype).itemsize + 37
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(n + 3).astype(dtype)
+    obuf = np.empty(n + 3, dtype)
+    special = np.array([np.nan, -0.0, 0.0, np.inf, -np.inf, 0.5, -0.5, 2.0], dtype)
+    ops = [lambda a, **k: clipcore.maximum(a, dtype(0.0), **k),
+           lambda a, **k: clipcore.minimum(a, dtype(-0.0), **k),
+           lambda a, **k: clipcore.clip_by_value(a, -0.25, 0.75, **k)]
+    for start in (0, 1, 3):
+        v = x[start:start + n]
+        for part in (slice(0, 40), slice(n // 2, n // 2 + 40), slice(n - 40, n)):
+            v[part] = np.resize(special, 40)
+        for op in ops:
+            want = np.concatenate([op(v[k:k + 1000]) for k in range(0, n, 1000)])  # plain loops
+            assert op(v, n_threads=n_threads).tobytes() == want.tobytes()
+            out = obuf[start:start + n]
+            op(v, out=out, n_threads=n_threads)
+            assert out.tobytes() == want.tobytes()
+    # The scaling of the norm clips: clip_by_norm of one long row, and
+    # clip_by_global_norm's outputs; against the in-place twins (plain loops).
+    finite = np.nan_to_num(x[1:n + 1], posinf=3.0, neginf=-3.0)
+    want = finite.copy()
+    clipcore.clip_by_norm_(want, 10.0, n_threads=n_threads)
+    for out in (None, obuf[3:n + 3]):
+        got = clipcore.clip_by_norm(finite, 10.0, out=out, n_threads=n_threads)
+        assert got.tobytes() == want.tobytes()
+    (got,), norm = clipcore.clip_by_global_norm([finite], 10.0, n_threads=n_threads)
+    want = finite.copy()
+    assert clipcore.clip_by_global_norm_([want], 10.0, n_threads=n_threads) == pytest.approx(
+        float(norm), rel=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+
+
 # --------------------------------------------------------------- norm ops
 
 AXES = [None, 0, -1, [0], [1], [0, 1], [-2, -1], [], (0, 2), [1, 2]]

@@ -29,6 +29,7 @@ cdef extern from "cc_elementwise.h" nogil:
     int CC_OP_MAX, CC_OP_MIN, CC_OP_CLIP, CC_OP_MUL
     ctypedef void (*cc_loop_fn)(char **p, const Py_ssize_t *s, Py_ssize_t n) noexcept nogil
     cc_loop_fn cc_get_loop(int tcode, int op)
+    cc_loop_fn cc_get_loop_for(int tcode, int op, Py_ssize_t out_bytes)
     double cc_max_nan(double a, double b)
     double cc_norm_scale(double sumsq, double clip)
     void cc_rows_reduce_f32(const float *x, Py_ssize_t nrows, Py_ssize_t sa,
@@ -231,6 +232,11 @@ def ew_apply(int op, int tcode, tuple operands, int n_threads):
     for d in range(job.nd):
         total *= job.shape[d]
     total *= job.inner
+    for k in range(nop - 1):
+        if job.base[k] == job.base[nop - 1]:     # in place: no streaming stores
+            break
+    else:
+        job.fn = cc_get_loop_for(tcode, op, total * itemsize)
     cdef int nt = resolve_threads(total, n_threads)
     with nogil:
         ew_parallel(&job, total, nt)
@@ -250,6 +256,7 @@ ctypedef struct AxisJob:
     double *res                  # A*B results (or NULL)
     char *f                      # A*B scale factors in x's dtype (or NULL)
     double *part                 # partial results of pieces
+    cc_loop_fn scale             # o = x * f[a] over a piece of a long row
     Py_ssize_t P, rp             # pieces per row / column block, rows per piece
     Py_ssize_t nbt               # column tiles per a
 
@@ -309,7 +316,7 @@ cdef void row_piece_scale(const AxisJob *j, Py_ssize_t item) noexcept nogil:
     s[0] = j.sr
     s[1] = 0
     s[2] = j.osr
-    cc_get_loop(CC_F64 if j.f64 else CC_F32, CC_OP_MUL)(p, s, n)
+    j.scale(p, s, n)
 
 
 cdef int run_rows(AxisJob *j, bint clip, int nt) noexcept nogil:
@@ -482,6 +489,8 @@ cdef int axis_job(AxisJob *j, cnp.ndarray x3, cnp.ndarray o3) except -1:
         j.oa = cnp.PyArray_STRIDE(o3, 0) // itemsize
         j.osr = cnp.PyArray_STRIDE(o3, 1) // itemsize
         j.ob = cnp.PyArray_STRIDE(o3, 2) // itemsize
+    j.scale = cc_get_loop_for(CC_F64 if j.f64 else CC_F32, CC_OP_MUL,
+                              0 if j.o == NULL or j.o == j.x else cnp.PyArray_NBYTES(x3))
     j.res = NULL
     j.f = NULL
     j.part = NULL

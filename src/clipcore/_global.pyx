@@ -25,7 +25,7 @@ cnp.import_array()
 cdef extern from "cc_elementwise.h" nogil:
     int CC_F32, CC_F64, CC_OP_MUL
     ctypedef void (*cc_loop_fn)(char **p, const Py_ssize_t *s, Py_ssize_t n) noexcept nogil
-    cc_loop_fn cc_get_loop(int tcode, int op)
+    cc_loop_fn cc_get_loop_for(int tcode, int op, Py_ssize_t out_bytes)
 
 
 ctypedef struct Pair:
@@ -145,12 +145,15 @@ cdef class _Pairs:
 
 
 cdef void scale_range(const Pair *pairs, const Py_ssize_t *starts, Py_ssize_t count,
-                      Py_ssize_t lo, Py_ssize_t hi, float s32, double s64) noexcept nogil:
-    """dst = src * scale over positions [lo, hi) of the pairs laid end to end."""
+                      Py_ssize_t lo, Py_ssize_t hi, float s32, double s64,
+                      Py_ssize_t total) noexcept nogil:
+    """dst = src * scale over positions [lo, hi) of the pairs laid end to end (total
+    elements in all: a large output goes to memory with streaming stores)."""
     cdef Py_ssize_t a = 0, b = count - 1, mid, off, take
     cdef char *p[3]
     cdef Py_ssize_t st[3]
-    cdef cc_loop_fn f32 = cc_get_loop(CC_F32, CC_OP_MUL), f64 = cc_get_loop(CC_F64, CC_OP_MUL)
+    cdef cc_loop_fn f32 = cc_get_loop_for(CC_F32, CC_OP_MUL, total * 4)
+    cdef cc_loop_fn f64 = cc_get_loop_for(CC_F64, CC_OP_MUL, total * 4)
     st[0] = 1
     st[1] = 0
     st[2] = 1
@@ -186,7 +189,7 @@ cdef void scale_pairs(_Pairs pr, float s32, double s64, int n_threads) noexcept 
     if pr.count == 0:
         return
     if nt <= 1:
-        scale_range(pr.pairs, pr.starts, pr.count, 0, n, s32, s64)
+        scale_range(pr.pairs, pr.starts, pr.count, 0, n, s32, s64, n)
         return
     chunk = n // (16 * nt)
     if chunk < 65536:
@@ -194,7 +197,7 @@ cdef void scale_pairs(_Pairs pr, float s32, double s64, int n_threads) noexcept 
     n_chunks = (n + chunk - 1) // chunk
     for c in prange(n_chunks, num_threads=nt, schedule='dynamic'):
         scale_range(pr.pairs, pr.starts, pr.count, c * chunk,
-                    (c + 1) * chunk if (c + 1) * chunk < n else n, s32, s64)
+                    (c + 1) * chunk if (c + 1) * chunk < n else n, s32, s64, n)
 
 
 cdef tuple prepare(list items):

@@ -33,7 +33,12 @@ static inline int cc_max_threads(void) { return 1; }
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
     defined(__linux__) && !defined(CLIPCORE_NATIVE)
 #define CC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define CC_AVX512_REDUCE 1
+/* A few loops also have hand-written AVX-512 forms, compiled for x86-64-v4
+ * and taken when the CPU has it (cc_avx512_usable). */
+#define CC_AVX512_PATHS 1
+#include <immintrin.h>
+#define CC_AVX512 __attribute__((target("arch=x86-64-v4")))
+static inline int cc_avx512_usable(void) { return __builtin_cpu_supports("x86-64-v4"); }
 static inline const char *cc_simd_path(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("x86-64-v4")) return "avx512 (x86-64-v4, runtime dispatch)";
@@ -137,8 +142,7 @@ CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
     }                                                                          \
 }
 
-#ifdef CC_AVX512_REDUCE
-#include <immintrin.h>
+#ifdef CC_AVX512_PATHS
 
 /* Hand-written AVX-512 form of the contiguous float32 sum-of-squares, sum-abs
  * and max-abs reductions. GCC's vectorized generic loop runs about 15% slower
@@ -148,8 +152,6 @@ CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
  * the generic loop, so the result does not depend on which path ran. Max-abs
  * works on the bits: for |x| (sign cleared) unsigned integer order is float
  * order, and a NaN's bits are above inf's, so a plain integer max keeps NaN. */
-#define CC_AVX512 __attribute__((target("arch=x86-64-v4")))
-
 /* Masks selecting the first `left` of the next 8 (16) elements. */
 CC_AVX512 static inline __mmask8 cc_mask8(ptrdiff_t left) {
     return left >= 8 ? 0xff : left > 0 ? (__mmask8)((1u << left) - 1) : 0;
@@ -220,8 +222,8 @@ CC_DEFINE_REDUCE(cc_reduce_f64, double)
 
 CC_UNUSED static void cc_reduce_f32(const float *x, ptrdiff_t n, ptrdiff_t stride, int kind,
                                     double p, double inv_scale, double *restrict acc) {
-#ifdef CC_AVX512_REDUCE
-    if (stride == 1 && kind != CC_SUMPOW && __builtin_cpu_supports("x86-64-v4")) {
+#ifdef CC_AVX512_PATHS
+    if (stride == 1 && kind != CC_SUMPOW && cc_avx512_usable()) {
         cc_reduce_f32_avx512(x, n, kind, acc);
         return;
     }

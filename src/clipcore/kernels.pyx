@@ -333,10 +333,11 @@ def simd_path():
     return cc_simd_path().decode()
 
 
-def bandwidth_probe(float[::1] buf, int n_threads=0):
-    """One read pass and one read-write pass (x *= 1) over buf, for the benchmarks' ceiling.
+def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True):
+    """A read pass, then a read-write pass (x *= 1) over buf, for the benchmarks' ceiling.
 
-    Returns (seconds_read, seconds_read_write), timed inside the kernel.
+    Returns (seconds_read, seconds_read_write), timed inside the kernel;
+    with read=False only the read-write pass runs and seconds_read is None.
     """
     from time import perf_counter
     cdef Py_ssize_t n = buf.shape[0], chunk, n_chunks, c, lo, hi
@@ -346,11 +347,12 @@ def bandwidth_probe(float[::1] buf, int n_threads=0):
     chunk = chunk_size(n)
     n_chunks = (n + chunk - 1) // chunk
     t0 = perf_counter()
-    with nogil:
-        for c in prange(n_chunks, num_threads=nt, schedule='static'):
-            lo = c * chunk
-            hi = lo + chunk if lo + chunk < n else n
-            sink += cc_probe_read_f32(x + lo, hi - lo)
+    if read:
+        with nogil:
+            for c in prange(n_chunks, num_threads=nt, schedule='static'):
+                lo = c * chunk
+                hi = lo + chunk if lo + chunk < n else n
+                sink += cc_probe_read_f32(x + lo, hi - lo)
     t1 = perf_counter()
     with nogil:
         for c in prange(n_chunks, num_threads=nt, schedule='static'):
@@ -358,7 +360,7 @@ def bandwidth_probe(float[::1] buf, int n_threads=0):
             hi = lo + chunk if lo + chunk < n else n
             cc_scale_f32(x + lo, hi - lo, 1, 1.0)
     t2 = perf_counter()
-    return t1 - t0, t2 - t1
+    return (t1 - t0) if read else None, t2 - t1
 
 
 def threads_for(Py_ssize_t n_total, int n_threads=0):
