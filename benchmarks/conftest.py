@@ -54,7 +54,7 @@ class Suite:
     def ceiling(self, benchmark, case, data):
         """The case's ceiling row: one read pass + one read-write pass over its bytes."""
         benchmark.extra_info["what"] = "bandwidth_probe: one read pass + one read-write pass"
-        _run(benchmark, case.key, lambda: kernels.bandwidth_probe(data.flat, THREADS), data,
+        _run(benchmark, case.key, lambda: kernels.bandwidth_probe(data.work, THREADS), data,
              self.rounds)
 
     def run_checked(self, benchmark, case, call, data):

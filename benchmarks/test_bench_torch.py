@@ -5,10 +5,10 @@
 
 Gradients are restored from a saved copy before every timed call (not timed),
 so each call clips the same unclipped gradients: "kept" copies into the same
-gradient tensors (zero_grad(set_to_none=False), and clipcore.torch's cached
-plan applies), "fresh" gives every parameter a new gradient tensor
-(set_to_none=True, the default: no cache). Both implementations share one
-OpenMP thread pool (torch.set_num_threads sets it for both).
+gradient tensors (zero_grad(set_to_none=False)), "fresh" gives every
+parameter a new gradient tensor (set_to_none=True, the default). Both
+implementations share one OpenMP thread pool and run on
+torch.get_num_threads() threads.
 """
 import argparse
 import statistics
@@ -92,7 +92,7 @@ def median_times(fns, setup, repeat):
             setup()
             t0 = time.perf_counter()
             fn()
-            if r >= 2:      # two warm-up rounds (the second builds clipcore's cached plan)
+            if r >= 2:      # two warm-up rounds
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 

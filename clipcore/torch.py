@@ -23,9 +23,12 @@ for fresh gradient tensors every step (``zero_grad(set_to_none=True)``, the
 default) as for kept ones. Nothing is cached and no tensor is kept alive.
 
 ``foreach`` is accepted for compatibility; the fast path ignores it and
-torch's path receives it. Threads: as for every clipcore function, what
-OpenMP may use (``OMP_NUM_THREADS``, threadpoolctl), not
-``torch.get_num_threads()``. Differences that do not change values: the fast
+torch's path receives it. Threads: ``torch.get_num_threads()``, from 65,536
+elements on, as torch's own ops. Gradients come from torch's multi-threaded
+backward pass, so they sit in every core's cache and torch's OpenMP threads
+(the same runtime as clipcore's) are still awake: a second thread pays even
+on the 235,146 values of the lesson's MLP, where plain clipcore calls stay
+on one thread. Differences that do not change values: the fast
 path does not bump autograd's version counter of the gradients, and it
 scales inference-mode tensors that torch would refuse to modify outside
 inference mode.
@@ -49,7 +52,7 @@ from clipcore import kernels as _kernels
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
 
 _Tensor = torch.Tensor
-_Parameter = torch.nn.Parameter
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)    # subclasses go to torch
 _f32 = torch.float32
 _f64 = torch.float64
 _strided = torch.strided
@@ -70,33 +73,10 @@ def _no_internal_overlap(shape, strides):
 
 
 def _memory(tensors, writable):
-    """Where the tensors' values lie, for the fast path.
-
-    Returns (addresses, lengths, float64 flags) when every tensor is a plain
-    contiguous CPU float32/float64 tensor (that does not require grad, for
-    writing); "strided" when they are that except that some are strided; None
-    when some tensor needs torch's own path (a subclass, another device, dtype
-    or layout, no storage). A few attribute reads per tensor: with fresh
-    gradients every step this is most of the call's cost.
-    """
-    addresses, lengths, is_f64 = [], [], []
-    try:
-        for t in tensors:
-            cls = type(t)
-            if cls is not _Tensor and cls is not _Parameter:
-                return None
-            dtype = t.dtype
-            if ((dtype is not _f32 and dtype is not _f64) or not t.is_cpu
-                    or t.layout is not _strided or (writable and t.requires_grad)):
-                return None
-            if not t.is_contiguous():
-                return "strided"
-            addresses.append(t.data_ptr())
-            lengths.append(t.numel())
-            is_f64.append(dtype is _f64)
-    except RuntimeError:    # no storage (functorch's wrappers and the like)
-        return None
-    return addresses, lengths, is_f64
+    """(addresses, lengths, float64 flags) of plain contiguous CPU float32/float64
+    tensors, "strided" when some are strided, or None for torch's own path
+    (see clipcore._lists.tensor_memory)."""
+    return _lists.tensor_memory(tensors, writable, _PLAIN_TYPES, _f32, _f64, _strided)
 
 
 def _strided_views(tensors, writable):
@@ -115,11 +95,11 @@ def _strided_views(tensors, writable):
 class _ViewsNorm:
     """Plan.global_norm over views that may share memory (reading only)."""
 
-    def __init__(self, views):
-        self.views = views
+    def __init__(self, views, n_threads):
+        self.views, self.n_threads = views, n_threads
 
     def global_norm(self, norm_type):
-        return clipcore.global_norm(self.views, norm_type=norm_type)
+        return clipcore.global_norm(self.views, norm_type=norm_type, n_threads=self.n_threads)
 
 
 def _plan(tensors, writable):
@@ -134,14 +114,19 @@ def _plan(tensors, writable):
     if memory is None:
         return None
     try:
+        n_threads = torch.get_num_threads()
         if memory == "strided":
             views = _strided_views(tensors, writable)
             if views is None:
                 return None
             has_f64 = any(v.dtype == np.float64 for v in views)
-            return (clipcore.Plan(views) if writable else _ViewsNorm(views)), has_f64
+            plan = (clipcore.Plan(views, n_threads=n_threads) if writable
+                    else _ViewsNorm(views, n_threads))
+            return plan, has_f64
         addresses, lengths, is_f64 = memory
-        return _lists.plan_over_memory(addresses, lengths, is_f64, writable=writable), any(is_f64)
+        plan = _lists.plan_over_memory(addresses, lengths, is_f64, writable=writable,
+                                       n_threads=n_threads)
+        return plan, any(is_f64)
     except ValueError:     # tensors sharing memory: torch scales it once per tensor
         return None
 
@@ -394,5 +379,6 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
     if (not isinstance(memory, tuple) or any(memory[2])
             or any(map(_Tensor.is_neg, grads))):
         return _torch.clip_grad_value_(parameters, clip_value, foreach)
-    _kernels._clip_value_f32_(memory[0], memory[1], -clip_value, clip_value)
+    _kernels._clip_value_f32_(memory[0], memory[1], -clip_value, clip_value,
+                              torch.get_num_threads())
     return None

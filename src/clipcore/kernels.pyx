@@ -23,6 +23,21 @@ cdef extern from "cc_loops.h" nogil:
     void cc_scale_f64(double *x, Py_ssize_t n, Py_ssize_t stride, double s)
     float cc_probe_read_f32(const float *x, Py_ssize_t n)
 
+cdef extern from * nogil:
+    """
+    /* Clamp a contiguous float32 run into [lo, hi]: max first, then min (as
+     * PyTorch's clamp), written so that a NaN element stays NaN and the
+     * compiler emits packed max/min instructions. */
+    CC_CLONES CC_UNUSED static void cc_clamp_f32(float *x, ptrdiff_t n, float lo, float hi) {
+        for (ptrdiff_t i = 0; i < n; i++) {
+            float v = x[i];
+            v = lo > v ? lo : v;
+            x[i] = v > hi ? hi : v;
+        }
+    }
+    """
+    void cc_clamp_f32(float *x, Py_ssize_t n, float lo, float hi)
+
 # Chunks hold at least CHUNK_MIN elements and there are at most MAX_CHUNKS of
 # them, so the partials fit on the stack: no allocation proportional to data.
 # Below PARALLEL_MIN elements one thread does the work: even an awake team
@@ -81,52 +96,81 @@ cdef inline Py_ssize_t find_segment(const Layout *lay, Py_ssize_t pos) noexcept 
     return lo
 
 
-cdef double reduce_chunk(const Layout *lay, Py_ssize_t lo, Py_ssize_t hi,
-                         int kind, double p, double inv_scale) noexcept nogil:
-    """The chunk's partial over elements [lo, hi): its pieces share one set of lanes."""
+# One pass over a layout: every chunk, each cut into its segments' pieces.
+cdef enum:
+    PASS_REDUCE = 0    # partials[c] = reduction of chunk c (kind, p, inv_scale)
+    PASS_SCALE = 1     # x *= scale (SEG_F64_COPY segments are left alone)
+    PASS_CLAMP = 2     # x = min(max(x, lo), hi): float32 segments, contiguous
+
+ctypedef struct Pass:
+    int what
+    int kind
+    double p, inv_scale
+    double *partials
+    double scale
+    float lo, hi
+
+
+cdef void pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize_t chunk) noexcept nogil:
+    """Run the pass over chunk c; a reduction's pieces share one set of lanes."""
     cdef double acc[CC_LANES]
-    cdef Py_ssize_t s = find_segment(lay, lo), off, take, k
+    cdef Py_ssize_t lo = c * chunk, hi = lo + chunk, s = find_segment(lay, lo), off, take, k
     cdef const Segment *seg
-    for k in range(CC_LANES):
-        acc[k] = 0.0
+    cdef char *x
+    if hi > lay.n_total:
+        hi = lay.n_total
+    if ps.what == PASS_REDUCE:
+        for k in range(CC_LANES):
+            acc[k] = 0.0
     while lo < hi:
         seg = &lay.segs[s]
         off = lo - lay.starts[s]
-        take = seg.n - off
-        if take > hi - lo:
-            take = hi - lo
-        if seg.kind == SEG_F32:
-            cc_reduce_f32(<const float *>seg.data + off * seg.stride, take, seg.stride,
-                          kind, p, inv_scale, acc)
+        take = seg.n - off if seg.n - off < hi - lo else hi - lo
+        x = seg.data + off * seg.stride * (4 if seg.kind == SEG_F32 else 8)
+        if ps.what == PASS_REDUCE:
+            if seg.kind == SEG_F32:
+                cc_reduce_f32(<const float *>x, take, seg.stride, ps.kind, ps.p, ps.inv_scale, acc)
+            else:
+                cc_reduce_f64(<const double *>x, take, seg.stride, ps.kind, ps.p, ps.inv_scale, acc)
+        elif ps.what == PASS_SCALE:
+            if seg.kind == SEG_F32:
+                cc_scale_f32(<float *>x, take, seg.stride, ps.scale)
+            elif seg.kind == SEG_F64:
+                cc_scale_f64(<double *>x, take, seg.stride, ps.scale)
         else:
-            cc_reduce_f64(<const double *>seg.data + off * seg.stride, take, seg.stride,
-                          kind, p, inv_scale, acc)
+            cc_clamp_f32(<float *>x, take, ps.lo, ps.hi)
         lo += take
         s += 1
-    return cc_combine_lanes(acc, kind == CC_MAXABS)
+    if ps.what == PASS_REDUCE:
+        ps.partials[c] = cc_combine_lanes(acc, ps.kind == CC_MAXABS)
+
+
+cdef void run_pass(const Layout *lay, const Pass *ps, int n_threads) noexcept nogil:
+    """The pass over every chunk, on the threads resolve_threads gives."""
+    cdef Py_ssize_t chunk = chunk_size(lay.n_total)
+    cdef Py_ssize_t n_chunks = (lay.n_total + chunk - 1) // chunk, c
+    cdef int nt = resolve_threads(lay.n_total, n_threads)
+    if nt > 1:
+        for c in prange(n_chunks, num_threads=nt, schedule='static'):
+            pass_chunk(lay, ps, c, chunk)
+    else:
+        for c in range(n_chunks):
+            pass_chunk(lay, ps, c, chunk)
 
 
 cdef double reduce_layout(const Layout *lay, int kind, double p, double inv_scale,
                           int n_threads) noexcept nogil:
     """Sum (or NaN-propagating max) of per-element terms over the layout."""
     cdef double partials[MAX_CHUNKS]
-    cdef Py_ssize_t chunk = chunk_size(lay.n_total)
-    cdef Py_ssize_t n_chunks = (lay.n_total + chunk - 1) // chunk
-    cdef Py_ssize_t c, hi
-    cdef int nt = resolve_threads(lay.n_total, n_threads)
+    cdef Py_ssize_t n_chunks = (lay.n_total + chunk_size(lay.n_total) - 1) // chunk_size(lay.n_total), c
     cdef double acc = 0.0
-    if nt > 1:
-        for c in prange(n_chunks, num_threads=nt, schedule='static'):
-            hi = (c + 1) * chunk
-            partials[c] = reduce_chunk(lay, c * chunk,
-                                       hi if hi < lay.n_total else lay.n_total,
-                                       kind, p, inv_scale)
-    else:
-        for c in range(n_chunks):
-            hi = (c + 1) * chunk
-            partials[c] = reduce_chunk(lay, c * chunk,
-                                       hi if hi < lay.n_total else lay.n_total,
-                                       kind, p, inv_scale)
+    cdef Pass ps
+    ps.what = PASS_REDUCE
+    ps.kind = kind
+    ps.p = p
+    ps.inv_scale = inv_scale
+    ps.partials = partials
+    run_pass(lay, &ps, n_threads)
     for c in range(n_chunks):
         acc = cc_max_nan(acc, partials[c]) if kind == CC_MAXABS else acc + partials[c]
     return acc
@@ -149,38 +193,12 @@ cdef double layout_norm(const Layout *lay, double norm_type, int n_threads) noex
                    1.0 / norm_type)
 
 
-cdef inline void scale_chunk(const Layout *lay, Py_ssize_t lo, Py_ssize_t hi,
-                             double scale) noexcept nogil:
-    cdef Py_ssize_t s = find_segment(lay, lo), off, take
-    cdef const Segment *seg
-    while lo < hi:
-        seg = &lay.segs[s]
-        off = lo - lay.starts[s]
-        take = seg.n - off
-        if take > hi - lo:
-            take = hi - lo
-        if seg.kind == SEG_F32:
-            cc_scale_f32(<float *>seg.data + off * seg.stride, take, seg.stride, scale)
-        elif seg.kind == SEG_F64:
-            cc_scale_f64(<double *>seg.data + off * seg.stride, take, seg.stride, scale)
-        lo += take
-        s += 1
-
-
 cdef void layout_scale(const Layout *lay, double scale, int n_threads) noexcept nogil:
     """Multiply every writable element of the layout by scale, in place."""
-    cdef Py_ssize_t chunk = chunk_size(lay.n_total)
-    cdef Py_ssize_t n_chunks = (lay.n_total + chunk - 1) // chunk
-    cdef Py_ssize_t c, hi
-    cdef int nt = resolve_threads(lay.n_total, n_threads)
-    if nt > 1:
-        for c in prange(n_chunks, num_threads=nt, schedule='static'):
-            hi = (c + 1) * chunk
-            scale_chunk(lay, c * chunk, hi if hi < lay.n_total else lay.n_total, scale)
-    else:
-        for c in range(n_chunks):
-            hi = (c + 1) * chunk
-            scale_chunk(lay, c * chunk, hi if hi < lay.n_total else lay.n_total, scale)
+    cdef Pass ps
+    ps.what = PASS_SCALE
+    ps.scale = scale
+    run_pass(lay, &ps, n_threads)
 
 
 cdef int layout_from_pointers(Layout *lay, float **ptrs, const Py_ssize_t *lengths,
@@ -232,35 +250,6 @@ cdef void scale_f32(float **ptrs, const Py_ssize_t *lengths, Py_ssize_t count,
     free(lay.starts)
 
 
-cdef extern from * nogil:
-    """
-    /* Clamp a contiguous float32 run into [lo, hi]: max first, then min (as
-     * PyTorch's clamp), written so that a NaN element stays NaN and the
-     * compiler emits packed max/min instructions. */
-    CC_CLONES CC_UNUSED static void cc_clamp_f32(float *x, ptrdiff_t n, float lo, float hi) {
-        for (ptrdiff_t i = 0; i < n; i++) {
-            float v = x[i];
-            v = lo > v ? lo : v;
-            x[i] = v > hi ? hi : v;
-        }
-    }
-    """
-    void cc_clamp_f32(float *x, Py_ssize_t n, float lo, float hi)
-
-
-cdef inline void clamp_chunk(const Layout *lay, Py_ssize_t lo, Py_ssize_t hi,
-                             float lo_b, float hi_b) noexcept nogil:
-    cdef Py_ssize_t s = find_segment(lay, lo), off, take
-    while lo < hi:
-        off = lo - lay.starts[s]
-        take = lay.segs[s].n - off
-        if take > hi - lo:
-            take = hi - lo
-        cc_clamp_f32(<float *>lay.segs[s].data + off, take, lo_b, hi_b)
-        lo += take
-        s += 1
-
-
 cdef int clip_value_f32(float **ptrs, const Py_ssize_t *lengths, Py_ssize_t count,
                         float lo, float hi, int n_threads) noexcept nogil:
     """Clamp count contiguous float32 buffers in place into [lo, hi].
@@ -270,24 +259,16 @@ cdef int clip_value_f32(float **ptrs, const Py_ssize_t *lengths, Py_ssize_t coun
     nothing is written).
     """
     cdef Layout lay
-    cdef Py_ssize_t chunk, n_chunks, c, end
-    cdef int nt
+    cdef Pass ps
     if layout_from_pointers(&lay, ptrs, lengths, count) != 0:
         return -1
     if isnan(lo) or isnan(hi):
         layout_scale(&lay, NAN, n_threads)
     else:
-        chunk = chunk_size(lay.n_total)
-        n_chunks = (lay.n_total + chunk - 1) // chunk
-        nt = resolve_threads(lay.n_total, n_threads)
-        if nt > 1:
-            for c in prange(n_chunks, num_threads=nt, schedule='static'):
-                end = (c + 1) * chunk
-                clamp_chunk(&lay, c * chunk, end if end < lay.n_total else lay.n_total, lo, hi)
-        else:
-            for c in range(n_chunks):
-                end = (c + 1) * chunk
-                clamp_chunk(&lay, c * chunk, end if end < lay.n_total else lay.n_total, lo, hi)
+        ps.what = PASS_CLAMP
+        ps.lo = lo
+        ps.hi = hi
+        run_pass(&lay, &ps, n_threads)
     free(lay.segs)
     free(lay.starts)
     return 0
