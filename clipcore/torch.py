@@ -37,7 +37,6 @@ Importing this module imports torch; ``import clipcore`` alone does not.
 """
 import math
 import operator
-import struct
 import types
 import warnings
 
@@ -57,9 +56,6 @@ _f32 = torch.float32
 _f64 = torch.float64
 _strided = torch.strided
 _grad_of = operator.attrgetter("grad")
-_EPS_F32 = struct.unpack("f", struct.pack("f", 1e-6))[0]    # torch casts the 1e-6 to float32
-_pack_f32 = struct.Struct("f").pack
-_unpack_f32 = struct.Struct("f").unpack
 
 
 def _no_internal_overlap(shape, strides):
@@ -151,49 +147,34 @@ def _check_finite(total_norm, norm_type, error_if_nonfinite):
             f"gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
 
 
-_F32_TINY = 2.0 ** -126     # the smallest normal float32
-
-
-def _round_f32(x):
-    """x rounded to float32 (inf beyond its range), as a Python float."""
-    try:
-        return _unpack_f32(_pack_f32(x))[0]
-    except OverflowError:
-        return math.copysign(math.inf, x)
-
-
 def _coefficient(max_norm, total_norm):
     """torch's ``clamp(max_norm / (total_norm + 1e-6), max=1.0)`` as a Python float.
 
-    torch evaluates it in total_norm's dtype as ``reciprocal(total_norm + 1e-6) * max_norm``
-    with the Python scalars cast to that dtype. For float32 and float64 this repeats those
-    correctly rounded steps (a float32 step done in float64 and rounded once is exact), a
-    few microseconds cheaper than three tensor operations; other dtypes use torch's.
+    For float32 and float64 totals clipcore computes it as torch does (see
+    clipcore._lists.torch_coef), a few microseconds cheaper than three tensor
+    operations; other dtypes use torch's.
     """
     dtype = total_norm.dtype
-    t = total_norm.item()
-    if dtype is _f64 and t != -1e-6:
-        c = 1.0 / (t + 1e-6) * max_norm
-    elif dtype is _f32 and _round_f32(t + _EPS_F32) != 0.0:
-        c = _round_f32(_round_f32(1.0 / _round_f32(t + _EPS_F32)) * _round_f32(max_norm))
-    else:
-        return torch.clamp(max_norm / (total_norm.detach() + 1e-6), max=1.0).item()
-    return 1.0 if c > 1.0 else c     # NaN stays NaN, as in torch.clamp
+    if dtype is _f64 or dtype is _f32:
+        return _lists.torch_clip_coef(total_norm.item(), dtype is _f64, max_norm)
+    return torch.clamp(max_norm / (total_norm.detach() + 1e-6), max=1.0).item()
+
+
+def _torch_multiplies(grads, c):
+    """Multiply the gradients by c where the kernel leaves that to torch: a negative
+    or float32-subnormal coefficient (clipcore._lists.torch_factor)."""
+    if c < 1.0 and _lists.torch_kernel_factor(c) == 1.0:
+        for g in grads:
+            g.mul_(c)
 
 
 def _scale(plan, grads, max_norm, total_norm):
     """Multiply the plan's buffers by torch's clip coefficient, computed as torch does."""
     c = _coefficient(max_norm, total_norm)
-    if c != c:
-        plan.clip_by_global_norm_(0.0, use_norm=c)   # every element becomes NaN, as x * nan
-    elif c >= _F32_TINY or c == 0.0:
-        if c < 1.0:   # c == 1: torch multiplies by 1, a no-op
-            plan.clip_by_global_norm_(c, use_norm=1.0)   # scale = c / 1.0 = c exactly
-    else:
-        # Negative max_norm: the core only shrinks. A coefficient that is subnormal in
-        # float32: the core would apply it in float64, torch in float32. Let torch multiply.
-        for g in grads:
-            g.mul_(c)
+    factor = _lists.torch_kernel_factor(c)
+    if factor != 1.0:
+        _lists.scale_(plan, factor)
+    _torch_multiplies(grads, c)
 
 
 def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):
@@ -338,9 +319,13 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     if not grads:
         return torch.tensor(0.0)
     plan, has_f64 = fast
-    total = _total_norm_tensor(plan.global_norm(norm_type=norm_type), has_f64)
+    max_norm = float(max_norm)
+    # The norm and the scaling in one kernel call (nothing is written when
+    # error_if_nonfinite is to raise).
+    norm = _lists.clip_like_torch_(plan, max_norm, norm_type, has_f64, bool(error_if_nonfinite))
+    total = _total_norm_tensor(norm, has_f64)
     _check_finite(total, norm_type, error_if_nonfinite)
-    _scale(plan, grads, float(max_norm), total)
+    _torch_multiplies(grads, _lists.torch_clip_coef(norm, has_f64, max_norm))
     return total
 
 

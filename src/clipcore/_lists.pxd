@@ -1,6 +1,6 @@
 # Validated lists of buffers, for other clipcore modules that run the kernels.
 cimport numpy as cnp
-from clipcore.kernels cimport Layout
+from clipcore.kernels cimport Layout, clip_rule
 
 cdef class _Buffers:
     cdef Layout lay          # the segments the kernels run over
@@ -14,6 +14,8 @@ cdef class _Buffers:
     cdef int add(self, cnp.ndarray arr, Py_ssize_t index, str name, bint in_place) except -1
     cdef int check_overlaps(self, str name) except -1
     cdef double norm(self, double norm_type, int n_threads) except? -1.0
+    cdef double clip_with(self, clip_rule rule, const void *ctx, double norm_type,
+                          int n_threads) except? -1.0
     cdef double clip(self, double clip_norm, object use_norm, double norm_type,
                      bint error_if_nonfinite, int n_threads) except? -1.0
 

@@ -5,12 +5,13 @@ call: for a list of 2000 small gradients Python-level checks alone would cost
 more than the kernels. Every buffer is checked before any is written.
 """
 cimport numpy as cnp
+from libc.float cimport FLT_MIN
 from libc.math cimport isfinite, isnan, NAN
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy
 
-from clipcore.kernels cimport (Segment, Layout, SEG_F32, SEG_F64, SEG_F64_COPY,
-                               layout_norm, layout_scale)
+from clipcore.kernels cimport (Segment, Layout, SEG_F32, SEG_F64, SEG_F64_COPY, clip_rule,
+                               layout_norm, layout_scale, layout_clip)
 
 import collections.abc
 import numpy as np
@@ -112,6 +113,23 @@ cdef int report_overlap(Extent *exts, Py_ssize_t count, list arrays, str name) e
         if j == 0 or exts[j].hi > max_hi:
             max_hi = exts[j].hi
     return 0
+
+
+ctypedef struct ClipRule:
+    double clip_norm
+    bint error_if_nonfinite
+
+
+cdef double tf_rule(double norm, const void *ctx) noexcept nogil:
+    """clip_by_global_norm_'s factor: clip_norm / norm when the norm is above
+    clip_norm, else 1 (write nothing); a NaN or inf norm gives NaN (TensorFlow's
+    rule: every element becomes NaN), or 1 when that is an error."""
+    cdef const ClipRule *r = <const ClipRule *>ctx
+    if not isfinite(norm):
+        return 1.0 if r.error_if_nonfinite else NAN
+    if norm <= r.clip_norm:
+        return 1.0
+    return r.clip_norm / norm
 
 
 cdef class _Buffers:
@@ -267,26 +285,39 @@ cdef class _Buffers:
             result = layout_norm(&self.lay, norm_type, n_threads)
         return result
 
+    cdef double clip_with(self, clip_rule rule, const void *ctx, double norm_type,
+                          int n_threads) except? -1.0:
+        """The norm, and every buffer multiplied by rule(norm, ctx) unless that is 1."""
+        cdef double norm, scale
+        for arr, copy in self.generic:
+            np.copyto(copy, arr, casting="unsafe")
+        with nogil:
+            norm = layout_clip(&self.lay, norm_type, rule, ctx, n_threads)
+        scale = rule(norm, ctx)
+        if scale != 1.0:
+            for arr, copy in self.generic:
+                np.multiply(arr, scale, out=arr, casting="unsafe")
+        return norm
+
     cdef double clip(self, double clip_norm, object use_norm, double norm_type,
                      bint error_if_nonfinite, int n_threads) except? -1.0:
+        cdef ClipRule rule
         cdef double norm, scale
+        rule.clip_norm = clip_norm
+        rule.error_if_nonfinite = error_if_nonfinite
         if use_norm is None:
-            norm = self.norm(norm_type, n_threads)
+            norm = self.clip_with(tf_rule, &rule, norm_type, n_threads)
         else:
             norm = <double>use_norm
-        if not isfinite(norm):
-            if error_if_nonfinite:
-                raise ValueError(f"the global norm is {norm}, not finite: nothing was "
-                                 f"clipped (error_if_nonfinite=True)")
-            scale = NAN      # TensorFlow's rule: every element becomes NaN
-        elif norm <= clip_norm:
-            return norm      # nothing to clip: write nothing
-        else:
-            scale = clip_norm / norm
-        with nogil:
-            layout_scale(&self.lay, scale, n_threads)
-        for arr, copy in self.generic:
-            np.multiply(arr, scale, out=arr, casting="unsafe")
+            scale = tf_rule(norm, &rule)
+            if scale != 1.0:
+                with nogil:
+                    layout_scale(&self.lay, scale, n_threads)
+                for arr, copy in self.generic:
+                    np.multiply(arr, scale, out=arr, casting="unsafe")
+        if error_if_nonfinite and not isfinite(norm):
+            raise ValueError(f"the global norm is {norm}, not finite: nothing was "
+                             f"clipped (error_if_nonfinite=True)")
         return norm
 
 
@@ -547,3 +578,77 @@ def plan_over_memory(addresses, lengths, is_float64, *, bint writable, n_threads
     plan.buffers = buf
     plan.n_threads = as_threads(n_threads)
     return plan
+
+
+# PyTorch's clip coefficient, for clipcore.torch: computed here so that the
+# kernel applies it in the same parallel region as the norm.
+
+cdef double torch_coef(double norm, bint f64, double max_norm) noexcept nogil:
+    """torch's clamp(max_norm / (total_norm + 1e-6), max=1.0), total_norm being
+    the norm in its dtype (float32 unless f64). torch evaluates it in that dtype
+    as reciprocal(total_norm + 1e-6) * max_norm, the Python numbers cast to it;
+    float arithmetic here is IEEE single precision, each step correctly rounded."""
+    cdef float t
+    cdef double c
+    if f64:
+        c = 1.0 / (norm + 1e-6) * max_norm
+    else:
+        t = <float>norm
+        c = (<float>1.0 / (t + <float>1e-6)) * <float>max_norm
+    return 1.0 if c > 1.0 else c     # NaN stays NaN, as in torch.clamp
+
+
+cdef double torch_factor(double c) noexcept nogil:
+    """The factor the kernel applies for torch's coefficient c (1: nothing).
+
+    1 when c is 1 (torch multiplies by 1); also when c is negative (a negative
+    max_norm: the kernel only shrinks) or a float32 subnormal (the kernel would
+    apply it in float64, torch in float32): the caller lets torch multiply then.
+    """
+    if c != c or c == 0.0 or (FLT_MIN <= c < 1.0):
+        return c
+    return 1.0
+
+
+def torch_clip_coef(double norm, bint f64, double max_norm):
+    """torch's clip coefficient for this norm (see torch_coef)."""
+    return torch_coef(norm, f64, max_norm)
+
+
+def torch_kernel_factor(double c):
+    """The factor the kernel applies for torch's coefficient c (see torch_factor)."""
+    return torch_factor(c)
+
+
+def scale_(Plan plan, double factor):
+    """Multiply the plan's buffers by factor in place (clipcore.torch)."""
+    with nogil:
+        layout_scale(&plan.buffers.lay, factor, plan.n_threads)
+    for arr, copy in plan.buffers.generic:
+        np.multiply(arr, factor, out=arr, casting="unsafe")
+
+
+ctypedef struct TorchRule:
+    double max_norm
+    bint f64
+    bint error_if_nonfinite
+
+
+cdef double torch_rule(double norm, const void *ctx) noexcept nogil:
+    cdef const TorchRule *r = <const TorchRule *>ctx
+    cdef double total = norm if r.f64 else <float>norm
+    if r.error_if_nonfinite and not isfinite(total):
+        return 1.0               # torch raises, modifying nothing
+    return torch_factor(torch_coef(norm, r.f64, r.max_norm))
+
+
+def clip_like_torch_(Plan plan, double max_norm, double norm_type, bint f64,
+                     bint error_if_nonfinite):
+    """The plan's norm, its buffers multiplied by torch_clip_coef's factor, in one
+    kernel call; clipcore.torch raises for error_if_nonfinite and multiplies when
+    the factor is 1 but the coefficient is below 1."""
+    cdef TorchRule rule
+    rule.max_norm = max_norm
+    rule.f64 = f64
+    rule.error_if_nonfinite = error_if_nonfinite
+    return plan.buffers.clip_with(torch_rule, &rule, norm_type, plan.n_threads)

@@ -21,13 +21,22 @@
 #include <math.h>
 #include <float.h>
 
+/* Inside a parallel region: this thread's rank, the team's size, and a
+ * barrier for the whole team (an orphaned barrier binds to the region the
+ * caller runs in). */
 #ifdef _OPENMP
 #include <omp.h>
 static inline int cc_openmp_enabled(void) { return 1; }
 static inline int cc_max_threads(void) { return omp_get_max_threads(); }
+static inline int cc_team_rank(void) { return omp_get_thread_num(); }
+static inline int cc_team_size(void) { return omp_get_num_threads(); }
+static inline void cc_team_barrier(void) { _Pragma("omp barrier") }
 #else
 static inline int cc_openmp_enabled(void) { return 0; }
 static inline int cc_max_threads(void) { return 1; }
+static inline int cc_team_rank(void) { return 0; }
+static inline int cc_team_size(void) { return 1; }
+static inline void cc_team_barrier(void) { }
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \

@@ -31,9 +31,16 @@ ctypedef struct Layout:
     Py_ssize_t n_segs
     Py_ssize_t n_total
 
+# The factor a clip multiplies by, given the norm (1: write nothing; NaN: every
+# element becomes NaN). It runs in every thread of the kernel's team: pure, nogil.
+ctypedef double (*clip_rule)(double norm, const void *ctx) noexcept nogil
+
 cdef int resolve_threads(Py_ssize_t n_total, int n_threads) noexcept nogil
 cdef double layout_norm(const Layout *lay, double norm_type, int n_threads) noexcept nogil
 cdef void layout_scale(const Layout *lay, double scale, int n_threads) noexcept nogil
+# The norm, then the scaling by rule(norm, ctx), in one parallel region; returns the norm.
+cdef double layout_clip(const Layout *lay, double norm_type, clip_rule rule, const void *ctx,
+                        int n_threads) noexcept nogil
 
 # Pointer-and-length forms for other extensions (float32 buffers, contiguous).
 cdef double norm_f32(float **ptrs, const Py_ssize_t *lengths, Py_ssize_t count,

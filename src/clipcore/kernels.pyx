@@ -5,7 +5,7 @@ chunks; chunk boundaries depend only on the total size, so each chunk's
 float64 partial is the same whatever thread computes it, and partials are
 combined in chunk order: the result is bitwise identical for any thread count.
 """
-from cython.parallel cimport prange
+from cython.parallel cimport prange, parallel
 from libc.math cimport sqrt, pow, INFINITY, NAN, isnan
 from libc.stdlib cimport malloc, calloc, free
 
@@ -22,6 +22,9 @@ cdef extern from "cc_loops.h" nogil:
     void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
     void cc_scale_f64(double *x, Py_ssize_t n, Py_ssize_t stride, double s)
     float cc_probe_read_f32(const float *x, Py_ssize_t n)
+    int cc_team_rank()
+    int cc_team_size()
+    void cc_team_barrier()
 
 cdef extern from * nogil:
     """
@@ -145,23 +148,31 @@ cdef void pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize_t
         ps.partials[c] = cc_combine_lanes(acc, ps.kind == CC_MAXABS)
 
 
-cdef void run_pass(const Layout *lay, const Pass *ps, int n_threads) noexcept nogil:
-    """The pass over every chunk, on the threads resolve_threads gives."""
+cdef void pass_block(const Layout *lay, const Pass *ps, int rank, int size) noexcept nogil:
+    """Thread rank of a team of size runs the pass over its block of chunks."""
     cdef Py_ssize_t chunk = chunk_size(lay.n_total)
     cdef Py_ssize_t n_chunks = (lay.n_total + chunk - 1) // chunk, c
-    cdef int nt = resolve_threads(lay.n_total, n_threads)
-    if nt > 1:
-        for c in prange(n_chunks, num_threads=nt, schedule='static'):
-            pass_chunk(lay, ps, c, chunk)
+    for c in range(rank * n_chunks // size, (rank + 1) * n_chunks // size):
+        pass_chunk(lay, ps, c, chunk)
+
+
+cdef void run_pass(const Layout *lay, const Pass *ps, int n_threads) noexcept nogil:
+    """The pass over every chunk, on the threads resolve_threads gives."""
+    if resolve_threads(lay.n_total, n_threads) > 1:
+        with parallel(num_threads=resolve_threads(lay.n_total, n_threads)):
+            pass_block(lay, ps, cc_team_rank(), cc_team_size())
     else:
-        for c in range(n_chunks):
-            pass_chunk(lay, ps, c, chunk)
+        pass_block(lay, ps, 0, 1)
 
 
-cdef double reduce_layout(const Layout *lay, int kind, double p, double inv_scale,
-                          int n_threads) noexcept nogil:
-    """Sum (or NaN-propagating max) of per-element terms over the layout."""
-    cdef double partials[MAX_CHUNKS]
+# The norm and the clip run as a team: every thread of one parallel region
+# reduces its block of chunks, waits for the others, then adds all partials
+# itself in chunk order (the same bits in every thread), so the norm, the
+# scale and the scaling pass need no second region.
+
+cdef double team_reduce(const Layout *lay, int kind, double p, double inv_scale,
+                        double *partials, int rank, int size) noexcept nogil:
+    """Sum (or NaN-propagating max) of per-element terms, in every thread of the team."""
     cdef Py_ssize_t n_chunks = (lay.n_total + chunk_size(lay.n_total) - 1) // chunk_size(lay.n_total), c
     cdef double acc = 0.0
     cdef Pass ps
@@ -170,27 +181,67 @@ cdef double reduce_layout(const Layout *lay, int kind, double p, double inv_scal
     ps.p = p
     ps.inv_scale = inv_scale
     ps.partials = partials
-    run_pass(lay, &ps, n_threads)
+    pass_block(lay, &ps, rank, size)
+    if size > 1:
+        cc_team_barrier()        # every partial written
     for c in range(n_chunks):
         acc = cc_max_nan(acc, partials[c]) if kind == CC_MAXABS else acc + partials[c]
+    if size > 1:
+        cc_team_barrier()        # every partial read before the next reduction writes
     return acc
 
 
-cdef double layout_norm(const Layout *lay, double norm_type, int n_threads) noexcept nogil:
-    """The norm_type-norm over all elements of the layout (norm_type > 0)."""
+cdef double team_norm(const Layout *lay, double norm_type, double *partials,
+                      int rank, int size) noexcept nogil:
+    """The norm_type-norm over all elements (norm_type > 0), in every thread of the team."""
     cdef double m
     if lay.n_total == 0:
         return 0.0
     if norm_type == 2.0:
-        return sqrt(reduce_layout(lay, CC_SUMSQ, 2.0, 1.0, n_threads))
+        return sqrt(team_reduce(lay, CC_SUMSQ, 2.0, 1.0, partials, rank, size))
     if norm_type == 1.0:
-        return reduce_layout(lay, CC_SUMABS, 1.0, 1.0, n_threads)
-    m = reduce_layout(lay, CC_MAXABS, 0.0, 1.0, n_threads)
+        return team_reduce(lay, CC_SUMABS, 1.0, 1.0, partials, rank, size)
+    m = team_reduce(lay, CC_MAXABS, 0.0, 1.0, partials, rank, size)
     if norm_type == INFINITY or m == 0.0 or m == INFINITY or isnan(m):
         return m
     # sum (|x|/m)^p never overflows; the norm is m * (that sum)^(1/p).
-    return m * pow(reduce_layout(lay, CC_SUMPOW, norm_type, 1.0 / m, n_threads),
+    return m * pow(team_reduce(lay, CC_SUMPOW, norm_type, 1.0 / m, partials, rank, size),
                    1.0 / norm_type)
+
+
+cdef void team_clip(const Layout *lay, double norm_type, clip_rule rule, const void *ctx,
+                    double *partials, double *norm_out, int rank, int size) noexcept nogil:
+    """The norm, then rule(norm) as the factor (1: write nothing); thread 0 stores the norm."""
+    cdef double norm = team_norm(lay, norm_type, partials, rank, size), scale = 1.0
+    cdef Pass ps
+    if rule != NULL:
+        scale = rule(norm, ctx)
+    if scale != 1.0:             # NaN included
+        ps.what = PASS_SCALE
+        ps.scale = scale
+        pass_block(lay, &ps, rank, size)
+    if rank == 0:
+        norm_out[0] = norm
+
+
+cdef double layout_clip(const Layout *lay, double norm_type, clip_rule rule, const void *ctx,
+                        int n_threads) noexcept nogil:
+    """The norm_type-norm of the layout; then every element is multiplied by
+    rule(norm, ctx) unless that is 1 (rule NULL: the norm only). One parallel region."""
+    cdef double partials[MAX_CHUNKS]
+    cdef double norm = 0.0
+    cdef int nt = resolve_threads(lay.n_total, n_threads)
+    if nt > 1:
+        with parallel(num_threads=nt):
+            team_clip(lay, norm_type, rule, ctx, partials, &norm, cc_team_rank(), cc_team_size())
+    else:
+        team_clip(lay, norm_type, rule, ctx, partials, &norm, 0, 1)
+    return norm
+
+
+cdef double layout_norm(const Layout *lay, double norm_type, int n_threads) noexcept nogil:
+    """The norm_type-norm over all elements of the layout (norm_type > 0)."""
+    return layout_clip(lay, norm_type, NULL, NULL, n_threads)
 
 
 cdef void layout_scale(const Layout *lay, double scale, int n_threads) noexcept nogil:
