@@ -31,8 +31,9 @@ Results JSON (``results.json``), schema ``clipcore-bench/2``::
                            "seconds": wall time of its process (absent if not run)}},
      "ceilings": {workload: {"values", "bytes", "read_s": [...], "rw_s": [...],
                              "rw_alone_s": [...]}},
-                 (the probe's passes, 2 x repeat of each: a read pass and the
-                 read-write pass after it; a read-write pass on its own)
+                 (the probe's passes: a read pass and the read-write pass after
+                 it; a read-write pass on its own; 2 x repeat of each with the
+                 run's thread count, and as many with one thread if that differs)
      "cases": [{"key", "label", "workload", "op", "tensors", "values", "bytes",
                 "traffic_bytes", "params": {...},
                 "ceiling": {"kind", "best_s", "gbps"} | null,
@@ -344,18 +345,21 @@ def probe_ceiling(data, threads, repeat, warmup=1):
     its own (what an in-place elementwise op does). Each probe runs after
     ``data.restore()``, as every timed call does: a pass straight after the
     restore also pays for writing the restored data back from the cache, which
-    a pass after the read pass has already done.
+    a pass after the read pass has already done. The probes run with the
+    run's thread count and with one thread (on a few MB, waking a second
+    thread costs more than it saves): the lists hold both.
     """
     read, rw, rw_alone = [], [], []
     for i in range(warmup + repeat):
-        data.restore()
-        r, w = kernels.bandwidth_probe(data.work, threads)
-        data.restore()
-        w_alone = kernels.bandwidth_probe(data.work, threads, read=False)[1]
-        if i >= warmup:
-            read.append(r)
-            rw.append(w)
-            rw_alone.append(w_alone)
+        for nt in sorted({threads, 1}):
+            data.restore()
+            r, w = kernels.bandwidth_probe(data.work, nt)
+            data.restore()
+            w_alone = kernels.bandwidth_probe(data.work, nt, read=False)[1]
+            if i >= warmup:
+                read.append(r)
+                rw.append(w)
+                rw_alone.append(w_alone)
     return read, rw, rw_alone
 
 
@@ -786,8 +790,9 @@ def format_table(results):
             lines.append(row)
     lines += ["", "GB/s: the bytes the operation must move at least (clipping: read for the "
                   "norm, read + write to scale) / median time.",
-              "ceiling: the fastest of 2 x repeat bandwidth probes over as many bytes, each on "
-              "freshly restored data, run before and after clipcore's calls.",
+              "ceiling: the fastest bandwidth probe over as many bytes (2 x repeat with the "
+              "run's threads, as many with one), each on freshly restored data, run before "
+              "and after clipcore's calls.",
               "% ceiling: the ceiling's time / the row's time. speed-up: the row's time / "
               "clipcore's time (Plan: / the Plan's time).",
               "Each family ran in its own process, all with the same thread count."]

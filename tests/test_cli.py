@@ -235,7 +235,8 @@ def check_schema(r, repeat):
     assert set(r["families"]) == {"clipcore", "numpy", "torch", "tensorflow"}
     for w, c in r["ceilings"].items():
         assert c["bytes"] == 4 * c["values"]
-        assert len(c["read_s"]) == len(c["rw_s"]) == len(c["rw_alone_s"]) == 2 * repeat
+        per_count = 2 * repeat * len({r["threads"], 1})       # the run's threads and one
+        assert len(c["read_s"]) == len(c["rw_s"]) == len(c["rw_alone_s"]) == per_count
     for case in r["cases"]:
         for key in ("key", "label", "workload", "op", "tensors", "values", "bytes",
                     "traffic_bytes", "params", "ceiling", "results", "speedup"):
