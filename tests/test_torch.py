@@ -105,6 +105,17 @@ def assert_norm_close(ours, theirs, dtype):
     torch.testing.assert_close(ours, theirs, rtol=rtol, atol=0, equal_nan=True)
 
 
+def assert_clips_like_torch(ours, max_norm=0.5):
+    """clip_grad_norm_ on ours and torch's on a twin: the same norm and gradients."""
+    theirs = twin(ours)
+    n_ours = ct.clip_grad_norm_(ours, max_norm)
+    n_theirs = tu.clip_grad_norm_(theirs, max_norm)
+    assert n_ours.shape == () and n_ours.dtype == n_theirs.dtype
+    torch.testing.assert_close(n_ours, n_theirs, rtol=2e-5, atol=0)   # torch: float32 sums
+    for a, b in zip(grads_of(ours), grads_of(theirs)):
+        torch.testing.assert_close(a, b, rtol=5e-5, atol=0)
+
+
 # --- clip_grad_norm_ -------------------------------------------------------------------
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES + ["inf"])
@@ -573,13 +584,7 @@ def test_changed_grads_between_calls(change, no_fallback):
         ours[0].grad = g.double()
     elif change == "drop_one":
         ours[1].grad = None
-    theirs = twin(ours)
-    n_ours = ct.clip_grad_norm_(ours, 0.5)
-    n_theirs = tu.clip_grad_norm_(theirs, 0.5)
-    assert n_ours.dtype == n_theirs.dtype     # float64 when a float64 gradient came in
-    torch.testing.assert_close(n_ours, n_theirs, rtol=2e-5, atol=0)
-    for a, b in zip(grads_of(ours), grads_of(theirs)):
-        torch.testing.assert_close(a, b, rtol=5e-5, atol=0)
+    assert_clips_like_torch(ours)     # the norm is float64 when a float64 gradient came in
 
 
 def test_keeps_no_gradient_alive(no_fallback):
@@ -604,12 +609,7 @@ def test_fresh_grads_every_step_never_use_a_stale_plan(no_fallback):
             p.grad = None
         for i, p in enumerate(ours):
             p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 10 + i))
-        theirs = twin(ours)
-        n_ours = ct.clip_grad_norm_(ours, 0.5)
-        n_theirs = tu.clip_grad_norm_(theirs, 0.5)
-        assert_norm_close(n_ours, n_theirs, torch.float32)
-        for a, b in zip(grads_of(ours), grads_of(theirs)):
-            torch.testing.assert_close(a, b, rtol=5e-5, atol=0)
+        assert_clips_like_torch(ours)
 
 
 def test_get_total_norm_of_the_same_tensor_twice(no_fallback):
@@ -626,12 +626,7 @@ def test_restrided_grad_between_calls(no_fallback):
     for _ in range(2):
         ct.clip_grad_norm_(ours, 1e9)
     ours[0].grad.as_strided_((40, 30), (120, 2))            # same pointer and size, other memory
-    theirs = twin(ours)
-    n_ours = ct.clip_grad_norm_(ours, 0.5)
-    n_theirs = tu.clip_grad_norm_(theirs, 0.5)
-    assert_norm_close(n_ours, n_theirs, torch.float32)
-    for a, b in zip(grads_of(ours), grads_of(theirs)):
-        torch.testing.assert_close(a, b, rtol=5e-5, atol=0)
+    assert_clips_like_torch(ours)
 
 
 def test_threads_clipping_their_own_models_at_once(no_fallback):
