@@ -45,7 +45,7 @@ import torch
 from torch.nn import utils as _torch
 
 import clipcore
-from clipcore import _lists
+from clipcore import _lists, _torch as _compiled
 from clipcore import kernels as _kernels
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
@@ -71,8 +71,8 @@ def _no_internal_overlap(shape, strides):
 def _memory(tensors, writable):
     """(addresses, lengths, float64 flags) of plain contiguous CPU float32/float64
     tensors, "strided" when some are strided, or None for torch's own path
-    (see clipcore._lists.tensor_memory)."""
-    return _lists.tensor_memory(tensors, writable, _PLAIN_TYPES, _f32, _f64, _strided)
+    (see clipcore._torch.tensor_memory)."""
+    return _compiled.tensor_memory(tensors, writable, _PLAIN_TYPES, _f32, _f64, _strided)
 
 
 def _strided_views(tensors, writable):
@@ -151,19 +151,19 @@ def _coefficient(max_norm, total_norm):
     """torch's ``clamp(max_norm / (total_norm + 1e-6), max=1.0)`` as a Python float.
 
     For float32 and float64 totals clipcore computes it as torch does (see
-    clipcore._lists.torch_coef), a few microseconds cheaper than three tensor
+    clipcore._torch.torch_coef), a few microseconds cheaper than three tensor
     operations; other dtypes use torch's.
     """
     dtype = total_norm.dtype
     if dtype is _f64 or dtype is _f32:
-        return _lists.torch_clip_coef(total_norm.item(), dtype is _f64, max_norm)
+        return _compiled.torch_clip_coef(total_norm.item(), dtype is _f64, max_norm)
     return torch.clamp(max_norm / (total_norm.detach() + 1e-6), max=1.0).item()
 
 
 def _torch_multiplies(grads, c):
     """Multiply the gradients by c where the kernel leaves that to torch: a negative
-    or float32-subnormal coefficient (clipcore._lists.torch_factor)."""
-    if c < 1.0 and _lists.torch_kernel_factor(c) == 1.0:
+    or float32-subnormal coefficient (clipcore._torch.torch_factor)."""
+    if c < 1.0 and _compiled.torch_kernel_factor(c) == 1.0:
         for g in grads:
             g.mul_(c)
 
@@ -171,7 +171,7 @@ def _torch_multiplies(grads, c):
 def _scale(plan, grads, max_norm, total_norm):
     """Multiply the plan's buffers by torch's clip coefficient, computed as torch does."""
     c = _coefficient(max_norm, total_norm)
-    factor = _lists.torch_kernel_factor(c)
+    factor = _compiled.torch_kernel_factor(c)
     if factor != 1.0:
         _lists.scale_(plan, factor)
     _torch_multiplies(grads, c)
@@ -322,10 +322,10 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     max_norm = float(max_norm)
     # The norm and the scaling in one kernel call (nothing is written when
     # error_if_nonfinite is to raise).
-    norm = _lists.clip_like_torch_(plan, max_norm, norm_type, has_f64, bool(error_if_nonfinite))
+    norm = _compiled.clip_like_torch_(plan, max_norm, norm_type, has_f64, bool(error_if_nonfinite))
     total = _total_norm_tensor(norm, has_f64)
     _check_finite(total, norm_type, error_if_nonfinite)
-    _torch_multiplies(grads, _lists.torch_clip_coef(norm, has_f64, max_norm))
+    _torch_multiplies(grads, _compiled.torch_clip_coef(norm, has_f64, max_norm))
     return total
 
 

@@ -14,10 +14,16 @@ cdef class _Buffers:
     cdef int add(self, cnp.ndarray arr, Py_ssize_t index, str name, bint in_place) except -1
     cdef int check_overlaps(self, str name) except -1
     cdef double norm(self, double norm_type, int n_threads) except? -1.0
+    cdef int scale_generic(self, double factor) except -1
+    cdef int scale(self, double factor, int n_threads) except -1
     cdef double clip_with(self, clip_rule rule, const void *ctx, double norm_type,
                           int n_threads) except? -1.0
     cdef double clip(self, double clip_norm, object use_norm, double norm_type,
                      bint error_if_nonfinite, int n_threads) except? -1.0
+
+cdef class Plan:
+    cdef _Buffers buffers
+    cdef int n_threads
 
 cdef tuple as_tuple(object t_list, str name)
 cdef _Buffers collect(object t_list, bint in_place, str name)

@@ -5,7 +5,6 @@ call: for a list of 2000 small gradients Python-level checks alone would cost
 more than the kernels. Every buffer is checked before any is written.
 """
 cimport numpy as cnp
-from libc.float cimport FLT_MIN
 from libc.math cimport isfinite, isnan, NAN
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy
@@ -285,18 +284,29 @@ cdef class _Buffers:
             result = layout_norm(&self.lay, norm_type, n_threads)
         return result
 
+    cdef int scale_generic(self, double factor) except -1:
+        """NumPy scales the buffers the kernels only read a float64 copy of."""
+        for arr, copy in self.generic:
+            np.multiply(arr, factor, out=arr, casting="unsafe")
+        return 0
+
+    cdef int scale(self, double factor, int n_threads) except -1:
+        """Every buffer multiplied by factor, in place."""
+        with nogil:
+            layout_scale(&self.lay, factor, n_threads)
+        return self.scale_generic(factor)
+
     cdef double clip_with(self, clip_rule rule, const void *ctx, double norm_type,
                           int n_threads) except? -1.0:
         """The norm, and every buffer multiplied by rule(norm, ctx) unless that is 1."""
-        cdef double norm, scale
+        cdef double norm, factor
         for arr, copy in self.generic:
             np.copyto(copy, arr, casting="unsafe")
         with nogil:
             norm = layout_clip(&self.lay, norm_type, rule, ctx, n_threads)
-        scale = rule(norm, ctx)
-        if scale != 1.0:
-            for arr, copy in self.generic:
-                np.multiply(arr, scale, out=arr, casting="unsafe")
+        factor = rule(norm, ctx)
+        if factor != 1.0:
+            self.scale_generic(factor)
         return norm
 
     cdef double clip(self, double clip_norm, object use_norm, double norm_type,
@@ -311,10 +321,7 @@ cdef class _Buffers:
             norm = <double>use_norm
             scale = tf_rule(norm, &rule)
             if scale != 1.0:
-                with nogil:
-                    layout_scale(&self.lay, scale, n_threads)
-                for arr, copy in self.generic:
-                    np.multiply(arr, scale, out=arr, casting="unsafe")
+                self.scale(scale, n_threads)
         if error_if_nonfinite and not isfinite(norm):
             raise ValueError(f"the global norm is {norm}, not finite: nothing was "
                              f"clipped (error_if_nonfinite=True)")
@@ -477,9 +484,6 @@ cdef class Plan:
     >>> grads[0]
     array([1.5, 2. ], dtype=float32)
     """
-    cdef _Buffers buffers
-    cdef int n_threads
-
     def __init__(self, t_list, *, n_threads=None):
         self.n_threads = as_threads(n_threads)
         self.buffers = collect(t_list, True, "t_list")
@@ -505,38 +509,6 @@ cdef class Plan:
         if use_norm is not None:
             use_norm = as_real(use_norm, "use_norm")
         return self.buffers.clip(c, use_norm, p, bool(error_if_nonfinite), self.n_threads)
-
-
-def tensor_memory(list tensors, bint writable, tuple plain_types, f32, f64, strided_layout):
-    """Where a list of PyTorch tensors' values lie, for clipcore.torch's fast path.
-
-    Returns (addresses, lengths, float64 flags) when every tensor's type is
-    one of plain_types and it is a contiguous CPU tensor of dtype f32 or f64
-    and layout strided_layout (and does not require grad, for writing);
-    "strided" when they are that except that some are not contiguous; None
-    otherwise (torch's own path). Here rather than in Python because it runs
-    for every tensor at every call: seven attribute reads each, and with
-    2000 gradients the interpreter's share of them is a tenth of the call.
-    torch is not imported: its types and dtypes come in as arguments.
-    """
-    cdef list addresses = [], lengths = [], is_f64 = []
-    cdef object t, dtype
-    try:
-        for t in tensors:
-            if type(t) not in plain_types:
-                return None
-            dtype = t.dtype
-            if ((dtype is not f32 and dtype is not f64) or not t.is_cpu
-                    or t.layout is not strided_layout or (writable and t.requires_grad)):
-                return None
-            if not t.is_contiguous():
-                return "strided"
-            addresses.append(t.data_ptr())
-            lengths.append(t.numel())
-            is_f64.append(dtype is f64)
-    except RuntimeError:    # no storage (functorch's wrappers and the like)
-        return None
-    return addresses, lengths, is_f64
 
 
 def plan_over_memory(addresses, lengths, is_float64, *, bint writable, n_threads=None):
@@ -580,75 +552,6 @@ def plan_over_memory(addresses, lengths, is_float64, *, bint writable, n_threads
     return plan
 
 
-# PyTorch's clip coefficient, for clipcore.torch: computed here so that the
-# kernel applies it in the same parallel region as the norm.
-
-cdef double torch_coef(double norm, bint f64, double max_norm) noexcept nogil:
-    """torch's clamp(max_norm / (total_norm + 1e-6), max=1.0), total_norm being
-    the norm in its dtype (float32 unless f64). torch evaluates it in that dtype
-    as reciprocal(total_norm + 1e-6) * max_norm, the Python numbers cast to it;
-    float arithmetic here is IEEE single precision, each step correctly rounded."""
-    cdef float t
-    cdef double c
-    if f64:
-        c = 1.0 / (norm + 1e-6) * max_norm
-    else:
-        t = <float>norm
-        c = (<float>1.0 / (t + <float>1e-6)) * <float>max_norm
-    return 1.0 if c > 1.0 else c     # NaN stays NaN, as in torch.clamp
-
-
-cdef double torch_factor(double c) noexcept nogil:
-    """The factor the kernel applies for torch's coefficient c (1: nothing).
-
-    1 when c is 1 (torch multiplies by 1); also when c is negative (a negative
-    max_norm: the kernel only shrinks) or a float32 subnormal (the kernel would
-    apply it in float64, torch in float32): the caller lets torch multiply then.
-    """
-    if c != c or c == 0.0 or (FLT_MIN <= c < 1.0):
-        return c
-    return 1.0
-
-
-def torch_clip_coef(double norm, bint f64, double max_norm):
-    """torch's clip coefficient for this norm (see torch_coef)."""
-    return torch_coef(norm, f64, max_norm)
-
-
-def torch_kernel_factor(double c):
-    """The factor the kernel applies for torch's coefficient c (see torch_factor)."""
-    return torch_factor(c)
-
-
 def scale_(Plan plan, double factor):
     """Multiply the plan's buffers by factor in place (clipcore.torch)."""
-    with nogil:
-        layout_scale(&plan.buffers.lay, factor, plan.n_threads)
-    for arr, copy in plan.buffers.generic:
-        np.multiply(arr, factor, out=arr, casting="unsafe")
-
-
-ctypedef struct TorchRule:
-    double max_norm
-    bint f64
-    bint error_if_nonfinite
-
-
-cdef double torch_rule(double norm, const void *ctx) noexcept nogil:
-    cdef const TorchRule *r = <const TorchRule *>ctx
-    cdef double total = norm if r.f64 else <float>norm
-    if r.error_if_nonfinite and not isfinite(total):
-        return 1.0               # torch raises, modifying nothing
-    return torch_factor(torch_coef(norm, r.f64, r.max_norm))
-
-
-def clip_like_torch_(Plan plan, double max_norm, double norm_type, bint f64,
-                     bint error_if_nonfinite):
-    """The plan's norm, its buffers multiplied by torch_clip_coef's factor, in one
-    kernel call; clipcore.torch raises for error_if_nonfinite and multiplies when
-    the factor is 1 but the coefficient is below 1."""
-    cdef TorchRule rule
-    rule.max_norm = max_norm
-    rule.f64 = f64
-    rule.error_if_nonfinite = error_if_nonfinite
-    return plan.buffers.clip_with(torch_rule, &rule, norm_type, plan.n_threads)
+    plan.buffers.scale(factor, plan.n_threads)

@@ -72,6 +72,10 @@ cdef inline Py_ssize_t chunk_size(Py_ssize_t n_total) noexcept nogil:
     return c if c > CHUNK_MIN else CHUNK_MIN
 
 
+cdef inline Py_ssize_t chunk_count(Py_ssize_t n_total) noexcept nogil:
+    return (n_total + chunk_size(n_total) - 1) // chunk_size(n_total)
+
+
 cdef int resolve_threads(Py_ssize_t n_total, int n_threads) noexcept nogil:
     """Threads to use: n_threads if > 0, else what OpenMP may use; 1 for small work."""
     cdef Py_ssize_t n_chunks
@@ -81,7 +85,7 @@ cdef int resolve_threads(Py_ssize_t n_total, int n_threads) noexcept nogil:
         if n_total < AUTO_PARALLEL_MIN:
             return 1
         n_threads = cc_max_threads()
-    n_chunks = (n_total + chunk_size(n_total) - 1) // chunk_size(n_total)
+    n_chunks = chunk_count(n_total)
     if n_threads > n_chunks:
         n_threads = <int>n_chunks
     return n_threads if n_threads > 0 else 1
@@ -150,16 +154,16 @@ cdef void pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize_t
 
 cdef void pass_block(const Layout *lay, const Pass *ps, int rank, int size) noexcept nogil:
     """Thread rank of a team of size runs the pass over its block of chunks."""
-    cdef Py_ssize_t chunk = chunk_size(lay.n_total)
-    cdef Py_ssize_t n_chunks = (lay.n_total + chunk - 1) // chunk, c
+    cdef Py_ssize_t chunk = chunk_size(lay.n_total), n_chunks = chunk_count(lay.n_total), c
     for c in range(rank * n_chunks // size, (rank + 1) * n_chunks // size):
         pass_chunk(lay, ps, c, chunk)
 
 
 cdef void run_pass(const Layout *lay, const Pass *ps, int n_threads) noexcept nogil:
     """The pass over every chunk, on the threads resolve_threads gives."""
-    if resolve_threads(lay.n_total, n_threads) > 1:
-        with parallel(num_threads=resolve_threads(lay.n_total, n_threads)):
+    cdef int nt = resolve_threads(lay.n_total, n_threads)
+    if nt > 1:
+        with parallel(num_threads=nt):
             pass_block(lay, ps, cc_team_rank(), cc_team_size())
     else:
         pass_block(lay, ps, 0, 1)
@@ -173,7 +177,7 @@ cdef void run_pass(const Layout *lay, const Pass *ps, int n_threads) noexcept no
 cdef double team_reduce(const Layout *lay, int kind, double p, double inv_scale,
                         double *partials, int rank, int size) noexcept nogil:
     """Sum (or NaN-propagating max) of per-element terms, in every thread of the team."""
-    cdef Py_ssize_t n_chunks = (lay.n_total + chunk_size(lay.n_total) - 1) // chunk_size(lay.n_total), c
+    cdef Py_ssize_t c
     cdef double acc = 0.0
     cdef Pass ps
     ps.what = PASS_REDUCE
@@ -184,7 +188,7 @@ cdef double team_reduce(const Layout *lay, int kind, double p, double inv_scale,
     pass_block(lay, &ps, rank, size)
     if size > 1:
         cc_team_barrier()        # every partial written
-    for c in range(n_chunks):
+    for c in range(chunk_count(lay.n_total)):
         acc = cc_max_nan(acc, partials[c]) if kind == CC_MAXABS else acc + partials[c]
     if size > 1:
         cc_team_barrier()        # every partial read before the next reduction writes
@@ -377,7 +381,7 @@ def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True):
     cdef float sink = 0
     cdef int nt = n_threads if n_threads > 0 else cc_max_threads()
     chunk = chunk_size(n)
-    n_chunks = (n + chunk - 1) // chunk
+    n_chunks = chunk_count(n)
     t0 = perf_counter()
     if read:
         with nogil:
