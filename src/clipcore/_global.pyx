@@ -152,6 +152,7 @@ cdef void scale_range(const Pair *pairs, const Py_ssize_t *starts, Py_ssize_t co
     cdef Py_ssize_t a = 0, b = count - 1, mid, off, take
     cdef char *p[3]
     cdef Py_ssize_t st[3]
+    # The output's size in bytes, at least: total * 4.
     cdef cc_loop_fn f32 = cc_get_loop_for(CC_F32, CC_OP_MUL, total * 4)
     cdef cc_loop_fn f64 = cc_get_loop_for(CC_F64, CC_OP_MUL, total * 4)
     st[0] = 1

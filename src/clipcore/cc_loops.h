@@ -156,11 +156,13 @@ CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
 /* Hand-written AVX-512 form of the contiguous float32 sum-of-squares, sum-abs
  * and max-abs reductions. GCC's vectorized generic loop runs about 15% slower
  * (its converts don't take memory operands) and its scalar tail makes each
- * small buffer cost more; here the tail is a masked load. Every element goes
- * to the same lane (its index modulo CC_LANES) with the same operations as in
- * the generic loop, so the result does not depend on which path ran. Max-abs
- * works on the bits: for |x| (sign cleared) unsigned integer order is float
- * order, and a NaN's bits are above inf's, so a plain integer max keeps NaN. */
+ * small buffer cost more; here the tail is a masked load. In the sums every
+ * element goes to the same lane (its index modulo CC_LANES) with the same
+ * operations as in the generic loop, so the result does not depend on which
+ * path ran; a maximum is exact in any order. Max-abs works on the bits: for
+ * |x| (sign cleared) unsigned integer order is float order, and a NaN's bits
+ * are above inf's, so a plain integer max keeps NaN. */
+
 /* Masks selecting the first `left` of the next 8 (16) elements. */
 CC_AVX512 static inline __mmask8 cc_mask8(ptrdiff_t left) {
     return left >= 8 ? 0xff : left > 0 ? (__mmask8)((1u << left) - 1) : 0;
