@@ -40,7 +40,6 @@ def tensor_memory(list tensors, bint writable, tuple plain_types, f32, f64, stri
     return addresses, lengths, is_f64
 
 
-
 # torch's clip coefficient, computed here so that the kernel applies it in
 # the same parallel region as the norm.
 
