@@ -10,7 +10,7 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy
 
 from clipcore.kernels cimport (Segment, Layout, SEG_F32, SEG_F64, SEG_F64_COPY, clip_rule,
-                               layout_norm, layout_scale, layout_clip)
+                               layout_scale, layout_clip)
 
 import collections.abc
 import numpy as np
@@ -277,12 +277,7 @@ cdef class _Buffers:
         return 0
 
     cdef double norm(self, double norm_type, int n_threads) except? -1.0:
-        cdef double result
-        for arr, copy in self.generic:
-            np.copyto(copy, arr, casting="unsafe")
-        with nogil:
-            result = layout_norm(&self.lay, norm_type, n_threads)
-        return result
+        return self.clip_with(NULL, NULL, norm_type, n_threads)
 
     cdef int scale_generic(self, double factor) except -1:
         """NumPy scales the buffers the kernels only read a float64 copy of."""
@@ -298,13 +293,15 @@ cdef class _Buffers:
 
     cdef double clip_with(self, clip_rule rule, const void *ctx, double norm_type,
                           int n_threads) except? -1.0:
-        """The norm, and every buffer multiplied by rule(norm, ctx) unless that is 1."""
-        cdef double norm, factor
+        """The norm, and every buffer multiplied by rule(norm, ctx) unless that is 1
+        (rule NULL: the norm only)."""
+        cdef double norm, factor = 1.0
         for arr, copy in self.generic:
             np.copyto(copy, arr, casting="unsafe")
         with nogil:
             norm = layout_clip(&self.lay, norm_type, rule, ctx, n_threads)
-        factor = rule(norm, ctx)
+        if rule != NULL:
+            factor = rule(norm, ctx)
         if factor != 1.0:
             self.scale_generic(factor)
         return norm

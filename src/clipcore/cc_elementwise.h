@@ -218,27 +218,24 @@ CC_DEFINE_STREAM_BODIES(f64, double, __m512d, 8, _mm512_set1_pd, _mm512_loadu_pd
 
 /* The twins' dispatchers: the loop signature, the plain loop when the case
  * or the CPU does not fit. Operands: max/min/mul (x, s, o), clip (x, lo, hi, o). */
+/* x op scalar -> o (maximum, minimum, multiply); a NaN scalar goes to the
+ * plain loop, whose NaN rules the packed max/min do not follow. */
+#define CC_DEFINE_STREAM_VS(NAME, T)                                            \
+static void NAME##_stream(char *const *p, const ptrdiff_t *s, ptrdiff_t n) {    \
+    const T b = *(const T *)p[1];                                               \
+    if (s[0] == 1 && s[1] == 0 && s[2] == 1 && p[2] != p[0] && b == b && cc_avx512_usable()) \
+        NAME##_nt((const T *)p[0], 0, b, (T *)p[2], n);                         \
+    else NAME(p, s, n); }
 #define CC_DEFINE_STREAM(SUF, T)                                                \
-static void cc_max_##SUF##_stream(char *const *p, const ptrdiff_t *s, ptrdiff_t n) { \
-    const T b = *(const T *)p[1];                                               \
-    if (s[0] == 1 && s[1] == 0 && s[2] == 1 && p[2] != p[0] && b == b && cc_avx512_usable()) \
-        cc_max_##SUF##_nt((const T *)p[0], 0, b, (T *)p[2], n);                 \
-    else cc_max_##SUF(p, s, n); }                                               \
-static void cc_min_##SUF##_stream(char *const *p, const ptrdiff_t *s, ptrdiff_t n) { \
-    const T b = *(const T *)p[1];                                               \
-    if (s[0] == 1 && s[1] == 0 && s[2] == 1 && p[2] != p[0] && b == b && cc_avx512_usable()) \
-        cc_min_##SUF##_nt((const T *)p[0], 0, b, (T *)p[2], n);                 \
-    else cc_min_##SUF(p, s, n); }                                               \
+CC_DEFINE_STREAM_VS(cc_max_##SUF, T)                                            \
+CC_DEFINE_STREAM_VS(cc_min_##SUF, T)                                            \
+CC_DEFINE_STREAM_VS(cc_mul_##SUF, T)                                            \
 static void cc_clip_##SUF##_stream(char *const *p, const ptrdiff_t *s, ptrdiff_t n) { \
     const T lo = *(const T *)p[1], hi = *(const T *)p[2];                       \
     if (s[0] == 1 && s[1] == 0 && s[2] == 0 && s[3] == 1 && p[3] != p[0]        \
             && lo == lo && hi == hi && cc_avx512_usable())                      \
         cc_clip_##SUF##_nt((const T *)p[0], lo, hi, (T *)p[3], n);              \
-    else cc_clip_##SUF(p, s, n); }                                              \
-static void cc_mul_##SUF##_stream(char *const *p, const ptrdiff_t *s, ptrdiff_t n) { \
-    if (s[0] == 1 && s[1] == 0 && s[2] == 1 && p[2] != p[0] && cc_avx512_usable()) \
-        cc_mul_##SUF##_nt((const T *)p[0], 0, *(const T *)p[1], (T *)p[2], n);  \
-    else cc_mul_##SUF(p, s, n); }
+    else cc_clip_##SUF(p, s, n); }
 CC_DEFINE_STREAM(f32, float)
 CC_DEFINE_STREAM(f64, double)
 static const cc_loop_fn cc_stream_loops[2][CC_NOPS] = {
