@@ -57,9 +57,9 @@ CC_CLONES static void NAME##_vv_inb(const T *a, T *b, ptrdiff_t n) {            
     for (ptrdiff_t i = 0; i < n; i++) b[i] = OPV(a[i], b[i], ISNAN); }           \
 CC_CLONES static void NAME##_vs(const T *CC_RESTRICT a, T b, T *CC_RESTRICT o,   \
                                 ptrdiff_t n) {                                   \
-    for (ptrdiff_t i = 0; i < n; i++) o[i] = OPV(a[i], b, ISNAN); }              \
+    CC_FOR_PREFETCHED(T, a, n, o[i] = OPV(a[i], b, ISNAN)) }                     \
 CC_CLONES static void NAME##_vs_in(T *a, T b, ptrdiff_t n) {                     \
-    for (ptrdiff_t i = 0; i < n; i++) a[i] = OPV(a[i], b, ISNAN); }              \
+    CC_FOR_PREFETCHED(T, a, n, a[i] = OPV(a[i], b, ISNAN)) }                     \
 CC_CLONES static void NAME##_sv(T a, const T *CC_RESTRICT b, T *CC_RESTRICT o,   \
                                 ptrdiff_t n) {                                   \
     for (ptrdiff_t i = 0; i < n; i++) o[i] = OPV(a, b[i], ISNAN); }              \
@@ -89,11 +89,11 @@ static void NAME(char *const *p, const ptrdiff_t *s, ptrdiff_t n) {             
 #define CC_DEFINE_CLIP(NAME, T, ISNAN)                                          \
 CC_CLONES static void NAME##_ss(const T *CC_RESTRICT x, T lo, T hi,              \
                                 T *CC_RESTRICT o, ptrdiff_t n) {                 \
-    for (ptrdiff_t i = 0; i < n; i++) {                                          \
-        T v = x[i]; v = hi < v ? hi : v; o[i] = v < lo ? lo : v; } }             \
+    CC_FOR_PREFETCHED(T, x, n, T v = x[i]; v = hi < v ? hi : v;                  \
+                               o[i] = v < lo ? lo : v) }                         \
 CC_CLONES static void NAME##_ss_in(T *x, T lo, T hi, ptrdiff_t n) {              \
-    for (ptrdiff_t i = 0; i < n; i++) {                                          \
-        T v = x[i]; v = hi < v ? hi : v; x[i] = v < lo ? lo : v; } }             \
+    CC_FOR_PREFETCHED(T, x, n, T v = x[i]; v = hi < v ? hi : v;                  \
+                               x[i] = v < lo ? lo : v) }                         \
 static void NAME(char *const *p, const ptrdiff_t *s, ptrdiff_t n) {             \
     const T *x = (const T *)p[0], *lo = (const T *)p[1], *hi = (const T *)p[2];  \
     T *o = (T *)p[3];                                                            \
@@ -118,9 +118,9 @@ static void NAME(char *const *p, const ptrdiff_t *s, ptrdiff_t n) {             
 #define CC_DEFINE_MUL(NAME, T)                                                  \
 CC_CLONES static void NAME##_vs(const T *CC_RESTRICT x, T s, T *CC_RESTRICT o,   \
                                 ptrdiff_t n) {                                   \
-    for (ptrdiff_t i = 0; i < n; i++) o[i] = x[i] * s; }                         \
+    CC_FOR_PREFETCHED(T, x, n, o[i] = x[i] * s) }                                \
 CC_CLONES static void NAME##_vs_in(T *x, T s, ptrdiff_t n) {                     \
-    for (ptrdiff_t i = 0; i < n; i++) x[i] *= s; }                               \
+    CC_FOR_PREFETCHED(T, x, n, x[i] *= s) }                                      \
 CC_CLONES static void NAME##_vv(const T *CC_RESTRICT x, const T *CC_RESTRICT s,  \
                                 T *CC_RESTRICT o, ptrdiff_t n) {                 \
     for (ptrdiff_t i = 0; i < n; i++) o[i] = x[i] * s[i]; }                      \
@@ -192,7 +192,9 @@ CC_AVX512 static void NAME(const T *x, T a, T b, T *o, ptrdiff_t n) {          \
     const VT va = SET1(a), vb = SET1(b);                                        \
     (void)va;                                                                   \
     for (; i < n && ((uintptr_t)(o + i) & 63); i++) o[i] = OPS(x[i]);           \
-    for (; i + W <= n; i += W) STREAM(o + i, OPV(LOADU(x + i)));                \
+    for (; i + W <= n; i += W) {                                                \
+        CC_PREFETCH((const char *)(x + i) + CC_PREFETCH_BYTES);                 \
+        STREAM(o + i, OPV(LOADU(x + i))); }                                     \
     for (; i < n; i++) o[i] = OPS(x[i]);                                        \
     _mm_sfence();                                                               \
 }

@@ -39,6 +39,34 @@ static inline int cc_team_size(void) { return 1; }
 static inline void cc_team_barrier(void) { }
 #endif
 
+/* Software prefetch for the streaming loops: each block of CC_BLOCK_BYTES
+ * first asks for the block CC_PREFETCH_BYTES ahead. On data in a large L3
+ * (ResNet-50's 102 MB of gradients on a server CPU) the hardware prefetcher
+ * alone left the sum of squares at 60% of a plain read loop's speed, and an
+ * in-place scale 15% slower (2 threads, 3.2 -> 2.2 ms and 2.2 -> 1.9 ms);
+ * in L2 it changes nothing. A prefetch past the end of a buffer never faults. */
+#if defined(__GNUC__) || defined(__clang__)
+#define CC_PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#else
+#define CC_PREFETCH(p) ((void)0)
+#endif
+#define CC_PREFETCH_BYTES 4096
+#define CC_BLOCK_BYTES 256
+#define CC_PREFETCH_AHEAD(p, bytes)                                            \
+    { const char *ahead_ = (const char *)(p) + CC_PREFETCH_BYTES;              \
+      for (int line_ = 0; line_ < (int)(bytes); line_ += 64)                   \
+          CC_PREFETCH(ahead_ + line_); }
+/* for (i = 0; i < n; i++) BODY over a contiguous array of T at base, in
+ * blocks that prefetch ahead (the inner loop has a constant trip count, so
+ * it still vectorizes). BODY is a statement using i. */
+#define CC_BLOCK_OF(T) ((ptrdiff_t)(CC_BLOCK_BYTES / sizeof(T)))
+#define CC_FOR_PREFETCHED(T, base, n, ...)                                     \
+    { ptrdiff_t i_ = 0;                                                        \
+      for (; i_ + CC_BLOCK_OF(T) <= (n); i_ += CC_BLOCK_OF(T)) {               \
+          CC_PREFETCH_AHEAD((base) + i_, CC_BLOCK_BYTES)                       \
+          for (ptrdiff_t i = i_; i < i_ + CC_BLOCK_OF(T); i++) { __VA_ARGS__; } } \
+      for (ptrdiff_t i = i_; i < (n); i++) { __VA_ARGS__; } }
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
     defined(__linux__) && !defined(CLIPCORE_NATIVE)
 #define CC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -108,9 +136,10 @@ CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
         const ptrdiff_t nv = n - n % CC_LANES;                                 \
         switch (kind) {                                                        \
         case CC_SUMSQ:                                                         \
-            for (; i < nv; i += CC_LANES)                                      \
+            for (; i < nv; i += CC_LANES) {                                    \
+                CC_PREFETCH_AHEAD(x + i, sizeof *x * CC_LANES)                 \
                 for (int k = 0; k < CC_LANES; k++) {                           \
-                    double v = (double)x[i + k]; acc[k] += v * v; }            \
+                    double v = (double)x[i + k]; acc[k] += v * v; } }          \
             break;                                                             \
         case CC_SUMABS:                                                        \
             for (; i < nv; i += CC_LANES)                                      \
@@ -178,6 +207,7 @@ CC_AVX512 static inline __mmask16 cc_mask16(ptrdiff_t left) {
 #define CC_EACH8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
 #define CC_AVX512_BLOCKS(STEP)                                                 \
     for (; i + CC_LANES <= n; i += CC_LANES) {                                 \
+        CC_PREFETCH_AHEAD(x + i, sizeof *x * CC_LANES)                         \
         const ptrdiff_t left = CC_LANES; CC_EACH8(STEP) }                      \
     if (i < n) { const ptrdiff_t left = n - i; CC_EACH8(STEP) }
 #define CC_LOAD8(j) cc_mask8(left - 8 * j), x + i + 8 * j
@@ -200,6 +230,7 @@ CC_AVX512 CC_UNUSED static void cc_reduce_f32_avx512(const float *x, ptrdiff_t n
         __m512i m0 = _mm512_setzero_si512(), m1 = m0, m2 = m0, m3 = m0;
         union { unsigned int bits; float value; } top;
         for (; i + CC_LANES <= n; i += CC_LANES) {
+            CC_PREFETCH_AHEAD(x + i, sizeof *x * CC_LANES)
             const ptrdiff_t left = CC_LANES; CC_EACH4(CC_MAXABS_STEP) }
         if (i < n) { const ptrdiff_t left = n - i; CC_EACH4(CC_MAXABS_STEP) }
         top.bits = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_max_epu32(m0, m1),
@@ -260,7 +291,7 @@ CC_DEFINE_REDUCE_ONE(cc_reduce_one_f64, cc_reduce_f64, double)
 CC_CLONES CC_UNUSED static void cc_scale_f32(float *x, ptrdiff_t n, ptrdiff_t stride, double s) {
     const float sf = (float)s;
     if (!(fabs(s) < FLT_MIN) || s == 0.0) {
-        if (stride == 1) { for (ptrdiff_t i = 0; i < n; i++) x[i] *= sf; }
+        if (stride == 1) CC_FOR_PREFETCHED(float, x, n, x[i] *= sf)
         else { for (ptrdiff_t i = 0; i < n; i++) x[i * stride] *= sf; }
     } else {
         for (ptrdiff_t i = 0; i < n; i++) x[i * stride] = (float)((double)x[i * stride] * s);
@@ -268,17 +299,20 @@ CC_CLONES CC_UNUSED static void cc_scale_f32(float *x, ptrdiff_t n, ptrdiff_t st
 }
 
 CC_CLONES CC_UNUSED static void cc_scale_f64(double *x, ptrdiff_t n, ptrdiff_t stride, double s) {
-    if (stride == 1) { for (ptrdiff_t i = 0; i < n; i++) x[i] *= s; }
+    if (stride == 1) CC_FOR_PREFETCHED(double, x, n, x[i] *= s)
     else { for (ptrdiff_t i = 0; i < n; i++) x[i * stride] *= s; }
 }
 
 /* Bandwidth probes for the benchmarks' ceiling: the simplest streaming loops
- * (one read pass; one read-write pass) over a contiguous float32 buffer. */
+ * (one read pass; one read-write pass) over a contiguous float32 buffer,
+ * prefetching as the kernels do, so the ceiling stays a ceiling. */
 CC_CLONES CC_UNUSED static float cc_probe_read_f32(const float *x, ptrdiff_t n) {
     float acc[CC_LANES] = {0};
     ptrdiff_t i = 0;
-    for (; i + CC_LANES <= n; i += CC_LANES)
+    for (; i + CC_LANES <= n; i += CC_LANES) {
+        CC_PREFETCH_AHEAD(x + i, sizeof *x * CC_LANES)
         for (int k = 0; k < CC_LANES; k++) acc[k] += x[i + k];
+    }
     float s = 0;
     for (int k = 0; k < CC_LANES; k++) s += acc[k];
     for (; i < n; i++) s += x[i];
