@@ -26,8 +26,20 @@ cdef extern from "cc_loops.h" nogil:
     int cc_team_size()
     void cc_team_barrier()
 
+cdef extern from "cc_elementwise.h" nogil:
+    ctypedef void (*cc_loop_fn)(char **p, const Py_ssize_t *s, Py_ssize_t n)
+    enum: CC_F32, CC_OP_MUL
+    cc_loop_fn cc_get_loop_for(int tcode, int op, Py_ssize_t out_bytes)
+
 cdef extern from * nogil:
     """
+    /* o = x * 1 with the given elementwise multiply loop (the copy probe). */
+    static void cc_probe_copy_f32(cc_loop_fn mul, const float *x, float *o, ptrdiff_t n) {
+        static const float one = 1.0f;
+        char *p[3] = { (char *)x, (char *)&one, (char *)o };
+        const ptrdiff_t s[3] = { 1, 0, 1 };
+        mul(p, s, n);
+    }
     /* Clamp a contiguous float32 run into [lo, hi]: max first, then min (as
      * PyTorch's clamp), written so that a NaN element stays NaN and the
      * compiler emits packed max/min instructions. */
@@ -40,6 +52,7 @@ cdef extern from * nogil:
     }
     """
     void cc_clamp_f32(float *x, Py_ssize_t n, float lo, float hi)
+    void cc_probe_copy_f32(cc_loop_fn mul, const float *x, float *o, Py_ssize_t n)
 
 # Chunks hold at least CHUNK_MIN elements and there are at most MAX_CHUNKS of
 # them, so the partials fit on the stack: no allocation proportional to data.
@@ -369,17 +382,26 @@ def simd_path():
     return cc_simd_path().decode()
 
 
-def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True):
+def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::1] out=None):
     """A read pass, then a read-write pass (x *= 1) over buf, for the benchmarks' ceiling.
 
     Returns (seconds_read, seconds_read_write), timed inside the kernel;
     with read=False only the read-write pass runs and seconds_read is None.
+    With out (as long as buf), the second pass copies buf into out instead,
+    with the stores an elementwise op's out= uses (streaming ones when out is
+    large): the ceiling of a read pass and a write pass over two buffers.
     """
     from time import perf_counter
     cdef Py_ssize_t n = buf.shape[0], chunk, n_chunks, c, lo, hi
     cdef float *x = &buf[0] if n else NULL
+    cdef float *o = NULL
+    cdef cc_loop_fn copy = cc_get_loop_for(CC_F32, CC_OP_MUL, n * 4)
     cdef float sink = 0
     cdef int nt = n_threads if n_threads > 0 else cc_max_threads()
+    if out is not None:
+        if out.shape[0] != n:
+            raise ValueError(f"out: {out.shape[0]} elements, buf has {n}")
+        o = &out[0] if n else NULL
     chunk = chunk_size(n)
     n_chunks = chunk_count(n)
     t0 = perf_counter()
@@ -394,7 +416,10 @@ def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True):
         for c in prange(n_chunks, num_threads=nt, schedule='static'):
             lo = c * chunk
             hi = lo + chunk if lo + chunk < n else n
-            cc_scale_f32(x + lo, hi - lo, 1, 1.0)
+            if o == NULL:
+                cc_scale_f32(x + lo, hi - lo, 1, 1.0)
+            else:
+                cc_probe_copy_f32(copy, x + lo, o + lo, hi - lo)
     t2 = perf_counter()
     return (t1 - t0) if read else None, t2 - t1
 
