@@ -189,6 +189,45 @@ def test_indexed_slices_like_objects():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_in_place_twins_follow_the_rules(dtype):
+    # In place with a scalar operand, float buffers take hand-written AVX-512
+    # loops (four vectors per step, then a scalar tail): every length around
+    # the vector widths, at several starts, against TF's rules written in NumPy.
+    rng = np.random.default_rng(11)
+    special = np.array([np.nan, -0.0, 0.0, np.inf, -np.inf, 0.5, -0.5, 2.0], dtype)
+    s = dtype(0.25)
+
+    def maximum(a, b):
+        return np.where(a < b, b, a)
+
+    def minimum(a, b):
+        return np.where(b < a, b, a)
+
+    cases = [(lambda v: clipcore.maximum(v, s, out=v), lambda a: maximum(a, s)),
+             (lambda v: clipcore.minimum(v, s, out=v), lambda a: minimum(a, s)),
+             (lambda v: clipcore.relu_(v), lambda a: maximum(a, dtype(0))),
+             (lambda v: clipcore.clip_by_value_(v, -0.25, 0.75),
+              lambda a: maximum(minimum(a, dtype(0.75)), dtype(-0.25)))]
+    for n in (0, 1, 7, 15, 16, 17, 63, 64, 65, 127, 128, 129, 1000, 4099):
+        for start in (0, 1, 3):
+            base = rng.standard_normal(n + start).astype(dtype)
+            base[start:] = np.where(rng.random(n) < 0.2, rng.choice(special, n), base[start:])
+            for run, rule in cases:
+                buf = base.copy()
+                v = buf[start:]
+                want = rule(v.copy())
+                run(v)
+                assert v.tobytes() == want.tobytes(), (n, start)
+            # the scaling pass of the norm clips: x * scale in x's dtype
+            finite = np.nan_to_num(base[start:], posinf=3.0, neginf=-3.0)
+            if n and np.any(finite):
+                v = finite.copy()
+                norm = clipcore.clip_by_global_norm_([v], 1e-3)
+                scale = dtype(1e-3 / norm) if dtype == np.float32 else 1e-3 / norm
+                np.testing.assert_array_equal(v, finite * scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_large_outputs_equal_the_plain_loops(dtype, n_threads):
     # Outputs of 16 MiB and more go to memory through streaming stores (their

@@ -227,11 +227,7 @@ def ew_apply(int op, int tcode, tuple operands, int n_threads):
     for d in range(job.nd):
         total *= job.shape[d]
     total *= job.inner
-    for k in range(nop - 1):
-        if job.base[k] == job.base[nop - 1]:     # in place: no streaming stores
-            break
-    else:
-        job.fn = cc_get_loop_for(tcode, op, total * itemsize)
+    job.fn = cc_get_loop_for(tcode, op, total * itemsize)   # in place: see its dispatcher
     cdef int nt = resolve_threads(total, n_threads)
     with nogil:
         ew_parallel(&job, total, nt)

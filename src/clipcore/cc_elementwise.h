@@ -171,7 +171,7 @@ CC_UNUSED static inline cc_loop_fn cc_get_loop(int tcode, int op) {
     return cc_loops[tcode][op];
 }
 
-/* ---- Streaming twins of the float loops, for large outputs. ----
+/* ---- AVX-512 twins of the float loops: streaming, for large outputs, and in place. ----
  * An output written with ordinary stores is first read into the cache (each
  * store that misses fetches its line): a third memory pass besides reading
  * the input and writing the output. For an output too large to stay in the
@@ -180,8 +180,8 @@ CC_UNUSED static inline cc_loop_fn cc_get_loop(int tcode, int op) {
  * packed instructions give exactly the plain loop's results (see the NaN and
  * zero rules above: with a scalar that is not NaN, maximum(x, b) is
  * max_ps(b, x) and minimum(x, b) is min_ps(b, x), which return x when x is
- * NaN or equal to b); anything else goes to the plain loop. Callers choose a
- * twin only when the whole output is large (a call sees one chunk). */
+ * NaN or equal to b); anything else goes to the plain loop. The in-place
+ * twins take the same case with o == x. */
 #ifdef CC_AVX512_PATHS
 /* o[i] = OPV(x[i]) for n elements: plain stores up to o's 64-byte boundary
  * and for the tail, streaming stores between; fenced so the data are in
@@ -201,15 +201,12 @@ CC_AVX512 static void NAME(const T *x, T a, T b, T *o, ptrdiff_t n) {          \
 #define CC_MAX_S(v) ((v) < b ? b : (v))          /* CC_MAXV(x, b) for b not NaN */
 #define CC_MIN_S(v) (b < (v) ? b : (v))          /* CC_MINV(x, b) for b not NaN */
 #define CC_CLIP_S(v) (a > (b < (v) ? b : (v)) ? a : (b < (v) ? b : (v)))   /* a=lo, b=hi */
-#define CC_MUL_S(v) ((v) * b)
 #define CC_MAX_V32(v) _mm512_max_ps(vb, v)
 #define CC_MIN_V32(v) _mm512_min_ps(vb, v)
 #define CC_CLIP_V32(v) _mm512_max_ps(va, _mm512_min_ps(vb, v))
-#define CC_MUL_V32(v) _mm512_mul_ps(v, vb)
 #define CC_MAX_V64(v) _mm512_max_pd(vb, v)
 #define CC_MIN_V64(v) _mm512_min_pd(vb, v)
 #define CC_CLIP_V64(v) _mm512_max_pd(va, _mm512_min_pd(vb, v))
-#define CC_MUL_V64(v) _mm512_mul_pd(v, vb)
 #define CC_DEFINE_STREAM_BODIES(SUF, T, VT, W, SET1, LOADU, STREAM, V)          \
     CC_DEFINE_STREAM_BODY(cc_max_##SUF##_nt, T, VT, W, SET1, LOADU, STREAM, CC_MAX_S, CC_MAX_##V) \
     CC_DEFINE_STREAM_BODY(cc_min_##SUF##_nt, T, VT, W, SET1, LOADU, STREAM, CC_MIN_S, CC_MIN_##V) \
@@ -217,44 +214,62 @@ CC_AVX512 static void NAME(const T *x, T a, T b, T *o, ptrdiff_t n) {          \
     CC_DEFINE_STREAM_BODY(cc_mul_##SUF##_nt, T, VT, W, SET1, LOADU, STREAM, CC_MUL_S, CC_MUL_##V)
 CC_DEFINE_STREAM_BODIES(f32, float, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_stream_ps, V32)
 CC_DEFINE_STREAM_BODIES(f64, double, __m512d, 8, _mm512_set1_pd, _mm512_loadu_pd, _mm512_stream_pd, V64)
+/* In-place twins (cc_mul_*_in lives in cc_loops.h, beside the scaling pass). */
+#define CC_DEFINE_IN_PLACE(SUF, T, VT, W, SET1, LOADU, STOREU, V)               \
+    CC_DEFINE_PACKED_IN_PLACE(cc_max_##SUF##_in, T, VT, W, SET1, LOADU, STOREU, CC_MAX_S, CC_MAX_##V) \
+    CC_DEFINE_PACKED_IN_PLACE(cc_min_##SUF##_in, T, VT, W, SET1, LOADU, STOREU, CC_MIN_S, CC_MIN_##V) \
+    CC_DEFINE_PACKED_IN_PLACE(cc_clip_##SUF##_in, T, VT, W, SET1, LOADU, STOREU, CC_CLIP_S, CC_CLIP_##V)
+CC_DEFINE_IN_PLACE(f32, float, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, V32)
+CC_DEFINE_IN_PLACE(f64, double, __m512d, 8, _mm512_set1_pd, _mm512_loadu_pd, _mm512_storeu_pd, V64)
 
-/* The twins' dispatchers: the loop signature, the plain loop when the case
- * or the CPU does not fit. Operands: max/min/mul (x, s, o), clip (x, lo, hi, o). */
-/* x op scalar -> o (maximum, minimum, multiply); a NaN scalar goes to the
- * plain loop, whose NaN rules the packed max/min do not follow. */
-#define CC_DEFINE_STREAM_VS(NAME, T)                                            \
-static void NAME##_stream(char *const *p, const ptrdiff_t *s, ptrdiff_t n) {    \
+/* The twins' dispatchers, with the loop signature: in place, the in-place
+ * twin; out of place, the streaming twin (NT 1) or the plain loop (NT 0); the
+ * plain loop too when the case or the CPU does not fit: a NaN scalar (whose
+ * NaN rules the packed max/min do not follow), strides, another CPU.
+ * Operands: max/min/mul (x, s, o), clip (x, lo, hi, o). */
+#define CC_DEFINE_PACKED_VS(NAME, T, SUFFIX, NT)                                \
+static void NAME##SUFFIX(char *const *p, const ptrdiff_t *s, ptrdiff_t n) {    \
     const T b = *(const T *)p[1];                                               \
-    if (s[0] == 1 && s[1] == 0 && s[2] == 1 && p[2] != p[0] && b == b && cc_avx512_usable()) \
-        NAME##_nt((const T *)p[0], 0, b, (T *)p[2], n);                         \
-    else NAME(p, s, n); }
-#define CC_DEFINE_STREAM(SUF, T)                                                \
-CC_DEFINE_STREAM_VS(cc_max_##SUF, T)                                            \
-CC_DEFINE_STREAM_VS(cc_min_##SUF, T)                                            \
-CC_DEFINE_STREAM_VS(cc_mul_##SUF, T)                                            \
-static void cc_clip_##SUF##_stream(char *const *p, const ptrdiff_t *s, ptrdiff_t n) { \
+    if (s[0] == 1 && s[1] == 0 && s[2] == 1 && b == b && cc_avx512_usable()) {  \
+        if (p[2] == p[0]) { NAME##_in((T *)p[2], 0, b, n); return; }          \
+        if (NT) { NAME##_nt((const T *)p[0], 0, b, (T *)p[2], n); return; }    \
+    }                                                                           \
+    NAME(p, s, n); }
+#define CC_DEFINE_PACKED_CLIP(SUF, T, SUFFIX, NT)                               \
+static void cc_clip_##SUF##SUFFIX(char *const *p, const ptrdiff_t *s, ptrdiff_t n) { \
     const T lo = *(const T *)p[1], hi = *(const T *)p[2];                       \
-    if (s[0] == 1 && s[1] == 0 && s[2] == 0 && s[3] == 1 && p[3] != p[0]        \
-            && lo == lo && hi == hi && cc_avx512_usable())                      \
-        cc_clip_##SUF##_nt((const T *)p[0], lo, hi, (T *)p[3], n);              \
-    else cc_clip_##SUF(p, s, n); }
-CC_DEFINE_STREAM(f32, float)
-CC_DEFINE_STREAM(f64, double)
-static const cc_loop_fn cc_stream_loops[2][CC_NOPS] = {
-    { cc_max_f32_stream, cc_min_f32_stream, cc_clip_f32_stream, cc_mul_f32_stream },
-    { cc_max_f64_stream, cc_min_f64_stream, cc_clip_f64_stream, cc_mul_f64_stream },
-};
+    if (s[0] == 1 && s[1] == 0 && s[2] == 0 && s[3] == 1 && lo == lo && hi == hi \
+            && cc_avx512_usable()) {                                            \
+        if (p[3] == p[0]) { cc_clip_##SUF##_in((T *)p[3], lo, hi, n); return; } \
+        if (NT) { cc_clip_##SUF##_nt((const T *)p[0], lo, hi, (T *)p[3], n); return; } \
+    }                                                                           \
+    cc_clip_##SUF(p, s, n); }
+#define CC_DEFINE_PACKED(SUF, T, SUFFIX, NT)                                    \
+CC_DEFINE_PACKED_VS(cc_max_##SUF, T, SUFFIX, NT)                                \
+CC_DEFINE_PACKED_VS(cc_min_##SUF, T, SUFFIX, NT)                                \
+CC_DEFINE_PACKED_VS(cc_mul_##SUF, T, SUFFIX, NT)                                \
+CC_DEFINE_PACKED_CLIP(SUF, T, SUFFIX, NT)
+CC_DEFINE_PACKED(f32, float, _stream, 1)
+CC_DEFINE_PACKED(f64, double, _stream, 1)
+CC_DEFINE_PACKED(f32, float, _packed, 0)
+CC_DEFINE_PACKED(f64, double, _packed, 0)
+#define CC_ROW(SUF, SUFFIX) { cc_max_##SUF##SUFFIX, cc_min_##SUF##SUFFIX,           \
+                              cc_clip_##SUF##SUFFIX, cc_mul_##SUF##SUFFIX }
+static const cc_loop_fn cc_stream_loops[2][CC_NOPS] = { CC_ROW(f32, _stream), CC_ROW(f64, _stream) };
+static const cc_loop_fn cc_packed_loops[2][CC_NOPS] = { CC_ROW(f32, _packed), CC_ROW(f64, _packed) };
+#undef CC_ROW
 #endif
 
-/* The loop for an output of out_bytes bytes: a streaming twin when it is at
- * least CC_STREAM_MIN_BYTES (half the L3 cache of the machines we measure
- * on; a smaller output stays in the cache for its next use). */
+/* The loop for an output of out_bytes bytes (in place or not): for the float
+ * types the twins' dispatcher, streaming when the output is at least
+ * CC_STREAM_MIN_BYTES (half the L3 cache of the machines we measured on; a
+ * smaller output stays in the cache for its next use). Callers decide by the
+ * whole output: a call sees one chunk. */
 #define CC_STREAM_MIN_BYTES ((ptrdiff_t)1 << 24)
 CC_UNUSED static inline cc_loop_fn cc_get_loop_for(int tcode, int op, ptrdiff_t out_bytes) {
 #ifdef CC_AVX512_PATHS
-    if (out_bytes >= CC_STREAM_MIN_BYTES && (tcode == CC_F32 || tcode == CC_F64)
-            && op >= 0 && op < CC_NOPS)
-        return cc_stream_loops[tcode][op];
+    if ((tcode == CC_F32 || tcode == CC_F64) && op >= 0 && op < CC_NOPS)
+        return (out_bytes >= CC_STREAM_MIN_BYTES ? cc_stream_loops : cc_packed_loops)[tcode][op];
 #else
     (void)out_bytes;
 #endif

@@ -287,12 +287,44 @@ CC_UNUSED static double NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,       \
 CC_DEFINE_REDUCE_ONE(cc_reduce_one_f32, cc_reduce_f32, float)
 CC_DEFINE_REDUCE_ONE(cc_reduce_one_f64, cc_reduce_f64, double)
 
+#ifdef CC_AVX512_PATHS
+/* x[i] = OPV(x[i]) in place over a contiguous run, four AVX-512 vectors per
+ * block after a prefetch; OPS is the same for one element (the tail). The
+ * operation sees the scalars a and b (va, vb as vectors). Hand-written:
+ * the compiler's vectorized form of the same loop ran at memory speed or
+ * 15-20% below it depending on where the linker placed it (Xeon, GCC 12). */
+#define CC_DEFINE_PACKED_IN_PLACE(NAME, T, VT, W, SET1, LOADU, STOREU, OPS, OPV) \
+CC_AVX512 CC_UNUSED static void NAME(T *x, T a, T b, ptrdiff_t n) {            \
+    const VT va = SET1(a), vb = SET1(b);                                        \
+    ptrdiff_t i = 0;                                                            \
+    (void)va; (void)vb;                                                         \
+    for (; i + 4 * W <= n; i += 4 * W) {                                        \
+        CC_PREFETCH_AHEAD(x + i, 4 * W * sizeof(T))                             \
+        STOREU(x + i, OPV(LOADU(x + i)));                                       \
+        STOREU(x + i + W, OPV(LOADU(x + i + W)));                               \
+        STOREU(x + i + 2 * W, OPV(LOADU(x + i + 2 * W)));                       \
+        STOREU(x + i + 3 * W, OPV(LOADU(x + i + 3 * W)));                       \
+    }                                                                           \
+    for (; i < n; i++) x[i] = OPS(x[i]);                                        \
+}
+#define CC_MUL_S(v) ((v) * b)
+#define CC_MUL_V32(v) _mm512_mul_ps(v, vb)
+#define CC_MUL_V64(v) _mm512_mul_pd(v, vb)
+CC_DEFINE_PACKED_IN_PLACE(cc_mul_f32_in, float, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps,
+                          _mm512_storeu_ps, CC_MUL_S, CC_MUL_V32)
+CC_DEFINE_PACKED_IN_PLACE(cc_mul_f64_in, double, __m512d, 8, _mm512_set1_pd, _mm512_loadu_pd,
+                          _mm512_storeu_pd, CC_MUL_S, CC_MUL_V64)
+#endif
+
 /* float32 buffers are multiplied by the float32 scale (as TensorFlow does),
  * except when that scale would be subnormal and lose digits (clipping a huge
  * norm to a small one): then in float64, rounded once. */
 CC_CLONES CC_UNUSED static void cc_scale_f32(float *x, ptrdiff_t n, ptrdiff_t stride, double s) {
     const float sf = (float)s;
     if (!(fabs(s) < FLT_MIN) || s == 0.0) {
+#ifdef CC_AVX512_PATHS
+        if (stride == 1 && cc_avx512_usable()) { cc_mul_f32_in(x, 0, sf, n); return; }
+#endif
         if (stride == 1) CC_FOR_PREFETCHED(float, x, n, x[i] *= sf)
         else { for (ptrdiff_t i = 0; i < n; i++) x[i * stride] *= sf; }
     } else {
@@ -301,6 +333,9 @@ CC_CLONES CC_UNUSED static void cc_scale_f32(float *x, ptrdiff_t n, ptrdiff_t st
 }
 
 CC_CLONES CC_UNUSED static void cc_scale_f64(double *x, ptrdiff_t n, ptrdiff_t stride, double s) {
+#ifdef CC_AVX512_PATHS
+    if (stride == 1 && cc_avx512_usable()) { cc_mul_f64_in(x, 0, s, n); return; }
+#endif
     if (stride == 1) CC_FOR_PREFETCHED(double, x, n, x[i] *= s)
     else { for (ptrdiff_t i = 0; i < n; i++) x[i * stride] *= s; }
 }
