@@ -193,7 +193,7 @@ CC_AVX512 static void NAME(const T *x, T a, T b, T *o, ptrdiff_t n) {          \
     (void)va;                                                                   \
     for (; i < n && ((uintptr_t)(o + i) & 63); i++) o[i] = OPS(x[i]);           \
     for (; i + W <= n; i += W) {                                                \
-        CC_PREFETCH((const char *)(x + i) + CC_PREFETCH_BYTES);                 \
+        CC_PREFETCH_LINE(x + i)                                                 \
         STREAM(o + i, OPV(LOADU(x + i))); }                                     \
     for (; i < n; i++) o[i] = OPS(x[i]);                                        \
     _mm_sfence();                                                               \
