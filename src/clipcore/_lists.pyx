@@ -27,14 +27,15 @@ ctypedef struct Extent:
 
 
 cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
-    """Sort extents by lo: LSD radix sort on lo - min(lo), 11 bits per pass.
+    """Sort extents by lo: LSD radix sort on lo - min(lo), 11 bits per pass,
+    from the lowest bit that varies (buffers are aligned: their low bits are 0).
 
     Thousands of extents are sorted on every in-place call; this is several
     times faster than qsort's comparator calls.
     """
     cdef Py_ssize_t i, d
-    cdef size_t base, span = 0, key
-    cdef int shift
+    cdef size_t base, span = 0, key, varying = 0
+    cdef int shift, passes = 0
     cdef Py_ssize_t count[2048]
     cdef Extent *tmp
     cdef Extent *swap
@@ -53,13 +54,17 @@ cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
         if <size_t>a[i].lo < base:
             base = <size_t>a[i].lo
     for i in range(n):
-        if <size_t>a[i].lo - base > span:
-            span = <size_t>a[i].lo - base
+        key = <size_t>a[i].lo - base
+        varying |= key
+        if key > span:
+            span = key
     tmp = <Extent *>malloc(n * sizeof(Extent))
     if tmp == NULL:
         raise MemoryError()
     shift = 0
-    while shift == 0 or (shift < 64 and (span >> shift) != 0):
+    while shift < 64 and varying and not (varying >> shift) & 1:
+        shift += 1
+    while passes == 0 or (shift < 64 and (span >> shift) != 0):
         for d in range(2048):
             count[d] = 0
         for i in range(n):
@@ -76,7 +81,8 @@ cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
         a = tmp
         tmp = swap
         shift += 11
-    if (shift // 11) % 2:           # odd number of passes: the result is in the scratch
+        passes += 1
+    if passes % 2:                  # odd number of passes: the result is in the scratch
         memcpy(tmp, a, n * sizeof(Extent))
         free(a)
     else:
