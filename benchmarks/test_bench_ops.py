@@ -6,8 +6,8 @@ read-write pass over the same 16M float32 values (what an in-place
 elementwise op must move; the allocating forms and clip_by_norm move more),
 and the elementwise groups a ``ceiling out=`` row for the ``out=`` forms: the
 probe's copy into a second buffer (a read pass and a write pass over two
-buffers, 128 MB, which need not fit in the cache as one 64 MB buffer does). At the end a table of medians, % of the ceiling and speed-ups
-is printed. Run
+buffers, 128 MB, which need not fit in the cache as one 64 MB buffer does).
+At the end a table of medians, % of the ceiling and speed-ups is printed. Run
 
     PYTHONPATH=$PWD python -m pytest benchmarks/test_bench_ops.py -p no:randomly
 
@@ -91,9 +91,10 @@ def ceiling(benchmark, table, group, data, both_passes=False, out=None, name="ce
     """The probe's read-write pass over the buffer (after its read pass if
     both_passes; with out, a copy into out: what an out= op must move, over
     two buffers that may not both fit in the cache): the faster of all
-    threads and one (on a busy shared machine one thread can be the faster). Each kept probe follows one with the same
-    thread count, as each timed op follows the same op: a pass on all threads
-    straight after a one-thread pass ran up to 60% slower here."""
+    threads and one (on a busy shared machine one thread can be the faster).
+    Each kept probe follows one with the same thread count, as each timed op
+    follows the same op: a pass on all threads straight after a one-thread
+    pass ran up to 60% slower here."""
     rw = {0: [], 1: []}
 
     def probe():
