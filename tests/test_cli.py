@@ -333,5 +333,7 @@ def test_bandwidth_probe_passes(n):
     out = np.full(n, -1.0, np.float32)
     assert kernels.bandwidth_probe(x, 2, read=False, out=out)[0] is None
     np.testing.assert_array_equal(out, x)                              # the copy probe
+    wrong = np.full(n + 1, -1.0, np.float32)
     with pytest.raises(ValueError, match="out"):
-        kernels.bandwidth_probe(x, 1, out=np.empty(n + 1, np.float32))
+        kernels.bandwidth_probe(x, 1, out=wrong)
+    assert (wrong == -1.0).all()                                        # checked before any pass
