@@ -473,7 +473,9 @@ def test_small_work_stays_on_one_thread():
     assert kernels.threads_for(256, 0) == 1          # a 1 KB list
     assert kernels.threads_for(256, 4) == 1          # even when asked for more
     assert kernels.threads_for(235_146, 4) == 4      # asked: the MNIST MLP on four
-    assert kernels.threads_for(235_146, 0) == 1      # by default: below 2M elements, one
+    assert kernels.threads_for(235_146, 0) == 1      # by default: below 2.5 MiB, one
+    assert kernels.threads_for(655_359, 0) == 1
+    assert kernels.threads_for(655_360, 0) == kernels.max_threads()
     assert kernels.threads_for(10**7, 3) == 3
     assert kernels.threads_for(10**7, 0) == kernels.max_threads()
 

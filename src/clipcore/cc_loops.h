@@ -21,9 +21,9 @@
 #include <math.h>
 #include <float.h>
 
-/* Inside a parallel region: this thread's rank, the team's size, and a
- * barrier for the whole team (an orphaned barrier binds to the region the
- * caller runs in). */
+/* Inside a parallel region: this thread's rank, the team's size, a barrier
+ * for the whole team (an orphaned barrier binds to the region the caller runs
+ * in), and the atomics with which the threads claim chunks. */
 #ifdef _OPENMP
 #include <omp.h>
 static inline int cc_openmp_enabled(void) { return 1; }
@@ -31,12 +31,26 @@ static inline int cc_max_threads(void) { return omp_get_max_threads(); }
 static inline int cc_team_rank(void) { return omp_get_thread_num(); }
 static inline int cc_team_size(void) { return omp_get_num_threads(); }
 static inline void cc_team_barrier(void) { _Pragma("omp barrier") }
+static inline int cc_exchange(int *x, int v) {
+    int old;
+    _Pragma("omp atomic capture")
+    { old = *x; *x = v; }
+    return old;
+}
+static inline int cc_load(const int *x) {
+    int v;
+    _Pragma("omp atomic read")
+    v = *x;
+    return v;
+}
 #else
 static inline int cc_openmp_enabled(void) { return 0; }
 static inline int cc_max_threads(void) { return 1; }
 static inline int cc_team_rank(void) { return 0; }
 static inline int cc_team_size(void) { return 1; }
 static inline void cc_team_barrier(void) { }
+static inline int cc_exchange(int *x, int v) { int old = *x; *x = v; return old; }
+static inline int cc_load(const int *x) { return *x; }
 #endif
 
 /* Software prefetch for the streaming loops: each block of CC_BLOCK_BYTES

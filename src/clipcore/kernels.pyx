@@ -25,6 +25,8 @@ cdef extern from "cc_loops.h" nogil:
     int cc_team_rank()
     int cc_team_size()
     void cc_team_barrier()
+    int cc_exchange(int *x, int v)
+    int cc_load(const int *x)
 
 cdef extern from "cc_elementwise.h" nogil:
     ctypedef void (*cc_loop_fn)(char **p, const Py_ssize_t *s, Py_ssize_t n)
@@ -58,16 +60,17 @@ cdef extern from * nogil:
 # them, so the partials fit on the stack: no allocation proportional to data.
 # Below PARALLEL_MIN elements one thread does the work: even an awake team
 # costs more than it saves. When n_threads is not given, one thread also does
-# work below AUTO_PARALLEL_MIN elements: OpenMP's idle threads soon sleep
-# (GOMP_SPINCOUNT, see __init__.py) and waking them cost 20-300 us on a VM, as
-# much as one thread spends on 0.4-6M elements; the data of a small list also
-# sits in the cache of the core that wrote it. A training loop that clips
-# once per step hits both.
+# work below AUTO_PARALLEL_MIN elements (2.5 MiB of float32). OpenMP's idle
+# threads soon sleep (GOMP_SPINCOUNT, see __init__.py); on a VM, waking one
+# costs its waker 15-25 us and it starts 50-70 us later, while one core reads a
+# list that fits its L2 fast. Measured on lists written just before each call,
+# as a training loop writes its gradients: 2 threads win from about 2.6 MB (4
+# MB: 230 against 280 us), one thread below (2 MB: 108 against 128 us).
 cdef enum:
     CHUNK_MIN = 16384
     MAX_CHUNKS = 4096
     PARALLEL_MIN = 65536
-    AUTO_PARALLEL_MIN = 1 << 21
+    AUTO_PARALLEL_MIN = 655360
 
 
 cdef int _forked_child = 0
@@ -165,37 +168,95 @@ cdef void pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize_t
         ps.partials[c] = cc_combine_lanes(acc, ps.kind == CC_MAXABS)
 
 
-cdef void pass_block(const Layout *lay, const Pass *ps, int rank, int size,
-                     bint backward=False) noexcept nogil:
-    """Thread rank of a team of size runs the pass over its block of chunks
-    (last chunk first if backward)."""
+cdef void pass_all(const Layout *lay, const Pass *ps, bint backward=False) noexcept nogil:
+    """One thread runs the pass over every chunk (last chunk first if backward)."""
     cdef Py_ssize_t chunk = chunk_size(lay.n_total), n_chunks = chunk_count(lay.n_total), c
-    cdef Py_ssize_t first = rank * n_chunks // size, end = (rank + 1) * n_chunks // size
     if backward:
-        for c in range(end - 1, first - 1, -1):
+        for c in range(n_chunks - 1, -1, -1):
             pass_chunk(lay, ps, c, chunk)
     else:
-        for c in range(first, end):
+        for c in range(n_chunks):
+            pass_chunk(lay, ps, c, chunk)
+
+
+# In a team, each thread runs through its own block of chunks, claiming each,
+# then takes from the end of the other blocks what their threads have not
+# reached: the first thread starts at once, and one that OpenMP must first wake
+# (its idle threads sleep after GOMP_SPINCOUNT, see __init__.py; waking one
+# takes 30-90 us on a VM) does less instead of making the others wait for it.
+# A thread's chunks stay contiguous, so its prefetches run ahead into its own
+# next chunk. A 4 MB list on 2 threads after a pause: 281 -> ... us.
+ctypedef struct Team:
+    int passes                      # passes over the chunks the team has begun
+    int claims[MAX_CHUNKS]          # passes that have claimed chunk c
+    int owner[MAX_CHUNKS]           # the thread that claimed chunk c last
+    double partials[MAX_CHUNKS]     # chunk c's reduction
+
+
+cdef void team_init(Team *team, const Layout *lay) noexcept nogil:
+    cdef Py_ssize_t c
+    team.passes = 0
+    for c in range(chunk_count(lay.n_total)):
+        team.claims[c] = 0
+
+
+cdef inline bint claim(Team *team, Py_ssize_t c) noexcept nogil:
+    """True in the one thread that takes chunk c in the team's current pass."""
+    cdef int now = team.passes
+    return cc_load(&team.claims[c]) == now and cc_exchange(&team.claims[c], now + 1) == now
+
+
+cdef void pass_claimed(const Layout *lay, const Pass *ps, Team *team, int rank, int size) noexcept nogil:
+    """This thread's share of a pass: its block of chunks in order, then what
+    is left of the other blocks, last chunk first."""
+    cdef Py_ssize_t chunk = chunk_size(lay.n_total), n_chunks = chunk_count(lay.n_total), c
+    cdef int r, other
+    for r in range(size):
+        other = (rank + r) % size
+        if r == 0:
+            for c in range(rank * n_chunks // size, (rank + 1) * n_chunks // size):
+                if claim(team, c):
+                    team.owner[c] = rank
+                    pass_chunk(lay, ps, c, chunk)
+        else:
+            for c in range((other + 1) * n_chunks // size - 1, other * n_chunks // size - 1, -1):
+                if claim(team, c):
+                    team.owner[c] = rank
+                    pass_chunk(lay, ps, c, chunk)
+
+
+cdef void scale_claimed(const Layout *lay, const Pass *ps, Team *team, int rank) noexcept nogil:
+    """This thread's share of the scaling pass after a claimed reduction: the
+    chunks it reduced, last first (they are still in its cache: an 8 MB list
+    on one thread 7% faster, ResNet-50 4%), then any left, first first."""
+    cdef Py_ssize_t chunk = chunk_size(lay.n_total), n_chunks = chunk_count(lay.n_total), c
+    for c in range(n_chunks - 1, -1, -1):
+        if team.owner[c] == rank and claim(team, c):
+            pass_chunk(lay, ps, c, chunk)
+    for c in range(n_chunks):
+        if claim(team, c):
             pass_chunk(lay, ps, c, chunk)
 
 
 cdef void run_pass(const Layout *lay, const Pass *ps, int n_threads) noexcept nogil:
     """The pass over every chunk, on the threads resolve_threads gives."""
     cdef int nt = resolve_threads(lay.n_total, n_threads)
+    cdef Team team
     if nt > 1:
+        team_init(&team, lay)
         with parallel(num_threads=nt):
-            pass_block(lay, ps, cc_team_rank(), cc_team_size())
+            pass_claimed(lay, ps, &team, cc_team_rank(), cc_team_size())
     else:
-        pass_block(lay, ps, 0, 1)
+        pass_all(lay, ps)
 
 
-# The norm and the clip run as a team: every thread of one parallel region
-# reduces its block of chunks, waits for the others, then adds all partials
-# itself in chunk order (the same bits in every thread), so the norm, the
-# scale and the scaling pass need no second region.
+# The norm and the clip run as a team: the threads of one parallel region
+# reduce the chunks they claim, wait for each other, then each adds all
+# partials itself in chunk order (the same bits in every thread), so the norm,
+# the scale and the scaling pass need no second region.
 
 cdef double team_reduce(const Layout *lay, int kind, double p, double inv_scale,
-                        double *partials, int rank, int size) noexcept nogil:
+                        Team *team, int rank, int size) noexcept nogil:
     """Sum (or NaN-propagating max) of per-element terms, in every thread of the team."""
     cdef Py_ssize_t c
     cdef double acc = 0.0
@@ -204,48 +265,53 @@ cdef double team_reduce(const Layout *lay, int kind, double p, double inv_scale,
     ps.kind = kind
     ps.p = p
     ps.inv_scale = inv_scale
-    ps.partials = partials
-    pass_block(lay, &ps, rank, size)
+    ps.partials = team.partials
     if size > 1:
+        pass_claimed(lay, &ps, team, rank, size)
         cc_team_barrier()        # every partial written
+    else:
+        pass_all(lay, &ps)
     for c in range(chunk_count(lay.n_total)):
-        acc = cc_max_nan(acc, partials[c]) if kind == CC_MAXABS else acc + partials[c]
+        acc = cc_max_nan(acc, team.partials[c]) if kind == CC_MAXABS else acc + team.partials[c]
     if size > 1:
-        cc_team_barrier()        # every partial read before the next reduction writes
+        if rank == 0:
+            team.passes += 1
+        cc_team_barrier()        # partials read before another pass claims chunks
     return acc
 
 
-cdef double team_norm(const Layout *lay, double norm_type, double *partials,
+cdef double team_norm(const Layout *lay, double norm_type, Team *team,
                       int rank, int size) noexcept nogil:
     """The norm_type-norm over all elements (norm_type > 0), in every thread of the team."""
     cdef double m
     if lay.n_total == 0:
         return 0.0
     if norm_type == 2.0:
-        return sqrt(team_reduce(lay, CC_SUMSQ, 2.0, 1.0, partials, rank, size))
+        return sqrt(team_reduce(lay, CC_SUMSQ, 2.0, 1.0, team, rank, size))
     if norm_type == 1.0:
-        return team_reduce(lay, CC_SUMABS, 1.0, 1.0, partials, rank, size)
-    m = team_reduce(lay, CC_MAXABS, 0.0, 1.0, partials, rank, size)
+        return team_reduce(lay, CC_SUMABS, 1.0, 1.0, team, rank, size)
+    m = team_reduce(lay, CC_MAXABS, 0.0, 1.0, team, rank, size)
     if norm_type == INFINITY or m == 0.0 or m == INFINITY or isnan(m):
         return m
     # sum (|x|/m)^p never overflows; the norm is m * (that sum)^(1/p).
-    return m * pow(team_reduce(lay, CC_SUMPOW, norm_type, 1.0 / m, partials, rank, size),
+    return m * pow(team_reduce(lay, CC_SUMPOW, norm_type, 1.0 / m, team, rank, size),
                    1.0 / norm_type)
 
 
 cdef void team_clip(const Layout *lay, double norm_type, clip_rule rule, const void *ctx,
-                    double *partials, double *norm_out, int rank, int size) noexcept nogil:
+                    Team *team, double *norm_out, int rank, int size) noexcept nogil:
     """The norm, then rule(norm) as the factor (1: write nothing); thread 0 stores the norm."""
-    cdef double norm = team_norm(lay, norm_type, partials, rank, size), scale = 1.0
+    cdef double norm = team_norm(lay, norm_type, team, rank, size), scale = 1.0
     cdef Pass ps
     if rule != NULL:
         scale = rule(norm, ctx)
     if scale != 1.0:             # NaN included
         ps.what = PASS_SCALE
         ps.scale = scale
-        # Backward: the chunks this thread reduced last are still in its
-        # cache (an 8 MB list on one thread: 7% faster; ResNet-50: 4%).
-        pass_block(lay, &ps, rank, size, True)
+        if size > 1:
+            scale_claimed(lay, &ps, team, rank)
+        else:
+            pass_all(lay, &ps, True)    # last reduced first, as scale_claimed
     if rank == 0:
         norm_out[0] = norm
 
@@ -254,14 +320,15 @@ cdef double layout_clip(const Layout *lay, double norm_type, clip_rule rule, con
                         int n_threads) noexcept nogil:
     """The norm_type-norm of the layout; then every element is multiplied by
     rule(norm, ctx) unless that is 1 (rule NULL: the norm only). One parallel region."""
-    cdef double partials[MAX_CHUNKS]
+    cdef Team team
     cdef double norm = 0.0
     cdef int nt = resolve_threads(lay.n_total, n_threads)
     if nt > 1:
+        team_init(&team, lay)
         with parallel(num_threads=nt):
-            team_clip(lay, norm_type, rule, ctx, partials, &norm, cc_team_rank(), cc_team_size())
+            team_clip(lay, norm_type, rule, ctx, &team, &norm, cc_team_rank(), cc_team_size())
     else:
-        team_clip(lay, norm_type, rule, ctx, partials, &norm, 0, 1)
+        team_clip(lay, norm_type, rule, ctx, &team, &norm, 0, 1)
     return norm
 
 
