@@ -2,9 +2,16 @@
 cimport numpy as cnp
 from clipcore.kernels cimport Layout, clip_rule
 
+ctypedef struct Extent:
+    char *lo          # lowest byte of the array
+    char *hi          # one past its highest byte
+    Py_ssize_t pos    # position in _Buffers.arrays, which is the index in t_list
+
 cdef class _Buffers:
     cdef Layout lay          # the segments the kernels run over
     cdef Py_ssize_t cap
+    cdef Extent *exts        # in place: the memory each non-empty array spans
+    cdef Py_ssize_t n_exts
     cdef list arrays         # the array viewed for each t_list entry (None for None),
                              # kept alive while we hold pointers into it
     cdef list generic        # (array, float64 copy) for dtypes the kernels do not scale
@@ -12,7 +19,7 @@ cdef class _Buffers:
     cdef int push(self, char *data, Py_ssize_t n, Py_ssize_t stride, int kind) except -1
     cdef int add_strided(self, cnp.ndarray arr, int kind) except -1
     cdef int add(self, cnp.ndarray arr, Py_ssize_t index, str name, bint in_place) except -1
-    cdef int check_overlaps(self, str name) except -1
+    cdef void add_extent(self, cnp.ndarray arr, Py_ssize_t index) noexcept
     cdef double norm(self, double norm_type, int n_threads) except? -1.0
     cdef int scale_generic(self, double factor) except -1
     cdef int scale(self, double factor, int n_threads) except -1

@@ -20,12 +20,6 @@ from clipcore._convert import buffer_view
 cnp.import_array()
 
 
-ctypedef struct Extent:
-    char *lo          # lowest byte of the array
-    char *hi          # one past its highest byte
-    Py_ssize_t pos    # position in _Buffers.arrays, which is the index in t_list
-
-
 cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
     """Sort extents by lo: LSD radix sort on lo - min(lo), 11 bits per pass,
     from the lowest bit that varies (buffers are aligned: their low bits are 0).
@@ -143,12 +137,14 @@ cdef class _Buffers:
     def __cinit__(self):
         self.lay.segs = NULL
         self.lay.starts = NULL
+        self.exts = NULL
         self.arrays = []
         self.generic = []
 
     def __dealloc__(self):
         free(self.lay.segs)
         free(self.lay.starts)
+        free(self.exts)
 
     cdef int push(self, char *data, Py_ssize_t n, Py_ssize_t stride, int kind) except -1:
         cdef Py_ssize_t cap
@@ -237,6 +233,8 @@ cdef class _Buffers:
         self.arrays[index] = arr
         if n == 0:
             return 0
+        if self.exts != NULL:
+            self.add_extent(arr, index)
         if ((type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE)
                 or not cnp.PyArray_ISNOTSWAPPED(arr) or not cnp.PyArray_ISALIGNED(arr)):
             # float16, long double, byte-swapped or unaligned: the kernels read a
@@ -253,34 +251,20 @@ cdef class _Buffers:
             self.add_strided(arr, kind)
         return 0
 
-    cdef int check_overlaps(self, str name) except -1:
-        """Raise when two arrays share memory: in place, it would be scaled twice."""
-        cdef Py_ssize_t m = len(self.arrays), j, d, ext, count = 0
-        cdef Extent *exts = <Extent *>malloc((m + 1) * sizeof(Extent))
-        cdef cnp.ndarray arr
-        if exts == NULL:
-            raise MemoryError()
-        try:
-            for j in range(m):
-                if self.arrays[j] is None:
-                    continue
-                arr = <cnp.ndarray>self.arrays[j]
-                if cnp.PyArray_SIZE(arr) == 0:
-                    continue
-                exts[count].lo = exts[count].hi = <char *>cnp.PyArray_DATA(arr)
-                for d in range(cnp.PyArray_NDIM(arr)):
-                    ext = (cnp.PyArray_DIM(arr, d) - 1) * cnp.PyArray_STRIDE(arr, d)
-                    if ext < 0:
-                        exts[count].lo += ext
-                    else:
-                        exts[count].hi += ext
-                exts[count].hi += cnp.PyArray_ITEMSIZE(arr)
-                exts[count].pos = j
-                count += 1
-            report_overlap(exts, count, self.arrays, name)
-        finally:
-            free(exts)
-        return 0
+    cdef void add_extent(self, cnp.ndarray arr, Py_ssize_t index) noexcept:
+        """Record the bytes arr spans, for the overlap check (here, while arr is in cache)."""
+        cdef Extent *e = &self.exts[self.n_exts]
+        cdef Py_ssize_t d, ext
+        e.lo = e.hi = <char *>cnp.PyArray_DATA(arr)
+        for d in range(cnp.PyArray_NDIM(arr)):
+            ext = (cnp.PyArray_DIM(arr, d) - 1) * cnp.PyArray_STRIDE(arr, d)
+            if ext < 0:
+                e.lo += ext
+            else:
+                e.hi += ext
+        e.hi += cnp.PyArray_ITEMSIZE(arr)
+        e.pos = index
+        self.n_exts += 1
 
     cdef double norm(self, double norm_type, int n_threads) except? -1.0:
         return self.clip_with(NULL, NULL, norm_type, n_threads)
@@ -350,6 +334,10 @@ cdef _Buffers collect(object t_list, bint in_place, str name):
     cdef _Buffers buf = _Buffers.__new__(_Buffers)
     cdef Py_ssize_t i
     buf.arrays = [None] * len(seq)
+    if in_place:
+        buf.exts = <Extent *>malloc((len(seq) + 1) * sizeof(Extent))
+        if buf.exts == NULL:
+            raise MemoryError()
     for i in range(len(seq)):
         obj = seq[i]
         if obj is None:
@@ -361,7 +349,9 @@ cdef _Buffers collect(object t_list, bint in_place, str name):
                 raise type(exc)(f"{name}[{i}]: {exc}") from None
         buf.add(<cnp.ndarray>obj, i, name, in_place)
     if in_place:
-        buf.check_overlaps(name)
+        report_overlap(buf.exts, buf.n_exts, buf.arrays, name)
+        free(buf.exts)
+        buf.exts = NULL
     return buf
 
 
