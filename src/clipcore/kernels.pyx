@@ -124,6 +124,7 @@ cdef enum:
     PASS_REDUCE = 0    # partials[c] = reduction of chunk c (kind, p, inv_scale)
     PASS_SCALE = 1     # x *= scale (SEG_F64_COPY segments are left alone)
     PASS_CLAMP = 2     # x = min(max(x, lo), hi): float32 segments, contiguous
+    PASS_READ = 3      # partials[c] = plain float32 sum of chunk c: the benchmarks' read probe
 
 ctypedef struct Pass:
     int what
@@ -140,6 +141,7 @@ cdef void pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize_t
     cdef Py_ssize_t lo = c * chunk, hi = lo + chunk, s = find_segment(lay, lo), off, take, k
     cdef const Segment *seg
     cdef char *x
+    cdef float sink = 0
     if hi > lay.n_total:
         hi = lay.n_total
     if ps.what == PASS_REDUCE:
@@ -160,12 +162,16 @@ cdef void pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize_t
                 cc_scale_f32(<float *>x, take, seg.stride, ps.scale)
             elif seg.kind == SEG_F64:
                 cc_scale_f64(<double *>x, take, seg.stride, ps.scale)
-        else:
+        elif ps.what == PASS_CLAMP:
             cc_clamp_f32(<float *>x, take, ps.lo, ps.hi)
+        else:
+            sink += cc_probe_read_f32(<const float *>x, take)
         lo += take
         s += 1
     if ps.what == PASS_REDUCE:
         ps.partials[c] = cc_combine_lanes(acc, ps.kind == CC_MAXABS)
+    elif ps.what == PASS_READ:
+        ps.partials[c] = sink
 
 
 cdef void pass_all(const Layout *lay, const Pass *ps, bint backward=False) noexcept nogil:
@@ -182,10 +188,10 @@ cdef void pass_all(const Layout *lay, const Pass *ps, bint backward=False) noexc
 # In a team, each thread runs through its own block of chunks, claiming each,
 # then takes from the end of the other blocks what their threads have not
 # reached: the first thread starts at once, and one that OpenMP must first wake
-# (its idle threads sleep after GOMP_SPINCOUNT, see __init__.py; waking one
-# takes 30-90 us on a VM) does less instead of making the others wait for it.
-# A thread's chunks stay contiguous, so its prefetches run ahead into its own
-# next chunk. A 4 MB list on 2 threads after a pause: 281 -> ... us.
+# (see AUTO_PARALLEL_MIN) does less instead of making the others wait for its
+# block. A thread's chunks stay contiguous, so its prefetches run ahead into its
+# own next chunk (claiming single chunks in turn was 25% slower than blocks).
+# 2000x512 on 2 threads, restored before each call: 259-283 -> 231-237 us.
 ctypedef struct Team:
     int passes                      # passes over the chunks the team has begun
     int claims[MAX_CHUNKS]          # passes that have claimed chunk c
@@ -463,39 +469,58 @@ def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::
 
     Returns (seconds_read, seconds_read_write), timed inside the kernel;
     with read=False only the read-write pass runs and seconds_read is None.
-    With out (as long as buf), the second pass copies buf into out instead,
-    with the stores an elementwise op's out= uses (streaming ones when out is
-    large): the ceiling of a read pass and a write pass over two buffers.
+    The passes share out the chunks as the kernels' passes do (claimed, the
+    read-write pass after a read last chunk first), with the plainest loops:
+    what a clip costs without its arithmetic. With out (as long as buf), the
+    second pass copies buf into out instead, with the stores and the static
+    split an elementwise op's out= uses: the ceiling of a read pass and a
+    write pass over two buffers.
     """
     from time import perf_counter
-    cdef Py_ssize_t n = buf.shape[0], chunk, n_chunks, c, lo, hi
+    cdef Py_ssize_t n = buf.shape[0], start = 0, chunk = chunk_size(n), c, lo, hi
     cdef float *x = &buf[0] if n else NULL
     cdef float *o = NULL
     cdef cc_loop_fn copy = cc_get_loop_for(CC_F32, CC_OP_MUL, n * 4)
-    cdef float sink = 0
     cdef int nt = n_threads if n_threads > 0 else cc_max_threads()
+    cdef Segment seg
+    cdef Layout lay
+    cdef Team team
+    cdef Pass read_pass, rw_pass
     if out is not None:
         if out.shape[0] != n:
             raise ValueError(f"out: {out.shape[0]} elements, buf has {n}")
         o = &out[0] if n else NULL
-    chunk = chunk_size(n)
-    n_chunks = chunk_count(n)
+    seg.data = <char *>x
+    seg.n = n
+    seg.stride = 1
+    seg.kind = SEG_F32
+    lay.segs = &seg
+    lay.starts = &start
+    lay.n_segs = 1 if n else 0
+    lay.n_total = n
+    team_init(&team, &lay)
+    read_pass.what = PASS_READ
+    read_pass.partials = team.partials
+    rw_pass.what = PASS_SCALE
+    rw_pass.scale = 1.0
     t0 = perf_counter()
     if read:
+        with nogil, parallel(num_threads=nt):
+            pass_claimed(&lay, &read_pass, &team, cc_team_rank(), cc_team_size())
+        team.passes = 1
+    t1 = perf_counter()
+    if o != NULL:
         with nogil:
-            for c in prange(n_chunks, num_threads=nt, schedule='static'):
+            for c in prange(chunk_count(n), num_threads=nt, schedule='static'):
                 lo = c * chunk
                 hi = lo + chunk if lo + chunk < n else n
-                sink += cc_probe_read_f32(x + lo, hi - lo)
-    t1 = perf_counter()
-    with nogil:
-        for c in prange(n_chunks, num_threads=nt, schedule='static'):
-            lo = c * chunk
-            hi = lo + chunk if lo + chunk < n else n
-            if o == NULL:
-                cc_scale_f32(x + lo, hi - lo, 1, 1.0)
-            else:
                 cc_probe_copy_f32(copy, x + lo, o + lo, hi - lo)
+    else:
+        with nogil, parallel(num_threads=nt):
+            if read:
+                scale_claimed(&lay, &rw_pass, &team, cc_team_rank())
+            else:
+                pass_claimed(&lay, &rw_pass, &team, cc_team_rank(), cc_team_size())
     t2 = perf_counter()
     return (t1 - t0) if read else None, t2 - t1
 
