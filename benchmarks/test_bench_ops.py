@@ -91,21 +91,23 @@ def ceiling(benchmark, table, group, data, both_passes=False, out=None, name="ce
     """The probe's read-write pass over the buffer (after its read pass if
     both_passes; with out, a copy into out: what an out= op must move, over
     two buffers that may not both fit in the cache): the faster of all
-    threads and one (on a busy shared machine one thread can be the faster).
-    Each kept probe follows one with the same thread count, as each timed op
+    threads and one (on a busy shared machine one thread can be the faster),
+    and of a read pass with a plain sum and with the norm's own loop. Each
+    kept probe follows one with the same thread count, as each timed op
     follows the same op: a pass on all threads straight after a one-thread
     pass ran up to 60% slower here."""
-    rw = {0: [], 1: []}
+    loops = (False, True) if both_passes else (False,)
+    rw = {(nt, square): [] for nt in (0, 1) for square in loops}
 
     def probe():
-        for nt in rw:
+        for nt, square in rw:
             for _ in range(2):
                 t_read, t_rw = kernels.bandwidth_probe(data["work"], nt, read=both_passes,
-                                                       out=out)
-            rw[nt].append(t_rw + (t_read if both_passes else 0.0))
+                                                       out=out, square=square)
+            rw[nt, square].append(t_rw + (t_read if both_passes else 0.0))
 
     benchmark.group = group
-    benchmark.extra_info["impl"] = f"{name} (this row times four probes)"
+    benchmark.extra_info["impl"] = f"{name} (this row times {2 * len(rw)} probes)"
     benchmark.pedantic(probe, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     best = min(statistics.median(v) for v in rw.values())
     table.setdefault(group, {})[name] = best

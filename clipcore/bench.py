@@ -347,13 +347,15 @@ def probe_ceiling(data, threads, repeat, warmup=1):
     restore also pays for writing the restored data back from the cache, which
     a pass after the read pass has already done. The probes run with the
     run's thread count and with one thread (on a few MB, waking a second
-    thread costs more than it saves): the lists hold both.
+    thread costs more than it saves), their read pass alternately with a
+    plain sum and with the norm's own loop (each is the faster somewhere):
+    the lists hold them all.
     """
     read, rw, rw_alone = [], [], []
     for i in range(warmup + repeat):
         for nt in sorted({threads, 1}):
             data.restore()
-            r, w = kernels.bandwidth_probe(data.work, nt)
+            r, w = kernels.bandwidth_probe(data.work, nt, square=bool(i % 2))
             data.restore()
             w_alone = kernels.bandwidth_probe(data.work, nt, read=False)[1]
             if i >= warmup:

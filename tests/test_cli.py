@@ -327,9 +327,10 @@ def test_default_out_dir_is_created_in_the_working_directory(tmp_path):
 def test_bandwidth_probe_passes(n):
     from clipcore import kernels
     x = np.arange(n, dtype=np.float32)
-    t_read, t_rw = kernels.bandwidth_probe(x, 2)
-    assert t_read >= 0 and t_rw >= 0
-    np.testing.assert_array_equal(x, np.arange(n, dtype=np.float32))   # x *= 1
+    for square in (False, True):         # a plain sum, the norm's loop
+        t_read, t_rw = kernels.bandwidth_probe(x, 2, square=square)
+        assert t_read >= 0 and t_rw >= 0
+        np.testing.assert_array_equal(x, np.arange(n, dtype=np.float32))   # x *= 1
     out = np.full(n, -1.0, np.float32)
     assert kernels.bandwidth_probe(x, 2, read=False, out=out)[0] is None
     np.testing.assert_array_equal(out, x)                              # the copy probe

@@ -464,17 +464,22 @@ def simd_path():
     return cc_simd_path().decode()
 
 
-def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::1] out=None):
+def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::1] out=None,
+                    bint square=False):
     """A read pass, then a read-write pass (x *= 1) over buf, for the benchmarks' ceiling.
 
     Returns (seconds_read, seconds_read_write), timed inside the kernel;
     with read=False only the read-write pass runs and seconds_read is None.
     The passes share out the chunks as the kernels' passes do (claimed, the
     read-write pass after a read last chunk first), with the plainest loops:
-    what a clip costs without its arithmetic. With out (as long as buf), the
-    second pass copies buf into out instead, with the stores and the static
-    split an elementwise op's out= uses: the ceiling of a read pass and a
-    write pass over two buffers.
+    what a clip costs without its arithmetic. With square, the read pass runs
+    the norm's own loop (squares summed in float64) instead of a plain sum:
+    which of the two reads faster depends on where the data lie (here the
+    plain sum from L2, the norm's loop from memory by 5-10%), so the
+    benchmarks take the faster. With out (as long as buf), the second pass
+    copies buf into out instead, with the stores and the static split an
+    elementwise op's out= uses: the ceiling of a read pass and a write pass
+    over two buffers.
     """
     from time import perf_counter
     cdef Py_ssize_t n = buf.shape[0], start = 0, chunk = chunk_size(n), c, lo, hi
@@ -499,7 +504,10 @@ def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::
     lay.n_segs = 1 if n else 0
     lay.n_total = n
     team_init(&team, &lay)
-    read_pass.what = PASS_READ
+    read_pass.what = PASS_REDUCE if square else PASS_READ
+    read_pass.kind = CC_SUMSQ
+    read_pass.p = 2.0
+    read_pass.inv_scale = 1.0
     read_pass.partials = team.partials
     rw_pass.what = PASS_SCALE
     rw_pass.scale = 1.0
