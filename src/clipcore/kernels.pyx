@@ -212,23 +212,22 @@ cdef inline bint claim(Team *team, Py_ssize_t c) noexcept nogil:
     return cc_load(&team.claims[c]) == now and cc_exchange(&team.claims[c], now + 1) == now
 
 
-cdef void pass_claimed(const Layout *lay, const Pass *ps, Team *team, int rank, int size) noexcept nogil:
+cdef void pass_claimed(const Layout *lay, const Pass *ps, Team *team,
+                       int rank, int size) noexcept nogil:
     """This thread's share of a pass: its block of chunks in order, then what
     is left of the other blocks, last chunk first."""
-    cdef Py_ssize_t chunk = chunk_size(lay.n_total), n_chunks = chunk_count(lay.n_total), c
+    cdef Py_ssize_t chunk = chunk_size(lay.n_total), n_chunks = chunk_count(lay.n_total)
+    cdef Py_ssize_t first, end, i, c
     cdef int r, other
     for r in range(size):
         other = (rank + r) % size
-        if r == 0:
-            for c in range(rank * n_chunks // size, (rank + 1) * n_chunks // size):
-                if claim(team, c):
-                    team.owner[c] = rank
-                    pass_chunk(lay, ps, c, chunk)
-        else:
-            for c in range((other + 1) * n_chunks // size - 1, other * n_chunks // size - 1, -1):
-                if claim(team, c):
-                    team.owner[c] = rank
-                    pass_chunk(lay, ps, c, chunk)
+        first = other * n_chunks // size
+        end = (other + 1) * n_chunks // size
+        for i in range(first, end):
+            c = i if r == 0 else first + end - 1 - i
+            if claim(team, c):
+                team.owner[c] = rank
+                pass_chunk(lay, ps, c, chunk)
 
 
 cdef void scale_claimed(const Layout *lay, const Pass *ps, Team *team, int rank) noexcept nogil:
