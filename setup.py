@@ -123,6 +123,12 @@ extensions = [
     for name in MODULES
 ]
 
+# An in-place build leaves copies of these in clipcore/ (see BuildExt), where
+# Cython finds them before src/: refresh them first, so it never reads a stale one.
+for name in PUBLIC_NATIVE_FILES:
+    if os.path.exists(os.path.join("clipcore", name)):
+        shutil.copyfile(os.path.join(NATIVE_DIR, name), os.path.join("clipcore", name))
+
 setup(
     ext_modules=cythonize(extensions, include_path=["src"],
                           compiler_directives=CYTHON_DIRECTIVES),

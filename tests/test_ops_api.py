@@ -85,6 +85,19 @@ def test_clip_by_value_layouts(dtype, shape, n_threads):
             np.testing.assert_array_equal(x, expected, err_msg=name)
 
 
+@pytest.mark.parametrize("n_threads", [2, 7])   # 7: more threads than cores, chunks taken over
+def test_elementwise_in_many_chunks(n_threads):
+    # 700,000 positions are 43 chunks, which the threads claim block by block.
+    base = rand((1000, 700), np.float32, special=True)
+    expected = np.maximum(np.minimum(base, np.float32(40)), np.float32(3))
+    for name, x in layouts(base):
+        np.testing.assert_array_equal(clipcore.relu(x, n_threads=n_threads),
+                                      np.maximum(base, np.float32(0)), err_msg=name)
+        if x.flags.writeable:
+            clipcore.clip_by_value_(x, 3, 40, n_threads=n_threads)
+            np.testing.assert_array_equal(x, expected, err_msg=name)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES + INT_DTYPES)
 @pytest.mark.parametrize("n_threads", THREADS)
 def test_maximum_minimum_relu_broadcasting(dtype, n_threads):

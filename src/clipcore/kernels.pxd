@@ -9,6 +9,8 @@ cdef extern from "cc_loops.h" nogil:
     int cc_openmp_enabled()
     int cc_max_threads()
     const char *cc_simd_path()
+    int cc_team_rank()       # inside a parallel region: this thread's rank
+    int cc_team_size()       # and the team's size
 
 # Buffer kinds a Segment can hold.
 cdef enum:
@@ -36,6 +38,34 @@ ctypedef struct Layout:
 ctypedef double (*clip_rule)(double norm, const void *ctx) noexcept nogil
 
 cdef int resolve_threads(Py_ssize_t n_total, int n_threads) noexcept nogil
+
+# Work is cut into chunks of at least CHUNK_MIN elements, at most MAX_CHUNKS of
+# them (so per-chunk state fits on the stack). The threads of a team share
+# them out with a Claims (run_claimed); clipcore's elementwise engine uses the
+# same split.
+cdef enum:
+    CHUNK_MIN = 16384
+    MAX_CHUNKS = 4096
+
+cdef inline Py_ssize_t chunk_size(Py_ssize_t n_total) noexcept nogil:
+    cdef Py_ssize_t c = (n_total + MAX_CHUNKS - 1) // MAX_CHUNKS
+    return c if c > CHUNK_MIN else CHUNK_MIN
+
+cdef inline Py_ssize_t chunk_count(Py_ssize_t n_total) noexcept nogil:
+    return (n_total + chunk_size(n_total) - 1) // chunk_size(n_total)
+
+ctypedef struct Claims:
+    int passes                      # passes over the chunks the team has begun
+    int claims[MAX_CHUNKS]          # passes that have claimed chunk c
+    int owner[MAX_CHUNKS]           # the thread that claimed chunk c last
+
+ctypedef void (*chunk_fn)(const void *ctx, Py_ssize_t c) noexcept nogil
+
+cdef void claims_init(Claims *cl, Py_ssize_t n_chunks) noexcept nogil
+# In every thread of a team, inside its parallel region: fn(ctx, c) for the
+# chunks this thread claims in the current pass.
+cdef void run_claimed(Claims *cl, Py_ssize_t n_chunks, chunk_fn fn, const void *ctx,
+                      int rank, int size) noexcept nogil
 cdef double layout_norm(const Layout *lay, double norm_type, int n_threads) noexcept nogil
 cdef void layout_scale(const Layout *lay, double scale, int n_threads) noexcept nogil
 # The norm, then the scaling by rule(norm, ctx), in one parallel region; returns the norm.

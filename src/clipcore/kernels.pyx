@@ -22,8 +22,6 @@ cdef extern from "cc_loops.h" nogil:
     void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
     void cc_scale_f64(double *x, Py_ssize_t n, Py_ssize_t stride, double s)
     float cc_probe_read_f32(const float *x, Py_ssize_t n)
-    int cc_team_rank()
-    int cc_team_size()
     void cc_team_barrier()
     int cc_exchange(int *x, int v)
     int cc_load(const int *x)
@@ -56,9 +54,9 @@ cdef extern from * nogil:
     void cc_clamp_f32(float *x, Py_ssize_t n, float lo, float hi)
     void cc_probe_copy_f32(cc_loop_fn mul, const float *x, float *o, Py_ssize_t n)
 
-# Chunks hold at least CHUNK_MIN elements and there are at most MAX_CHUNKS of
-# them, so the partials fit on the stack: no allocation proportional to data.
-# Below PARALLEL_MIN elements one thread does the work: even an awake team
+# Chunks (kernels.pxd) hold at least CHUNK_MIN elements and there are at most
+# MAX_CHUNKS of them, so the partials fit on the stack: no allocation
+# proportional to data. Below PARALLEL_MIN elements one thread does the work: even an awake team
 # costs more than it saves. When n_threads is not given, one thread also does
 # work below AUTO_PARALLEL_MIN elements (2.5 MiB of float32). OpenMP's idle
 # threads soon sleep (GOMP_SPINCOUNT, see __init__.py); on a VM, waking one
@@ -67,8 +65,6 @@ cdef extern from * nogil:
 # as a training loop writes its gradients: 2 threads win from about 2.6 MB (4
 # MB: 230 against 280 us), one thread below (2 MB: 108 against 128 us).
 cdef enum:
-    CHUNK_MIN = 16384
-    MAX_CHUNKS = 4096
     PARALLEL_MIN = 65536
     AUTO_PARALLEL_MIN = 655360
 
@@ -81,15 +77,6 @@ def _after_fork_in_child():
     _forked_child = 1
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-cdef inline Py_ssize_t chunk_size(Py_ssize_t n_total) noexcept nogil:
-    cdef Py_ssize_t c = (n_total + MAX_CHUNKS - 1) // MAX_CHUNKS
-    return c if c > CHUNK_MIN else CHUNK_MIN
-
-
-cdef inline Py_ssize_t chunk_count(Py_ssize_t n_total) noexcept nogil:
-    return (n_total + chunk_size(n_total) - 1) // chunk_size(n_total)
 
 
 cdef int resolve_threads(Py_ssize_t n_total, int n_threads) noexcept nogil:
@@ -193,30 +180,27 @@ cdef void pass_all(const Layout *lay, const Pass *ps, bint backward=False) noexc
 # own next chunk (claiming single chunks in turn was 25% slower than blocks).
 # 2000x512 on 2 threads, restored before each call: 259-283 -> 231-237 us.
 ctypedef struct Team:
-    int passes                      # passes over the chunks the team has begun
-    int claims[MAX_CHUNKS]          # passes that have claimed chunk c
-    int owner[MAX_CHUNKS]           # the thread that claimed chunk c last
+    Claims cl
     double partials[MAX_CHUNKS]     # chunk c's reduction
 
 
-cdef void team_init(Team *team, const Layout *lay) noexcept nogil:
+cdef void claims_init(Claims *cl, Py_ssize_t n_chunks) noexcept nogil:
     cdef Py_ssize_t c
-    team.passes = 0
-    for c in range(chunk_count(lay.n_total)):
-        team.claims[c] = 0
+    cl.passes = 0
+    for c in range(n_chunks):
+        cl.claims[c] = 0
 
 
-cdef inline bint claim(Team *team, Py_ssize_t c) noexcept nogil:
+cdef inline bint claim(Claims *cl, Py_ssize_t c) noexcept nogil:
     """True in the one thread that takes chunk c in the team's current pass."""
-    cdef int now = team.passes
-    return cc_load(&team.claims[c]) == now and cc_exchange(&team.claims[c], now + 1) == now
+    cdef int now = cl.passes
+    return cc_load(&cl.claims[c]) == now and cc_exchange(&cl.claims[c], now + 1) == now
 
 
-cdef void pass_claimed(const Layout *lay, const Pass *ps, Team *team,
-                       int rank, int size) noexcept nogil:
+cdef void run_claimed(Claims *cl, Py_ssize_t n_chunks, chunk_fn fn, const void *ctx,
+                      int rank, int size) noexcept nogil:
     """This thread's share of a pass: its block of chunks in order, then what
     is left of the other blocks, last chunk first."""
-    cdef Py_ssize_t chunk = chunk_size(lay.n_total), n_chunks = chunk_count(lay.n_total)
     cdef Py_ssize_t first, end, i, c
     cdef int r, other
     for r in range(size):
@@ -225,9 +209,28 @@ cdef void pass_claimed(const Layout *lay, const Pass *ps, Team *team,
         end = (other + 1) * n_chunks // size
         for i in range(first, end):
             c = i if r == 0 else first + end - 1 - i
-            if claim(team, c):
-                team.owner[c] = rank
-                pass_chunk(lay, ps, c, chunk)
+            if claim(cl, c):
+                cl.owner[c] = rank
+                fn(ctx, c)
+
+
+ctypedef struct LayoutPass:
+    const Layout *lay
+    const Pass *ps
+
+
+cdef void layout_pass_chunk(const void *ctx, Py_ssize_t c) noexcept nogil:
+    cdef const LayoutPass *job = <const LayoutPass *>ctx
+    pass_chunk(job.lay, job.ps, c, chunk_size(job.lay.n_total))
+
+
+cdef void pass_claimed(const Layout *lay, const Pass *ps, Team *team,
+                       int rank, int size) noexcept nogil:
+    """This thread's share of a pass over the layout (run_claimed)."""
+    cdef LayoutPass job
+    job.lay = lay
+    job.ps = ps
+    run_claimed(&team.cl, chunk_count(lay.n_total), layout_pass_chunk, &job, rank, size)
 
 
 cdef void scale_claimed(const Layout *lay, const Pass *ps, Team *team, int rank) noexcept nogil:
@@ -236,10 +239,10 @@ cdef void scale_claimed(const Layout *lay, const Pass *ps, Team *team, int rank)
     on one thread 7% faster, ResNet-50 4%), then any left, first first."""
     cdef Py_ssize_t chunk = chunk_size(lay.n_total), n_chunks = chunk_count(lay.n_total), c
     for c in range(n_chunks - 1, -1, -1):
-        if team.owner[c] == rank and claim(team, c):
+        if team.cl.owner[c] == rank and claim(&team.cl, c):
             pass_chunk(lay, ps, c, chunk)
     for c in range(n_chunks):
-        if claim(team, c):
+        if claim(&team.cl, c):
             pass_chunk(lay, ps, c, chunk)
 
 
@@ -248,7 +251,7 @@ cdef void run_pass(const Layout *lay, const Pass *ps, int n_threads) noexcept no
     cdef int nt = resolve_threads(lay.n_total, n_threads)
     cdef Team team
     if nt > 1:
-        team_init(&team, lay)
+        claims_init(&team.cl, chunk_count(lay.n_total))
         with parallel(num_threads=nt):
             pass_claimed(lay, ps, &team, cc_team_rank(), cc_team_size())
     else:
@@ -280,7 +283,7 @@ cdef double team_reduce(const Layout *lay, int kind, double p, double inv_scale,
         acc = cc_max_nan(acc, team.partials[c]) if kind == CC_MAXABS else acc + team.partials[c]
     if size > 1:
         if rank == 0:
-            team.passes += 1
+            team.cl.passes += 1
         cc_team_barrier()        # partials read before another pass claims chunks
     return acc
 
@@ -329,7 +332,7 @@ cdef double layout_clip(const Layout *lay, double norm_type, clip_rule rule, con
     cdef double norm = 0.0
     cdef int nt = resolve_threads(lay.n_total, n_threads)
     if nt > 1:
-        team_init(&team, lay)
+        claims_init(&team.cl, chunk_count(lay.n_total))
         with parallel(num_threads=nt):
             team_clip(lay, norm_type, rule, ctx, &team, &norm, cc_team_rank(), cc_team_size())
     else:
@@ -502,7 +505,7 @@ def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::
     lay.starts = &start
     lay.n_segs = 1 if n else 0
     lay.n_total = n
-    team_init(&team, &lay)
+    claims_init(&team.cl, chunk_count(n))
     read_pass.what = PASS_REDUCE if square else PASS_READ
     read_pass.kind = CC_SUMSQ
     read_pass.p = 2.0
@@ -514,7 +517,7 @@ def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::
     if read:
         with nogil, parallel(num_threads=nt):
             pass_claimed(&lay, &read_pass, &team, cc_team_rank(), cc_team_size())
-        team.passes = 1
+        team.cl.passes = 1
     t1 = perf_counter()
     if o != NULL:
         with nogil:
