@@ -41,8 +41,8 @@ cdef int resolve_threads(Py_ssize_t n_total, int n_threads) noexcept nogil
 
 # Work is cut into chunks of at least CHUNK_MIN elements, at most MAX_CHUNKS of
 # them (so per-chunk state fits on the stack). The threads of a team share
-# them out with a Claims (run_claimed); clipcore's elementwise engine uses the
-# same split.
+# them out with a Claims (run_claimed). For clipcore's own extensions (its
+# elementwise engine splits its work the same way).
 cdef enum:
     CHUNK_MIN = 16384
     MAX_CHUNKS = 4096
