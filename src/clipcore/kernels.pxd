@@ -66,6 +66,7 @@ cdef void claims_init(Claims *cl, Py_ssize_t n_chunks) noexcept nogil
 # chunks this thread claims in the current pass.
 cdef void run_claimed(Claims *cl, Py_ssize_t n_chunks, chunk_fn fn, const void *ctx,
                       int rank, int size) noexcept nogil
+
 cdef double layout_norm(const Layout *lay, double norm_type, int n_threads) noexcept nogil
 cdef void layout_scale(const Layout *lay, double scale, int n_threads) noexcept nogil
 # The norm, then the scaling by rule(norm, ctx), in one parallel region; returns the norm.
