@@ -5,7 +5,7 @@ chunks; chunk boundaries depend only on the total size, so each chunk's
 float64 partial is the same whatever thread computes it, and partials are
 combined in chunk order: the result is bitwise identical for any thread count.
 """
-from cython.parallel cimport prange, parallel
+from cython.parallel cimport parallel
 from libc.math cimport sqrt, pow, INFINITY, NAN, isnan
 from libc.stdlib cimport malloc, calloc, free
 
@@ -56,8 +56,8 @@ cdef extern from * nogil:
 
 # Chunks (kernels.pxd) hold at least CHUNK_MIN elements and there are at most
 # MAX_CHUNKS of them, so the partials fit on the stack: no allocation
-# proportional to data. Below PARALLEL_MIN elements one thread does the work: even an awake team
-# costs more than it saves. When n_threads is not given, one thread also does
+# proportional to data. Below PARALLEL_MIN elements one thread does the work:
+# even an awake team costs more than it saves. When n_threads is not given, one thread also does
 # work below AUTO_PARALLEL_MIN elements (2.5 MiB of float32). OpenMP's idle
 # threads soon sleep (GOMP_SPINCOUNT, see __init__.py); on a VM, waking one
 # costs its waker 15-25 us and it starts 50-70 us later, while one core reads a
@@ -466,6 +466,20 @@ def simd_path():
     return cc_simd_path().decode()
 
 
+ctypedef struct CopyProbe:
+    const float *x
+    float *o
+    Py_ssize_t n
+    cc_loop_fn copy
+
+
+cdef void copy_probe_chunk(const void *ctx, Py_ssize_t c) noexcept nogil:
+    """o = x over chunk c, with the loop an elementwise out= op uses."""
+    cdef const CopyProbe *cp = <const CopyProbe *>ctx
+    cdef Py_ssize_t lo = c * chunk_size(cp.n)
+    cc_probe_copy_f32(cp.copy, cp.x + lo, cp.o + lo, min(lo + chunk_size(cp.n), cp.n) - lo)
+
+
 def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::1] out=None,
                     bint square=False):
     """A read pass, then a read-write pass (x *= 1) over buf, for the benchmarks' ceiling.
@@ -479,15 +493,14 @@ def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::
     which of the two reads faster depends on where the data lie (here the
     plain sum from L2, the norm's loop from memory by 5-10%), so the
     benchmarks take the faster. With out (as long as buf), the second pass
-    copies buf into out instead, with the stores and the static split an
-    elementwise op's out= uses: the ceiling of a read pass and a write pass
-    over two buffers.
+    copies buf into out instead, with the stores an elementwise op's out=
+    uses (its threads claim chunks the same way): the ceiling of a read pass
+    and a write pass over two buffers.
     """
     from time import perf_counter
-    cdef Py_ssize_t n = buf.shape[0], start = 0, chunk = chunk_size(n), c, lo, hi
+    cdef Py_ssize_t n = buf.shape[0], start = 0
     cdef float *x = &buf[0] if n else NULL
-    cdef float *o = NULL
-    cdef cc_loop_fn copy = cc_get_loop_for(CC_F32, CC_OP_MUL, n * 4)
+    cdef CopyProbe cp
     cdef int nt = n_threads if n_threads > 0 else cc_max_threads()
     cdef Segment seg
     cdef Layout lay
@@ -496,7 +509,10 @@ def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::
     if out is not None:
         if out.shape[0] != n:
             raise ValueError(f"out: {out.shape[0]} elements, buf has {n}")
-        o = &out[0] if n else NULL
+        cp.x = x
+        cp.o = &out[0] if n else NULL
+        cp.n = n
+        cp.copy = cc_get_loop_for(CC_F32, CC_OP_MUL, n * 4)
     seg.data = <char *>x
     seg.n = n
     seg.stride = 1
@@ -519,18 +535,14 @@ def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::
             pass_claimed(&lay, &read_pass, &team, cc_team_rank(), cc_team_size())
         team.cl.passes = 1
     t1 = perf_counter()
-    if o != NULL:
-        with nogil:
-            for c in prange(chunk_count(n), num_threads=nt, schedule='static'):
-                lo = c * chunk
-                hi = lo + chunk if lo + chunk < n else n
-                cc_probe_copy_f32(copy, x + lo, o + lo, hi - lo)
-    else:
-        with nogil, parallel(num_threads=nt):
-            if read:
-                scale_claimed(&lay, &rw_pass, &team, cc_team_rank())
-            else:
-                pass_claimed(&lay, &rw_pass, &team, cc_team_rank(), cc_team_size())
+    with nogil, parallel(num_threads=nt):
+        if out is not None:
+            run_claimed(&team.cl, chunk_count(n), copy_probe_chunk, &cp,
+                        cc_team_rank(), cc_team_size())
+        elif read:
+            scale_claimed(&lay, &rw_pass, &team, cc_team_rank())
+        else:
+            pass_claimed(&lay, &rw_pass, &team, cc_team_rank(), cc_team_size())
     t2 = perf_counter()
     return (t1 - t0) if read else None, t2 - t1
 
