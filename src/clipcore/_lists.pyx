@@ -28,7 +28,7 @@ cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
     times faster than qsort's comparator calls.
     """
     cdef Py_ssize_t i, d
-    cdef size_t base, span = 0, key, varying = 0
+    cdef size_t base, key, varying = 0     # varying: every bit set in some key
     cdef int shift, passes = 0
     cdef Py_ssize_t count[2048]
     cdef Extent *tmp
@@ -48,17 +48,14 @@ cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
         if <size_t>a[i].lo < base:
             base = <size_t>a[i].lo
     for i in range(n):
-        key = <size_t>a[i].lo - base
-        varying |= key
-        if key > span:
-            span = key
+        varying |= <size_t>a[i].lo - base
     tmp = <Extent *>malloc(n * sizeof(Extent))
     if tmp == NULL:
         raise MemoryError()
     shift = 0
     while shift < 64 and varying and not (varying >> shift) & 1:
         shift += 1
-    while passes == 0 or (shift < 64 and (span >> shift) != 0):
+    while passes == 0 or (shift < 64 and (varying >> shift) != 0):
         for d in range(2048):
             count[d] = 0
         for i in range(n):
