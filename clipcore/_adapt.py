@@ -12,7 +12,8 @@ import importlib
 
 import numpy as np
 
-from clipcore._convert import buffer_view
+from clipcore._convert import buffer_view, framework
+from clipcore._lists import check_writable_layout
 
 # Element types the kernels run on (kind, itemsize) -> type code of
 # cc_elementwise.h; other types (float16, bfloat16, long double) use NumPy.
@@ -22,16 +23,6 @@ TYPE_CODES = {("f", 4): 0, ("f", 8): 1, ("i", 1): 2, ("i", 2): 3, ("i", 4): 4,
 # Results larger than this go to TensorFlow through DLPack (no copy); smaller
 # ones are copied, which is faster than setting up the capsule.
 _TF_DLPACK_MIN_BYTES = 1 << 16
-
-
-def framework(obj):
-    """'tf' or 'torch' for their tensors (by type module name), else None."""
-    mod = type(obj).__module__ or ""
-    if mod.startswith("tensorflow"):
-        return "tf"
-    if mod.startswith("torch"):
-        return "torch"
-    return None
 
 
 def is_slices(obj):
@@ -100,19 +91,6 @@ def _tf_array(obj, name):
         return np.asarray(obj.numpy())
 
 
-def _torch_array(obj, name, writable):
-    t = obj.detach()
-    if t.device.type != "cpu":
-        raise TypeError(f"{name}: expected a CPU tensor, got one on {t.device}")
-    if writable:
-        return buffer_view(t, writable=True)
-    try:
-        return np.from_dlpack(t)
-    except (BufferError, RuntimeError, TypeError, ValueError) as exc:
-        raise TypeError(f"{name}: cannot view this {t.dtype} tensor as an array "
-                        f"({exc})") from None
-
-
 def _rebuild(obj, values):
     return type(obj)(values=values, indices=obj.indices, dense_shape=obj.dense_shape)
 
@@ -132,39 +110,24 @@ def as_array(obj, name):
     fw = framework(obj)
     if fw == "tf":
         return _tf_array(obj, name), to_tf, fw
-    if fw == "torch":
-        return _torch_array(obj, name, False), to_torch, fw
-    try:
-        arr = np.asarray(obj)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name}: expected an array, a tensor, a number or a list, got "
-                        f"{type(obj).__name__} ({exc})") from None
-    return arr, numpy_result, None
+    return buffer_view(obj, name, writable=False), (to_torch if fw else numpy_result), fw
 
 
 def as_writable(obj, name):
     """An ndarray over obj's own memory, for the in-place functions."""
-    if isinstance(obj, np.ndarray):
-        if not obj.flags.writeable:
-            raise ValueError(f"{name}: expected a writable array, got a read-only array")
-        return obj if type(obj) is np.ndarray else obj.view(np.ndarray)
     if is_slices(obj):
         return as_writable(obj.values, f"{name}.values")
     fw = framework(obj)
     if fw == "tf":
         raise TypeError(f"{name}: TensorFlow tensors are immutable; use the function "
                         f"without the trailing underscore")
-    if fw == "torch":
-        return _torch_array(obj, name, True)
     if isinstance(obj, (int, float, complex, str, bytes, list, tuple, np.generic)):
         raise TypeError(f"{name}: a {type(obj).__name__} cannot be modified in place; "
                         f"expected a NumPy array, a PyTorch tensor or a writable buffer")
-    try:
-        arr = buffer_view(obj, writable=True)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name}: {exc}") from None
+    arr = buffer_view(obj, name, writable=True)
     if not arr.flags.writeable:
-        raise ValueError(f"{name}: expected a writable buffer, got a read-only one")
+        raise ValueError(f"{name}: expected a writable array, got a read-only array")
+    check_writable_layout(arr, name)
     return arr
 
 

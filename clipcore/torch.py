@@ -58,16 +58,6 @@ _strided = torch.strided
 _grad_of = operator.attrgetter("grad")
 
 
-def _no_internal_overlap(shape, strides):
-    """True when no two elements of a strided tensor share memory (sufficient test)."""
-    extent = 0
-    for stride, size in sorted((abs(st), s) for s, st in zip(shape, strides) if s > 1):
-        if stride <= extent:
-            return False
-        extent += (size - 1) * stride
-    return True
-
-
 def _memory(tensors, writable):
     """(addresses, lengths, float64 flags) of plain contiguous CPU float32/float64
     tensors, "strided" when some are strided, or None for torch's own path
@@ -82,8 +72,6 @@ def _strided_views(tensors, writable):
         try:
             views.append(t.numpy() if writable else t.detach().numpy())
         except (RuntimeError, TypeError):    # e.g. the negative bit
-            return None
-        if writable and not _no_internal_overlap(t.shape, t.stride()):
             return None
     return views
 
@@ -123,8 +111,8 @@ def _plan(tensors, writable):
         plan = _lists.plan_over_memory(addresses, lengths, is_f64, writable=writable,
                                        n_threads=n_threads)
         return plan, any(is_f64)
-    except ValueError:     # tensors sharing memory: torch scales it once per tensor
-        return None
+    except ValueError:     # memory shared, or a view overlapping itself: torch scales
+        return None        # it once per tensor (per element view)
 
 
 def _as_list(tensors):

@@ -517,10 +517,14 @@ def test_torch_in_torch_out():
     (c, none), gn = clipcore.clip_by_global_norm([x, None], 1.0)
     assert isinstance(c, torch.Tensor) and none is None
     assert isinstance(gn, torch.Tensor) and gn.dtype == torch.float32 and gn.ndim == 0
-    # in place on the tensor's own memory, also with requires_grad
-    p = torch.tensor([-1.0, 2.0], requires_grad=True)
+    # in place on the tensor's own memory; not behind autograd's back
+    p = torch.tensor([-1.0, 2.0])
     assert clipcore.relu_(p) is p
-    assert p.detach().tolist() == [0.0, 2.0]
+    assert p.tolist() == [0.0, 2.0]
+    q = torch.tensor([-1.0, 2.0], requires_grad=True)
+    with pytest.raises(ValueError, match="features: the tensor requires grad"):
+        clipcore.relu_(q)
+    assert q.detach().tolist() == [-1.0, 2.0]
     with pytest.raises(TypeError, match="t"):
         clipcore.clip_by_value(torch.ones(2, dtype=torch.bfloat16), 0, 1)
 

@@ -8,6 +8,7 @@ cimport numpy as cnp
 from libc.math cimport isfinite, isnan, NAN
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy
+from cpython.object cimport PyObject
 
 from clipcore.kernels cimport (Segment, Layout, SEG_F32, SEG_F64, SEG_F64_COPY, clip_rule,
                                layout_scale, layout_clip)
@@ -15,9 +16,11 @@ from clipcore.kernels cimport (Segment, Layout, SEG_F32, SEG_F64, SEG_F64_COPY, 
 import collections.abc
 import numpy as np
 
-from clipcore._convert import buffer_view
+from clipcore._convert import buffer_view, fingerprint
 
 cnp.import_array()
+
+cdef type ndarray = np.ndarray
 
 
 cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
@@ -30,7 +33,7 @@ cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
     cdef Py_ssize_t i, d
     cdef size_t base, key, varying = 0     # varying: every bit set in some key
     cdef int shift, passes = 0
-    cdef Py_ssize_t count[2048]
+    cdef Py_ssize_t *count
     cdef Extent *tmp
     cdef Extent *swap
     cdef Extent e
@@ -49,9 +52,10 @@ cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
             base = <size_t>a[i].lo
     for i in range(n):
         varying |= <size_t>a[i].lo - base
-    tmp = <Extent *>malloc(n * sizeof(Extent))
+    tmp = <Extent *>malloc(n * sizeof(Extent) + 2048 * sizeof(Py_ssize_t))
     if tmp == NULL:
         raise MemoryError()
+    count = <Py_ssize_t *>(tmp + n)     # on the heap: callers may run on a small stack
     shift = 0
     while shift < 64 and varying and not (varying >> shift) & 1:
         shift += 1
@@ -81,15 +85,124 @@ cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
     return 0
 
 
+# Interleaved strided views are told apart element by element up to this many
+# elements in a group of overlapping extents (a sort of their addresses); a
+# larger group is compared pair by pair with np.shares_memory.
+cdef Py_ssize_t ELEMENT_CHECK_MAX = 1 << 22
+
+
+def _element_addresses(arr):
+    """The byte address of every element of arr, as int64."""
+    offsets = np.zeros((), np.int64)
+    for n, stride in zip(arr.shape, arr.strides):
+        offsets = np.add.outer(offsets, np.arange(n, dtype=np.int64) * stride)
+    return offsets.ravel() + arr.ctypes.data
+
+
+def _first_clash(views):
+    """(pos, pos) of two elements of views [(pos, array), ...] that share bytes, or None.
+
+    The same pos twice: that array overlaps itself. O(E log E) in the elements.
+    """
+    starts = np.concatenate([_element_addresses(a) for _, a in views])
+    ends = starts + np.concatenate([np.full(a.size, a.itemsize, np.int64) for _, a in views])
+    owners = np.concatenate([np.full(a.size, pos, np.intp) for pos, a in views])
+    order = np.argsort(starts, kind="stable")
+    starts, ends, owners = starts[order], ends[order], owners[order]
+    reach = np.maximum.accumulate(ends)
+    clash = np.flatnonzero(starts[1:] < reach[:starts.size - 1])
+    if clash.size == 0:
+        return None
+    i = int(clash[0]) + 1
+    j = int(np.flatnonzero(ends[:i] > starts[i]).max())
+    return int(owners[j]), int(owners[i])
+
+
+cdef int raise_shared(str name, Py_ssize_t a, Py_ssize_t b) except -1:
+    if a == b:
+        raise ValueError(f"{name}[{a}] overlaps itself (a view with a zero or "
+                         f"overlapping stride): clipping in place would scale its "
+                         f"memory more than once")
+    raise ValueError(f"{name}[{min(a, b)}] and {name}[{max(a, b)}] share memory: "
+                     f"clipping in place would scale it twice")
+
+
+cdef bint may_overlap_itself(cnp.ndarray arr) noexcept:
+    """False when no two elements of arr can share a byte (axes by |stride|,
+    each stride beyond what the smaller axes span); True means: check."""
+    cdef int nd = cnp.PyArray_NDIM(arr), d, k, m = 0
+    cdef Py_ssize_t span = cnp.PyArray_ITEMSIZE(arr), stride
+    cdef Py_ssize_t strides[64]
+    cdef Py_ssize_t shape[64]
+    for d in range(nd):
+        if cnp.PyArray_DIM(arr, d) > 1:
+            stride = abs(cnp.PyArray_STRIDE(arr, d))
+            k = m
+            while k > 0 and strides[k - 1] > stride:
+                strides[k] = strides[k - 1]
+                shape[k] = shape[k - 1]
+                k -= 1
+            strides[k] = stride
+            shape[k] = cnp.PyArray_DIM(arr, d)
+            m += 1
+    for k in range(m):
+        if strides[k] < span:
+            return True
+        span += (shape[k] - 1) * strides[k]
+    return False
+
+
+cdef int check_not_self_overlapping(cnp.ndarray arr, Py_ssize_t index, str name) except -1:
+    """Raise ValueError if two elements of arr share memory (too large to tell: raise too)."""
+    if not may_overlap_itself(arr):
+        return 0
+    if cnp.PyArray_SIZE(arr) > ELEMENT_CHECK_MAX or _first_clash([(index, arr)]) is not None:
+        raise_shared(name, index, index)
+    return 0
+
+
+def check_writable_layout(cnp.ndarray arr not None, str name):
+    """For the in-place ops: ValueError naming `name` if arr overlaps itself."""
+    try:
+        check_not_self_overlapping(arr, 0, "t")
+    except ValueError:
+        raise ValueError(f"{name} overlaps itself (a view with a zero or overlapping "
+                         f"stride): modifying it in place would change its memory "
+                         f"more than once") from None
+
+
+cdef int check_group(Extent *exts, Py_ssize_t count, list arrays, str name) except -1:
+    """Raise if any two of a group of chained overlapping extents share memory."""
+    cdef Py_ssize_t i, j, total = 0
+    cdef bint dense = True
+    for i in range(count):
+        dense = dense and exts[i].dense
+    if dense:                         # exts[0] and exts[1] overlap, byte for byte
+        raise_shared(name, exts[0].pos, exts[1].pos)
+    for i in range(count):
+        total += cnp.PyArray_SIZE(<cnp.ndarray>arrays[exts[i].pos])
+    if total <= ELEMENT_CHECK_MAX:
+        clash = _first_clash([(exts[i].pos, arrays[exts[i].pos]) for i in range(count)])
+        if clash is not None:
+            raise_shared(name, clash[0], clash[1])
+        return 0
+    for j in range(1, count):         # few, huge views: pairs whose extents meet
+        for i in range(j):
+            if exts[i].hi > exts[j].lo and np.shares_memory(arrays[exts[i].pos],
+                                                            arrays[exts[j].pos]):
+                raise_shared(name, exts[i].pos, exts[j].pos)
+    return 0
+
+
 cdef int report_overlap(Extent *exts, Py_ssize_t count, list arrays, str name) except -1:
     """Raise ValueError naming the first two buffers that share memory.
 
-    Extents that overlap are checked with np.shares_memory when arrays holds
-    the arrays (interleaved strided views may be disjoint); without arrays
-    the buffers are contiguous and overlapping extents share memory.
+    Extents are sorted and cut into groups that chain-overlap; only a group of
+    two or more needs a look at its elements (interleaved strided views may be
+    disjoint). Without arrays the buffers are contiguous.
     """
-    cdef Py_ssize_t i, j
-    cdef char *max_hi = NULL
+    cdef Py_ssize_t j, k
+    cdef char *max_hi
     cdef bint is_sorted = True
     for j in range(1, count):
         if exts[j].lo < exts[j - 1].lo:
@@ -97,17 +210,17 @@ cdef int report_overlap(Extent *exts, Py_ssize_t count, list arrays, str name) e
             break
     if not is_sorted:
         sort_extents(exts, count)
-    for j in range(count):
-        if j and exts[j].lo < max_hi:
-            for i in range(j):
-                if exts[i].hi > exts[j].lo and (arrays is None or np.shares_memory(
-                        arrays[exts[i].pos], arrays[exts[j].pos])):
-                    a = min(exts[i].pos, exts[j].pos)
-                    b = max(exts[i].pos, exts[j].pos)
-                    raise ValueError(f"{name}[{a}] and {name}[{b}] share memory: clipping "
-                                     f"in place would scale it twice")
-        if j == 0 or exts[j].hi > max_hi:
-            max_hi = exts[j].hi
+    j = 0
+    while j < count:
+        k = j + 1
+        max_hi = exts[j].hi
+        while k < count and exts[k].lo < max_hi:
+            if exts[k].hi > max_hi:
+                max_hi = exts[k].hi
+            k += 1
+        if k - j > 1:
+            check_group(exts + j, k - j, arrays, name)
+        j = k
     return 0
 
 
@@ -135,13 +248,16 @@ cdef class _Buffers:
         self.lay.segs = NULL
         self.lay.starts = NULL
         self.exts = NULL
+        self.pins = NULL
         self.arrays = []
         self.generic = []
+        self.sources = []
 
     def __dealloc__(self):
         free(self.lay.segs)
         free(self.lay.starts)
         free(self.exts)
+        free(self.pins)
 
     cdef int push(self, char *data, Py_ssize_t n, Py_ssize_t stride, int kind) except -1:
         cdef Py_ssize_t cap
@@ -231,6 +347,7 @@ cdef class _Buffers:
         if n == 0:
             return 0
         if self.exts != NULL:
+            check_not_self_overlapping(arr, index, name)
             self.add_extent(arr, index)
         if ((type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE)
                 or not cnp.PyArray_ISNOTSWAPPED(arr) or not cnp.PyArray_ISALIGNED(arr)):
@@ -238,7 +355,7 @@ cdef class _Buffers:
             # float64 copy (refreshed before every norm) and NumPy scales the
             # original in place.
             copy = np.empty((<object>arr).shape, dtype=np.float64)
-            self.generic.append((arr, copy))
+            self.generic.append((index, arr, copy))
             self.push(<char *>cnp.PyArray_DATA(copy), n, 1, SEG_F64_COPY)
             return 0
         kind = SEG_F32 if type_num == cnp.NPY_FLOAT else SEG_F64
@@ -261,14 +378,69 @@ cdef class _Buffers:
                 e.hi += ext
         e.hi += cnp.PyArray_ITEMSIZE(arr)
         e.pos = index
+        e.dense = e.hi - e.lo == cnp.PyArray_NBYTES(arr)
         self.n_exts += 1
+
+    cdef int pin(self, tuple seq) except -1:
+        """Record what check_pins compares: each array and the arrays its memory
+        comes from (its bases), and the fingerprint of each entry that is not an
+        ndarray."""
+        cdef Py_ssize_t i, count = 0
+        cdef PyObject *obj
+        cdef Pin *g
+        for recording in (False, True):
+            for i in range(len(self.arrays)):
+                obj = <PyObject *>self.arrays[i]
+                while obj != NULL and cnp.PyArray_Check(<object>obj):
+                    if recording:
+                        g = &self.pins[self.n_pins]
+                        g.arr = obj
+                        g.data = <char *>cnp.PyArray_DATA(<cnp.ndarray>obj)
+                        g.size = cnp.PyArray_SIZE(<cnp.ndarray>obj)
+                        g.pos = i
+                        g.written = obj == <PyObject *>self.arrays[i]
+                        self.n_pins += 1
+                    else:
+                        count += 1
+                    obj = cnp.PyArray_BASE(<cnp.ndarray>obj)
+            if not recording:
+                self.pins = <Pin *>malloc((count + 1) * sizeof(Pin))
+                if self.pins == NULL:
+                    raise MemoryError()
+        for i in range(len(seq)):
+            if seq[i] is not None and not cnp.PyArray_Check(seq[i]):
+                fp = fingerprint(seq[i])
+                if fp is not None:
+                    self.sources.append((i, seq[i], fp))
+        return 0
+
+    cdef int check_pins(self) except -1:
+        """Raise unless every array still has the memory it had when pinned."""
+        cdef Py_ssize_t k
+        cdef const Pin *g
+        cdef cnp.ndarray arr
+        for k in range(self.n_pins):
+            g = &self.pins[k]
+            arr = <cnp.ndarray>g.arr
+            if <char *>cnp.PyArray_DATA(arr) != g.data or cnp.PyArray_SIZE(arr) != g.size:
+                raise RuntimeError(f"t_list[{g.pos}]: its memory moved since the Plan was "
+                                   f"built (resized or reallocated); build a new Plan")
+            if g.written and not cnp.PyArray_ISWRITEABLE(arr):
+                raise ValueError(f"t_list[{g.pos}]: the array was made read-only after the "
+                                 f"Plan was built")
+        for i, obj, fp in self.sources:
+            if fingerprint(obj) != fp:
+                raise RuntimeError(f"t_list[{i}]: the tensor's memory, shape or strides "
+                                   f"changed since the Plan was built (resize_, set_, .data "
+                                   f"=); build a new Plan")
+        return 0
 
     cdef double norm(self, double norm_type, int n_threads) except? -1.0:
         return self.clip_with(NULL, NULL, norm_type, n_threads)
 
     cdef int scale_generic(self, double factor) except -1:
         """NumPy scales the buffers the kernels only read a float64 copy of."""
-        for arr, copy in self.generic:
+        for _, arr, copy in self.generic:
             np.multiply(arr, factor, out=arr, casting="unsafe")
         return 0
 
@@ -283,8 +455,15 @@ cdef class _Buffers:
         """The norm, and every buffer multiplied by rule(norm, ctx) unless that is 1
         (rule NULL: the norm only)."""
         cdef double norm, factor = 1.0
-        for arr, copy in self.generic:
-            np.copyto(copy, arr, casting="unsafe")
+        for i, arr, copy in self.generic:
+            with np.errstate(over="ignore"):
+                np.copyto(copy, arr, casting="unsafe")
+            if arr.dtype.itemsize > 8 and np.isinf(copy).any() and np.isfinite(arr).any():
+                bad = np.isinf(copy) & np.isfinite(arr)
+                if bad.any():
+                    raise ValueError(f"t_list[{i}]: {arr.dtype} values beyond float64's range "
+                                     f"(such as {arr[bad].flat[0]!r}) cannot be clipped; "
+                                     f"nothing was modified")
         with nogil:
             norm = layout_clip(&self.lay, norm_type, rule, ctx, n_threads)
         if rule != NULL:
@@ -339,11 +518,8 @@ cdef _Buffers collect(object t_list, bint in_place, str name):
         obj = seq[i]
         if obj is None:
             continue
-        if not cnp.PyArray_Check(obj):
-            try:
-                obj = buffer_view(obj, writable=in_place)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"{name}[{i}]: {exc}") from None
+        if type(obj) is not ndarray:
+            obj = buffer_view(obj, f"{name}[{i}]", writable=in_place)
         buf.add(<cnp.ndarray>obj, i, name, in_place)
     if in_place:
         report_overlap(buf.exts, buf.n_exts, buf.arrays, name)
@@ -353,10 +529,16 @@ cdef _Buffers collect(object t_list, bint in_place, str name):
 
 
 cdef double as_real(object value, str name) except? -1.0:
-    if isinstance(value, (str, bytes)) or getattr(value, "ndim", 0) != 0:
+    """A real number (not a bool, a complex, a string or an array) as a double."""
+    if (isinstance(value, (str, bytes, bool, complex, np.bool_, np.complexfloating))
+            or getattr(value, "ndim", 0) != 0
+            or getattr(getattr(value, "dtype", None), "kind", "f") in "bcOSUV"):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     try:
         return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a real number within float64's range, "
+                         f"got {value!r:.40}") from None
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
 
@@ -447,8 +629,13 @@ cdef class Plan:
 
     A trainer that clips the same gradient buffers at every step builds a
     Plan once; each call then goes straight to the kernels. The Plan keeps
-    the buffers alive; their contents may change between calls, their
-    memory must not move (do not rebind a tensor's storage).
+    the buffers alive; their contents may change between calls. Each call
+    first checks that every buffer still has the memory it had (a resized
+    array or tensor, ``set_``, ``.data =``: RuntimeError) and is still
+    writable (ValueError). A Plan holds the tensors it was given: after
+    ``p.grad`` is rebound (``zero_grad(set_to_none=True)``) it still clips
+    the old ones, so build a new Plan then (or use :mod:`clipcore.torch`,
+    which takes the parameters at every call).
 
     Parameters
     ----------
@@ -461,6 +648,9 @@ cdef class Plan:
     ------
     TypeError, ValueError
         As :func:`clip_by_global_norm_`, at construction.
+    RuntimeError
+        At a call, when a buffer's memory moved since construction, or the
+        Plan was never initialised (a subclass that skips ``__init__``).
 
     Examples
     --------
@@ -475,21 +665,36 @@ cdef class Plan:
     array([1.5, 2. ], dtype=float32)
     """
     def __init__(self, t_list, *, n_threads=None):
+        cdef tuple seq = as_tuple(t_list, "t_list")
+        cdef _Buffers buffers = collect(seq, True, "t_list")
+        buffers.pin(seq)
         self.n_threads = as_threads(n_threads)
-        self.buffers = collect(t_list, True, "t_list")
+        # A call running in another thread holds its own reference to the old
+        # buffers: re-initialising never frees memory under a running kernel.
+        self.buffers = buffers
+
+    cdef _Buffers live(self):
+        """The buffers, checked for moved memory (a local reference: see __init__)."""
+        cdef _Buffers buffers = self.buffers
+        if buffers is None:
+            raise RuntimeError("this Plan was not initialised (a subclass must call "
+                               "Plan.__init__)")
+        buffers.check_pins()
+        return buffers
 
     @property
     def size(self):
         """Number of elements over all buffers."""
-        return self.buffers.lay.n_total
+        return self.live().lay.n_total
 
     def __len__(self):
         """Number of buffers (None entries excluded)."""
-        return sum(a is not None for a in self.buffers.arrays)
+        return sum(a is not None for a in self.live().arrays)
 
     def global_norm(self, *, norm_type=2.0):
         """The norm over the plan's buffers now; see :func:`global_norm`."""
-        return self.buffers.norm(as_norm_type(norm_type), self.n_threads)
+        cdef double p = as_norm_type(norm_type)
+        return self.live().norm(p, self.n_threads)
 
     def clip_by_global_norm_(self, clip_norm, *, use_norm=None, norm_type=2.0,
                              error_if_nonfinite=False):
@@ -498,7 +703,7 @@ cdef class Plan:
         cdef double p = as_norm_type(norm_type)
         if use_norm is not None:
             use_norm = as_real(use_norm, "use_norm")
-        return self.buffers.clip(c, use_norm, p, bool(error_if_nonfinite), self.n_threads)
+        return self.live().clip(c, use_norm, p, bool(error_if_nonfinite), self.n_threads)
 
 
 def plan_over_memory(addresses, lengths, is_float64, *, bint writable, n_threads=None):
@@ -532,6 +737,7 @@ def plan_over_memory(addresses, lengths, is_float64, *, bint writable, n_threads
                 exts[n_ext].lo = data
                 exts[n_ext].hi = data + length * itemsize
                 exts[n_ext].pos = i
+                exts[n_ext].dense = True
                 n_ext += 1
         if writable:
             report_overlap(exts, n_ext, None, "tensors")
@@ -542,6 +748,6 @@ def plan_over_memory(addresses, lengths, is_float64, *, bint writable, n_threads
     return plan
 
 
-def scale_(Plan plan, double factor):
+def scale_(Plan plan not None, double factor):
     """Multiply the plan's buffers by factor in place (clipcore.torch)."""
-    plan.buffers.scale(factor, plan.n_threads)
+    plan.live().scale(factor, plan.n_threads)

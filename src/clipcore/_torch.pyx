@@ -94,7 +94,7 @@ cdef double torch_rule(double norm, const void *ctx) noexcept nogil:
     return torch_factor(torch_coef(norm, r.f64, r.max_norm))
 
 
-def clip_like_torch_(Plan plan, double max_norm, double norm_type, bint f64,
+def clip_like_torch_(Plan plan not None, double max_norm, double norm_type, bint f64,
                      bint error_if_nonfinite):
     """The plan's norm, its buffers multiplied by torch_clip_coef's factor, in one
     kernel call; clipcore.torch raises for error_if_nonfinite and multiplies when
@@ -103,4 +103,4 @@ def clip_like_torch_(Plan plan, double max_norm, double norm_type, bint f64,
     rule.max_norm = max_norm
     rule.f64 = f64
     rule.error_if_nonfinite = error_if_nonfinite
-    return plan.buffers.clip_with(torch_rule, &rule, norm_type, plan.n_threads)
+    return plan.live().clip_with(torch_rule, &rule, norm_type, plan.n_threads)
