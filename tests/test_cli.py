@@ -304,8 +304,8 @@ def test_quick_run_json(quick_run):
         assert cases[key]["results"]["numpy"]["status"] == "ok"
 
 
+@pytest.mark.requires_matplotlib
 def test_chart_with_matplotlib(tmp_path):
-    pytest.importorskip("matplotlib")
     r = run_cli("bench", "--workload", "mlp", "--repeat", "2", "--threads", "1",
                 "--out", str(tmp_path), hide="torch,tensorflow")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -272,6 +272,7 @@ def test_clip_with_other_norm_types(p):
     assert clipcore.global_norm(arrays, norm_type=p) == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.requires_torch
 def test_torch_tensors_in_place():
     import torch
     t = torch.randn(300, 200)
@@ -487,6 +488,7 @@ def test_n_threads_none_follows_omp_num_threads():
     assert out.stdout.split() == ["1", "1"]
 
 
+@pytest.mark.requires_threadpoolctl
 def test_n_threads_none_follows_threadpoolctl():
     import threadpoolctl
     if not kernels.openmp_enabled():

@@ -86,6 +86,7 @@ def test_both_runs_start_from_the_same_point(runs):
     assert without["step_loss"][0] == with_clip["step_loss"][0]
 
 
+@pytest.mark.requires_matplotlib
 def test_cli_demo_prints_the_story_and_plots(tmp_path):
     png = tmp_path / "loss.png"
     r = run_cli("demo", "--epochs", "2", "--plot", str(png))
@@ -98,6 +99,7 @@ def test_cli_demo_prints_the_story_and_plots(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.requires_matplotlib  # the demo looks for matplotlib before the path
 def test_cli_demo_rejects_an_unwritable_plot_path(tmp_path):
     r = run_cli("demo", "--plot", str(tmp_path / "missing" / "loss.png"))
     assert r.returncode == 2

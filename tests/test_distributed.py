@@ -51,18 +51,21 @@ def ranks_ok(out):
     return sorted(re.findall(r"rank (\d+/\d+): ok", out))
 
 
+@pytest.mark.requires_mpi
 @pytest.mark.parametrize("n", [2, 4])
 def test_mpi(n):
     out = run([mpiexec(), "-n", str(n), sys.executable, WORKER, "mpi"])
     assert ranks_ok(out) == [f"{r}/{n}" for r in range(n)]
 
 
+@pytest.mark.requires_torch
 @pytest.mark.parametrize("n", [2, 4])
 def test_torch_gloo(n):
     out = run([sys.executable, WORKER, "torch", str(n)])
     assert ranks_ok(out) == [f"{r}/{n}" for r in range(n)]
 
 
+@pytest.mark.requires_mpi
 def test_example_distributed_mpi():
     out = run([mpiexec(), "-n", "2", sys.executable,
                os.path.join(ROOT, "examples", "distributed_mpi.py")])
@@ -93,6 +96,7 @@ def test_wrong_group_type(group):
     assert arrays[0].tolist() == [3.0, 4.0]
 
 
+@pytest.mark.requires_torch
 def test_wrong_torch_object_as_group():
     import torch
     with pytest.raises(TypeError, match="got torch.Tensor"):
@@ -107,6 +111,7 @@ def test_group_none_needs_torch_default_group():
         distributed.clip_by_global_norm_([np.ones(2)], 1.0, None)
 
 
+@pytest.mark.requires_mpi
 def test_benchmark_script_runs():
     # Figures are the benchmark's business; this only keeps the script working.
     out = run([mpiexec(), "-n", "2", sys.executable,

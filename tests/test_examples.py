@@ -46,6 +46,7 @@ def test_numpy_mlp_plan():
     assert number(r"largest global norm after clipping: ([\d.]+)", out) <= 1.0 + 1e-6
 
 
+@pytest.mark.requires_torch
 def test_torch_loop():
     out = run_example("torch_loop.py", "--epochs", "3")
     ours, theirs = number(r"clipcore norm ([\d.]+), torch norm ([\d.]+)", out)
@@ -55,6 +56,7 @@ def test_torch_loop():
     check_training_claims(out, 1.0)
 
 
+@pytest.mark.requires_tf
 def test_tf_custom_loop():
     out = run_example("tf_custom_loop.py", "--epochs", "3")
     ours, theirs = number(r"clipcore norm ([\d.]+), tf norm ([\d.]+)", out)

@@ -170,6 +170,7 @@ def test_known_values():
         (math.sqrt(3) + 2 + math.sqrt(12)) ** 2)
 
 
+@pytest.mark.requires_torch
 @pytest.mark.parametrize("p", NORM_TYPES)
 def test_matches_torch_vector_norm_float64(p):
     import torch

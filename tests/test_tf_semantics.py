@@ -9,10 +9,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import ml_dtypes  # noqa: E402  (installed with TensorFlow: its bfloat16)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+tf = pytest.importorskip("tensorflow")
+import ml_dtypes  # noqa: E402  (installed with TensorFlow: its bfloat16)
 
 import clipcore  # noqa: E402
 

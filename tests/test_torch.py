@@ -9,7 +9,7 @@ import weakref
 import numpy as np
 import pytest
 
-import torch  # noqa: E402
+torch = pytest.importorskip("torch")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 from torch.nn import utils as tu  # noqa: E402
 

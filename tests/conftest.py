@@ -1,0 +1,30 @@
+"""Optional test dependencies: the one place that decides when a test skips.
+
+`pip install -e .` plus pytest, pytest-benchmark and hypothesis runs the suite;
+a test that needs more carries one of the markers below and skips, with the
+reason, when that module is not installed (`pip install -e ".[test]"` installs
+them all, and then nothing here skips). A test module that needs one at import
+starts with `pytest.importorskip(...)` instead.
+"""
+import pytest
+
+# marker -> the module the marked test imports
+OPTIONAL = {
+    "requires_torch": "torch",
+    "requires_tf": "tensorflow",
+    "requires_mpi": "mpi4py",
+    "requires_matplotlib": "matplotlib",
+    "requires_threadpoolctl": "threadpoolctl",
+    "requires_cython": "Cython",
+}
+
+
+def pytest_configure(config):
+    for marker, module in OPTIONAL.items():
+        config.addinivalue_line("markers", f"{marker}: needs {module}; skipped without it")
+
+
+def pytest_runtest_setup(item):
+    for marker in item.iter_markers():
+        if marker.name in OPTIONAL:
+            pytest.importorskip(OPTIONAL[marker.name])
