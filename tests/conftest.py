@@ -4,8 +4,12 @@
 a test that needs more carries one of the markers below and skips, with the
 reason, when that module is not installed (`pip install -e ".[test]"` installs
 them all, and then nothing here skips). A test module that needs one at import
-starts with `pytest.importorskip(...)` instead.
+starts with `pytest.importorskip(...)` instead. CI sets
+CLIPCORE_REQUIRE_TEST_DEPS=1: then a missing one stops the run instead.
 """
+import importlib.util
+import os
+
 import pytest
 
 # marker -> the module the marked test imports
@@ -22,6 +26,11 @@ OPTIONAL = {
 def pytest_configure(config):
     for marker, module in OPTIONAL.items():
         config.addinivalue_line("markers", f"{marker}: needs {module}; skipped without it")
+    if os.environ.get("CLIPCORE_REQUIRE_TEST_DEPS") == "1":
+        missing = [m for m in OPTIONAL.values() if importlib.util.find_spec(m) is None]
+        if missing:
+            raise pytest.UsageError(f"CLIPCORE_REQUIRE_TEST_DEPS=1 but not installed: "
+                                    f"{', '.join(missing)}")
 
 
 def pytest_runtest_setup(item):
