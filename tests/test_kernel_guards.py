@@ -108,11 +108,12 @@ def test_forked_child_does_not_hang(how):
 # --- bounded teams ---------------------------------------------------------------------
 
 def test_thread_count_is_capped():
-    n = 10**8
-    assert kernels.threads_for(n, 1 << 16) <= 4 * max(os.cpu_count() or 1, 1)
-    assert kernels.threads_for(n, 8) == (8 if kernels.openmp_enabled() else 1) \
-        or not kernels.openmp_enabled()
-    assert kernels.threads_for(100_000, 4096) <= 7      # 100000 elements: 7 chunks
+    procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cap = 4 * (procs if kernels.openmp_enabled() else 1)     # THREADS_PER_PROC per processor
+    assert kernels.threads_for(10**8, 1 << 16) == cap
+    assert kernels.threads_for(10**8, 0) == min(kernels.max_threads(), cap)
+    assert kernels.threads_for(10**8, 7) == min(7, cap)     # takeover tests stay possible
+    assert kernels.threads_for(100_000, 4096) == min(7, cap)   # 100000 elements: 7 chunks
 
 
 def test_huge_n_threads_under_an_address_space_limit():
