@@ -32,7 +32,7 @@ from clipcore cimport kernels
 
 cdef extern from "cc_loops.h" nogil:
     double cc_reduce_one_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind,
-                             double p, double inv_scale)
+                             double p, double scale)
     void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
 
 cdef double now() noexcept nogil:

@@ -9,7 +9,7 @@ the same scale.
 A rank with a NaN or inf, or whose arguments failed their checks, sends +inf
 instead. Every rank then sees an infinite result and makes a second
 all-reduce (MAX of two numbers: the largest local norm and a status code) that
-tells every rank the same thing: raise, NaN, inf, or -- for p other than 1, 2
+tells every rank the same thing: raise, NaN, inf, or -- for p other than 1
 and inf, whose plain sum of p-th powers may overflow or underflow where the
 core's scaled sum does not -- a third all-reduce of the sum scaled by the
 largest local norm. The common case costs one all-reduce of one number.
@@ -137,7 +137,7 @@ def _reduce(group, local, p, caller):
         v = local if math.isfinite(local) else math.inf
     else:
         v = _pow(local, p)
-        if math.isnan(v) or (p != 1.0 and p != 2.0 and 0.0 < local and v < _TINY):
+        if math.isnan(v) or (p != 1.0 and 0.0 < local and v < _TINY):
             v = math.inf
     one = np.array([v])
     group.allreduce(one, "max" if p == math.inf else "sum")
@@ -165,11 +165,12 @@ def _settle(group, local, p, failed, caller):
                            f"modified on any rank")
     if code >= _NAN:
         return math.nan
-    if m == math.inf or p == 1.0 or p == 2.0:
-        return math.inf          # an inf, or the plain sum overflowed as in the core
+    if m == math.inf or p == 1.0:
+        return math.inf          # an inf, or the sum of |x| overflowed as in the core
     one = np.array([(local / m) ** p])
     group.allreduce(one, "sum")
-    return m * float(one[0]) ** (1.0 / p)
+    s = float(one[0])
+    return m * (math.sqrt(s) if p == 2.0 else s ** (1.0 / p))
 
 
 def _join_failed(group, norm_type):

@@ -271,24 +271,29 @@ def check_bad_input_on_one_rank(be, group, wrap):
 
 
 def check_scaled_sum(be, group, wrap):
-    """Large and tiny float64 norms: for p = 3 the plain sum of cubes over- or underflows."""
+    """Large and tiny float64 norms: for p = 3 (and 2) the plain sum of powers over- or underflows."""
     rank, size = be.rank, be.size
     for scale in (1e150, 1e-120, 1e-300):
         shards, rep = scaled_shards(size, scale)
-        for p in (3.0, 2.5):
+        for p in (3.0, 2.5, 2.0):
             ref = clipcore.global_norm(flat(shards) + rep, norm_type=p)
             got = D.global_norm(wrap(shards[rank]), group, norm_type=p, replicated=wrap(rep))
             check_close(got, ref, f"scale {scale}, p={p}")
             check_same_everywhere(be, got, f"scale {scale}, p={p}")
-    # For p = 1 and 2 the core adds |x| or x*x unscaled: a sum over ranks that
-    # overflows gives inf, as one process would, even when each rank's part is finite.
-    for p, value in ((2.0, math.sqrt(0.6 * sys.float_info.max)), (1.0, 0.6 * sys.float_info.max)):
-        shards = [[np.array([value])] for _ in range(size)]
-        ref = clipcore.global_norm(flat(shards), norm_type=p)
-        got = D.global_norm(shards[rank], group, norm_type=p)
-        if not (math.isfinite(clipcore.global_norm(shards[rank], norm_type=p))
-                and ref == got == math.inf):
-            raise AssertionError(f"p={p}, overflowing sum: {got!r}, one process: {ref!r}")
+    # For p = 1 the core adds |x| unscaled: a sum over ranks that overflows gives
+    # inf, as one process would, even when each rank's part is finite. For p = 2
+    # the norm is finite: the squares of the ranks' parts are summed scaled.
+    value = 0.6 * sys.float_info.max
+    shards = [[np.array([value])] for _ in range(size)]
+    ref = clipcore.global_norm(flat(shards), norm_type=1.0)
+    got = D.global_norm(shards[rank], group, norm_type=1.0)
+    if not (math.isfinite(clipcore.global_norm(shards[rank], norm_type=1.0))
+            and ref == got == math.inf):
+        raise AssertionError(f"p=1, overflowing sum: {got!r}, one process: {ref!r}")
+    shards = [[np.array([math.sqrt(value)])] for _ in range(size)]
+    got = D.global_norm(shards[rank], group)
+    check_close(got, clipcore.global_norm(flat(shards)), "p=2, squares beyond float64")
+    check_same_everywhere(be, got, "p=2, squares beyond float64")
 
 
 def check_subgroup(be, sub, sub_members, wrap):

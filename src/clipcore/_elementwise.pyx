@@ -18,7 +18,7 @@ from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, calloc, free
 cimport numpy as cnp
 
-from clipcore.kernels cimport (resolve_threads, Claims, claims_init, run_claimed,
+from clipcore.kernels cimport (resolve_threads, Claims, claims_new, run_claimed,
                                chunk_size, chunk_count, cc_team_rank, cc_team_size)
 from clipcore._lists cimport as_threads
 
@@ -42,9 +42,9 @@ cdef extern from "cc_elementwise.h" nogil:
     void cc_rows_clip_f64(const double *x, Py_ssize_t nrows, Py_ssize_t sa, Py_ssize_t n,
                           Py_ssize_t s, double *o, Py_ssize_t oa, Py_ssize_t os, double clip)
     double cc_reduce_one_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind,
-                         double p, double inv_scale)
+                         double p, double scale)
     double cc_reduce_one_f64(const double *x, Py_ssize_t n, Py_ssize_t stride, int kind,
-                         double p, double inv_scale)
+                         double p, double scale)
     void cc_cols_reduce_f32(const float *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t nb,
                             Py_ssize_t sb, int kind, double *acc)
     void cc_cols_reduce_f64(const double *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t nb,
@@ -147,14 +147,15 @@ cdef void ew_parallel(const EwJob *job, int nt) noexcept nogil:
     (kernels.run_claimed): each streams through its own contiguous block, and
     one that OpenMP must first wake does less instead of holding up the
     others (16M float32 in place on 2 threads, restored before each call:
-    relu_ 2.72-2.95 -> 2.49-2.82 ms, clip_by_value_ 2.83-3.15 -> 2.62-2.98 ms)."""
-    cdef Claims cl
-    if nt <= 1:
+    relu_ 2.72-2.95 -> 2.49-2.82 ms, clip_by_value_ 2.83-3.15 -> 2.62-2.98 ms).
+    One thread does it all when the claims cannot be allocated."""
+    cdef Claims *cl = claims_new(chunk_count(job.total)) if nt > 1 else NULL
+    if cl == NULL:
         ew_range(job, 0, job.total)
         return
-    claims_init(&cl, chunk_count(job.total))
     with parallel(num_threads=nt):
-        run_claimed(&cl, chunk_count(job.total), ew_chunk, job, cc_team_rank(), cc_team_size())
+        run_claimed(cl, chunk_count(job.total), ew_chunk, job, cc_team_rank(), cc_team_size())
+    free(cl)
 
 
 def ew_apply(int op, int tcode, tuple operands, int n_threads):
@@ -387,8 +388,6 @@ cdef void tile_reduce(const AxisJob *j, Py_ssize_t item, Py_ssize_t width, bint 
     cdef Py_ssize_t nb = j.B - b0 if j.B - b0 < TILE else TILE
     cdef Py_ssize_t r0 = p * j.rp, nr = j.R - p * j.rp if j.R - p * j.rp < j.rp else j.rp
     cdef double *acc = j.res + a * j.B + b0 if j.P == 1 else j.part + item * width
-    cdef double f64s[TILE]
-    cdef float f32s[TILE]
     cdef Py_ssize_t b
     if j.f64:
         cc_cols_reduce_f64(<double *>xp(j, a, r0, b0), nr, j.sr, nb, j.sb, j.kind, acc)
@@ -396,17 +395,17 @@ cdef void tile_reduce(const AxisJob *j, Py_ssize_t item, Py_ssize_t width, bint 
         cc_cols_reduce_f32(<float *>xp(j, a, r0, b0), nr, j.sr, nb, j.sb, j.kind, acc)
     if not fuse:
         return
-    # The tile is still in cache: scale it now.
+    # The tile is still in cache: scale it now (its factors in j.f, not on the stack).
+    for b in range(nb):
+        set_factor(j, a * j.B + b0 + b, acc[b])
     if j.f64:
-        for b in range(nb):
-            f64s[b] = cc_norm_scale(acc[b], j.clip)
-        cc_cols_scale_f64(<double *>xp(j, a, 0, b0), j.R, j.sr, j.sb, f64s, nb,
-                          <double *>op_(j, a, 0, b0), j.osr, j.ob)
+        cc_cols_scale_f64(<double *>xp(j, a, 0, b0), j.R, j.sr, j.sb,
+                          <double *>j.f + a * j.B + b0, nb, <double *>op_(j, a, 0, b0),
+                          j.osr, j.ob)
     else:
-        for b in range(nb):
-            f32s[b] = <float>cc_norm_scale(acc[b], j.clip)
-        cc_cols_scale_f32(<float *>xp(j, a, 0, b0), j.R, j.sr, j.sb, f32s, nb,
-                          <float *>op_(j, a, 0, b0), j.osr, j.ob)
+        cc_cols_scale_f32(<float *>xp(j, a, 0, b0), j.R, j.sr, j.sb,
+                          <float *>j.f + a * j.B + b0, nb, <float *>op_(j, a, 0, b0),
+                          j.osr, j.ob)
 
 
 cdef void cols_scale_rows(const AxisJob *j, Py_ssize_t item, Py_ssize_t rs, Py_ssize_t nrp) noexcept nogil:
@@ -541,7 +540,7 @@ def axis_clip(cnp.ndarray x3, cnp.ndarray o3, double clip, int n_threads):
     cdef Py_ssize_t nf = j.A * j.B
     cdef bint two_pass = (j.B == 1 and not (j.A >= MANY_ROWS or j.R <= PIECE)) or j.B > 1
     cdef int nt = resolve_threads(j.A * j.R * j.B, n_threads), rc = 0
-    if two_pass:
+    if two_pass:         # the factors (a fused tile's too), then scaled in a second pass
         j.f = <char *>malloc(nf * (8 if j.f64 else 4))
         j.res = <double *>calloc(nf, sizeof(double))
         if j.f == NULL or j.res == NULL:

@@ -21,6 +21,14 @@
 #include <math.h>
 #include <float.h>
 
+/* Every loop is static (one copy per extension module that includes this
+ * header); not every module uses every loop or the fork flag. */
+#if defined(__GNUC__)
+#define CC_UNUSED __attribute__((unused))
+#else
+#define CC_UNUSED
+#endif
+
 /* Inside a parallel region: this thread's rank, the team's size, a barrier
  * for the whole team (an orphaned barrier binds to the region the caller runs
  * in), and the atomics with which the threads claim chunks. */
@@ -28,6 +36,7 @@
 #include <omp.h>
 static inline int cc_openmp_enabled(void) { return 1; }
 static inline int cc_max_threads(void) { return omp_get_max_threads(); }
+static inline int cc_num_procs(void) { return omp_get_num_procs(); }
 static inline int cc_team_rank(void) { return omp_get_thread_num(); }
 static inline int cc_team_size(void) { return omp_get_num_threads(); }
 static inline void cc_team_barrier(void) { _Pragma("omp barrier") }
@@ -46,12 +55,36 @@ static inline int cc_load(const int *x) {
 #else
 static inline int cc_openmp_enabled(void) { return 0; }
 static inline int cc_max_threads(void) { return 1; }
+static inline int cc_num_procs(void) { return 1; }
 static inline int cc_team_rank(void) { return 0; }
 static inline int cc_team_size(void) { return 1; }
 static inline void cc_team_barrier(void) { }
 static inline int cc_exchange(int *x, int v) { int old = *x; *x = v; return old; }
 static inline int cc_load(const int *x) { return *x; }
 #endif
+
+/* Fork guard. GNU OpenMP's thread pool does not survive fork(): a child that
+ * starts a parallel region hangs, so a forked child stays serial. A
+ * pthread_atfork handler sees every fork() through the C library, also those
+ * that bypass Python's os.register_at_fork (ctypes, other extensions). The
+ * flag is per module: the module that installs the guard reads it. */
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define CC_HAVE_ATFORK 1
+#endif
+CC_UNUSED static volatile int cc_forked = 0;
+#ifdef CC_HAVE_ATFORK
+CC_UNUSED static void cc_on_fork_child(void) { cc_forked = 1; }
+#endif
+/* 0, or an error number when the guard could not be installed. */
+static inline int cc_install_fork_guard(void) {
+#ifdef CC_HAVE_ATFORK
+    return pthread_atfork(NULL, NULL, cc_on_fork_child);
+#else
+    return 0;
+#endif
+}
+static inline int cc_in_forked_child(void) { return cc_forked; }
 
 /* Software prefetch for the streaming loops: each block of CC_BLOCK_BYTES
  * first asks for its lines CC_PREFETCH_BYTES ahead into L1 and
@@ -115,13 +148,6 @@ static inline const char *cc_simd_path(void) {
 }
 #endif
 
-/* Every loop is static (one copy per extension module that includes this
- * header); not every module uses every loop. */
-#if defined(__GNUC__)
-#define CC_UNUSED __attribute__((unused))
-#else
-#define CC_UNUSED
-#endif
 
 #define CC_LANES 64
 
@@ -146,12 +172,13 @@ static inline double cc_combine_lanes(double *acc, int is_max) {
  * CC_LANES float64 lanes (a chunk's pieces share them, so small buffers pay
  * no per-buffer setup); stride is in elements. The contiguous case gets the
  * lane-parallel loop the compiler vectorizes; enough lanes to hide the add
- * latency. For the general power p, |x| is multiplied by inv_scale (1 / the
- * max |x| over all buffers, found in a first pass) so sum |x|^p cannot
- * overflow. NaN is sticky in a max lane: v > NaN is false. */
+ * latency. For the general power p, |x| is divided by scale (the max |x|
+ * over all buffers, found in a first pass) so sum |x|^p cannot overflow;
+ * divided, not multiplied by 1 / scale, which is inf for a subnormal scale.
+ * NaN is sticky in a max lane: v > NaN is false. */
 #define CC_DEFINE_REDUCE(NAME, T)                                              \
 CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
-                                     int kind, double p, double inv_scale,     \
+                                     int kind, double p, double scale,         \
                                      double *restrict acc) {                   \
     ptrdiff_t i = 0;                                                           \
     if (stride == 1) {                                                         \
@@ -186,7 +213,7 @@ CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
         default:                                                               \
             for (; i < nv; i += CC_LANES)                                      \
                 for (int k = 0; k < CC_LANES; k++)                             \
-                    acc[k] += pow(fabs((double)x[i + k]) * inv_scale, p);      \
+                    acc[k] += pow(fabs((double)x[i + k]) / scale, p);          \
         }                                                                      \
     }                                                                          \
     /* Tail (and strided buffers), lane by lane. */                            \
@@ -197,7 +224,7 @@ CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
         case CC_SUMSQ: *a += v * v; break;                                     \
         case CC_SUMABS: *a += v; break;                                        \
         case CC_MAXABS: *a = cc_max_nan(*a, v); break;                         \
-        default: *a += pow(v * inv_scale, p);                                  \
+        default: *a += pow(v / scale, p);                                      \
         }                                                                      \
     }                                                                          \
 }
@@ -285,22 +312,22 @@ CC_DEFINE_REDUCE(cc_reduce_f32_generic, float)
 CC_DEFINE_REDUCE(cc_reduce_f64, double)
 
 CC_UNUSED static void cc_reduce_f32(const float *x, ptrdiff_t n, ptrdiff_t stride, int kind,
-                                    double p, double inv_scale, double *restrict acc) {
+                                    double p, double scale, double *restrict acc) {
 #ifdef CC_AVX512_PATHS
     if (stride == 1 && kind != CC_SUMPOW && cc_avx512_usable()) {
         cc_reduce_f32_avx512(x, n, kind, acc);
         return;
     }
 #endif
-    cc_reduce_f32_generic(x, n, stride, kind, p, inv_scale, acc);
+    cc_reduce_f32_generic(x, n, stride, kind, p, scale, acc);
 }
 
 /* The reduction of one buffer on its own (fresh lanes, combined). */
 #define CC_DEFINE_REDUCE_ONE(NAME, REDUCE, T)                                  \
 CC_UNUSED static double NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,       \
-                             int kind, double p, double inv_scale) {           \
+                             int kind, double p, double scale) {               \
     double acc[CC_LANES] = {0};                                                \
-    REDUCE(x, n, stride, kind, p, inv_scale, acc);                             \
+    REDUCE(x, n, stride, kind, p, scale, acc);                                 \
     return cc_combine_lanes(acc, kind == CC_MAXABS);                           \
 }
 

@@ -8,6 +8,7 @@ cdef extern from "cc_loops.h" nogil:
     int CC_SUMSQ, CC_SUMABS, CC_MAXABS, CC_SUMPOW
     int cc_openmp_enabled()
     int cc_max_threads()
+    int cc_num_procs()
     const char *cc_simd_path()
     int cc_team_rank()       # inside a parallel region: this thread's rank
     int cc_team_size()       # and the team's size
@@ -37,12 +38,14 @@ ctypedef struct Layout:
 # element becomes NaN). It runs in every thread of the kernel's team: pure, nogil.
 ctypedef double (*clip_rule)(double norm, const void *ctx) noexcept nogil
 
+# The one thread-count policy: the team size for n_total elements when asked
+# for n_threads (<= 0: what OpenMP may use). Every parallel region takes its
+# num_threads from here.
 cdef int resolve_threads(Py_ssize_t n_total, int n_threads) noexcept nogil
 
 # Work is cut into chunks of at least CHUNK_MIN elements, at most MAX_CHUNKS of
-# them (so per-chunk state fits on the stack). The threads of a team share
-# them out with a Claims (run_claimed). For clipcore's own extensions (its
-# elementwise engine splits its work the same way).
+# them. The threads of a team share them out with a Claims (run_claimed). For
+# clipcore's own extensions (its elementwise engine splits its work the same way).
 cdef enum:
     CHUNK_MIN = 16384
     MAX_CHUNKS = 4096
@@ -54,14 +57,17 @@ cdef inline Py_ssize_t chunk_size(Py_ssize_t n_total) noexcept nogil:
 cdef inline Py_ssize_t chunk_count(Py_ssize_t n_total) noexcept nogil:
     return (n_total + chunk_size(n_total) - 1) // chunk_size(n_total)
 
+# On the heap (claims_new), not the caller's stack: a kernel may run in a
+# thread with a small stack.
 ctypedef struct Claims:
     int passes                      # passes over the chunks the team has begun
-    int claims[MAX_CHUNKS]          # passes that have claimed chunk c
-    int owner[MAX_CHUNKS]           # the thread that claimed chunk c last
+    int *claims                     # per chunk c: passes that have claimed it
+    int *owner                      # per chunk c: the thread that claimed it last
 
 ctypedef void (*chunk_fn)(const void *ctx, Py_ssize_t c) noexcept nogil
 
-cdef void claims_init(Claims *cl, Py_ssize_t n_chunks) noexcept nogil
+# A Claims for n_chunks chunks, no pass begun (one block: free() it); NULL out of memory.
+cdef Claims *claims_new(Py_ssize_t n_chunks) noexcept nogil
 # In every thread of a team, inside its parallel region: fn(ctx, c) for the
 # chunks this thread claims in the current pass.
 cdef void run_claimed(Claims *cl, Py_ssize_t n_chunks, chunk_fn fn, const void *ctx,

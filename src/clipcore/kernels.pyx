@@ -6,17 +6,15 @@ float64 partial is the same whatever thread computes it, and partials are
 combined in chunk order: the result is bitwise identical for any thread count.
 """
 from cython.parallel cimport parallel
-from libc.math cimport sqrt, pow, INFINITY, NAN, isnan
+from libc.math cimport sqrt, pow, ldexp, INFINITY, NAN, isnan
 from libc.stdlib cimport malloc, calloc, free
-
-import os
 
 cdef extern from "cc_loops.h" nogil:
     enum: CC_LANES
     void cc_reduce_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind, double p,
-                       double inv_scale, double *acc)
+                       double scale, double *acc)
     void cc_reduce_f64(const double *x, Py_ssize_t n, Py_ssize_t stride, int kind, double p,
-                       double inv_scale, double *acc)
+                       double scale, double *acc)
     double cc_combine_lanes(double *acc, int is_max)
     double cc_max_nan(double a, double b)
     void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
@@ -25,6 +23,8 @@ cdef extern from "cc_loops.h" nogil:
     void cc_team_barrier()
     int cc_exchange(int *x, int v)
     int cc_load(const int *x)
+    int cc_install_fork_guard()
+    int cc_in_forked_child()
 
 cdef extern from "cc_elementwise.h" nogil:
     ctypedef void (*cc_loop_fn)(char **p, const Py_ssize_t *s, Py_ssize_t n)
@@ -55,42 +55,44 @@ cdef extern from * nogil:
     void cc_probe_copy_f32(cc_loop_fn mul, const float *x, float *o, Py_ssize_t n)
 
 # Chunks (kernels.pxd) hold at least CHUNK_MIN elements and there are at most
-# MAX_CHUNKS of them, so the partials fit on the stack: no allocation
-# proportional to data. Below PARALLEL_MIN elements one thread does the work:
-# even an awake team costs more than it saves. When n_threads is not given, one thread also does
+# MAX_CHUNKS of them, so a team's per-chunk state is small (and on the heap: a
+# kernel may run in a thread with a small stack). Below PARALLEL_MIN elements
+# one thread does the work: even an awake team costs more than it saves. When n_threads is not given, one thread also does
 # work below AUTO_PARALLEL_MIN elements (2.5 MiB of float32). OpenMP's idle
 # threads soon sleep (GOMP_SPINCOUNT, see __init__.py); on a VM, waking one
 # costs its waker 15-25 us and it starts 50-70 us later, while one core reads a
 # list that fits its L2 fast. Measured on lists written just before each call,
 # as a training loop writes its gradients: 2 threads win from about 2.6 MB (4
 # MB: 230 against 280 us), one thread below (2 MB: 108 against 128 us).
+# A team has at most THREADS_PER_PROC threads per processor: more only costs
+# memory and thread creation (which can fail and abort the process), and the
+# results are the same bits for any team size. More than one per processor
+# stays possible: the tests use it to make threads take over chunks.
 cdef enum:
     PARALLEL_MIN = 65536
     AUTO_PARALLEL_MIN = 655360
+    THREADS_PER_PROC = 4
 
+cdef int _max_team = THREADS_PER_PROC * (cc_num_procs() if cc_num_procs() > 0 else 1)
 
-cdef int _forked_child = 0
-
-def _after_fork_in_child():
-    # GNU OpenMP's thread pool does not survive fork(): stay serial there.
-    global _forked_child
-    _forked_child = 1
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if cc_install_fork_guard() != 0:
+    raise ImportError("clipcore.kernels: pthread_atfork failed (out of memory)")
 
 
 cdef int resolve_threads(Py_ssize_t n_total, int n_threads) noexcept nogil:
-    """Threads to use: n_threads if > 0, else what OpenMP may use; 1 for small work."""
-    cdef Py_ssize_t n_chunks
-    if _forked_child or n_total < PARALLEL_MIN:
+    """Threads to use: n_threads if > 0, else what OpenMP may use; 1 for small
+    work or in a forked child; never more than chunks, nor than _max_team."""
+    cdef Py_ssize_t cap = chunk_count(n_total)
+    if cc_in_forked_child() or n_total < PARALLEL_MIN:
         return 1
     if n_threads <= 0:
         if n_total < AUTO_PARALLEL_MIN:
             return 1
         n_threads = cc_max_threads()
-    n_chunks = chunk_count(n_total)
-    if n_threads > n_chunks:
-        n_threads = <int>n_chunks
+    if cap > _max_team:
+        cap = _max_team
+    if n_threads > cap:
+        n_threads = <int>cap
     return n_threads if n_threads > 0 else 1
 
 
@@ -108,22 +110,23 @@ cdef inline Py_ssize_t find_segment(const Layout *lay, Py_ssize_t pos) noexcept 
 
 # One pass over a layout: every chunk, each cut into its segments' pieces.
 cdef enum:
-    PASS_REDUCE = 0    # partials[c] = reduction of chunk c (kind, p, inv_scale)
-    PASS_SCALE = 1     # x *= scale (SEG_F64_COPY segments are left alone)
+    PASS_REDUCE = 0    # reduction of chunk c (kind, p, and scale: |x| / scale for CC_SUMPOW)
+    PASS_SCALE = 1     # x *= factor (SEG_F64_COPY segments are left alone)
     PASS_CLAMP = 2     # x = min(max(x, lo), hi): float32 segments, contiguous
-    PASS_READ = 3      # partials[c] = plain float32 sum of chunk c: the benchmarks' read probe
+    PASS_READ = 3      # plain float32 sum of chunk c: the benchmarks' read probe
 
 ctypedef struct Pass:
     int what
     int kind
-    double p, inv_scale
-    double *partials
-    double scale
+    double p, scale
+    double *partials   # chunk c's result, when a team runs the pass (pass_claimed)
+    double factor
     float lo, hi
 
 
-cdef void pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize_t chunk) noexcept nogil:
-    """Run the pass over chunk c; a reduction's pieces share one set of lanes."""
+cdef double pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize_t chunk) noexcept nogil:
+    """Run the pass over chunk c; returns its result (0 for a pass that writes).
+    A reduction's pieces share one set of lanes."""
     cdef double acc[CC_LANES]
     cdef Py_ssize_t lo = c * chunk, hi = lo + chunk, s = find_segment(lay, lo), off, take, k
     cdef const Segment *seg
@@ -141,14 +144,14 @@ cdef void pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize_t
         x = seg.data + off * seg.stride * (4 if seg.kind == SEG_F32 else 8)
         if ps.what == PASS_REDUCE:
             if seg.kind == SEG_F32:
-                cc_reduce_f32(<const float *>x, take, seg.stride, ps.kind, ps.p, ps.inv_scale, acc)
+                cc_reduce_f32(<const float *>x, take, seg.stride, ps.kind, ps.p, ps.scale, acc)
             else:
-                cc_reduce_f64(<const double *>x, take, seg.stride, ps.kind, ps.p, ps.inv_scale, acc)
+                cc_reduce_f64(<const double *>x, take, seg.stride, ps.kind, ps.p, ps.scale, acc)
         elif ps.what == PASS_SCALE:
             if seg.kind == SEG_F32:
-                cc_scale_f32(<float *>x, take, seg.stride, ps.scale)
+                cc_scale_f32(<float *>x, take, seg.stride, ps.factor)
             elif seg.kind == SEG_F64:
-                cc_scale_f64(<double *>x, take, seg.stride, ps.scale)
+                cc_scale_f64(<double *>x, take, seg.stride, ps.factor)
         elif ps.what == PASS_CLAMP:
             cc_clamp_f32(<float *>x, take, ps.lo, ps.hi)
         else:
@@ -156,20 +159,33 @@ cdef void pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize_t
         lo += take
         s += 1
     if ps.what == PASS_REDUCE:
-        ps.partials[c] = cc_combine_lanes(acc, ps.kind == CC_MAXABS)
-    elif ps.what == PASS_READ:
-        ps.partials[c] = sink
+        return cc_combine_lanes(acc, ps.kind == CC_MAXABS)
+    return sink
 
 
-cdef void pass_all(const Layout *lay, const Pass *ps, bint backward=False) noexcept nogil:
-    """One thread runs the pass over every chunk (last chunk first if backward)."""
+cdef inline bint has_result(const Pass *ps) noexcept nogil:
+    return ps.what == PASS_REDUCE or ps.what == PASS_READ
+
+
+cdef inline double combine(int kind, double acc, double v) noexcept nogil:
+    """Chunk results combined: NaN-propagating max for CC_MAXABS, else a sum."""
+    return cc_max_nan(acc, v) if kind == CC_MAXABS else acc + v
+
+
+cdef double pass_all(const Layout *lay, const Pass *ps, bint backward=False) noexcept nogil:
+    """One thread runs the pass over every chunk (last chunk first if backward);
+    returns the chunks' results combined in chunk order, as a team combines them."""
     cdef Py_ssize_t chunk = chunk_size(lay.n_total), n_chunks = chunk_count(lay.n_total), c
+    cdef double acc = 0.0, v
     if backward:
         for c in range(n_chunks - 1, -1, -1):
             pass_chunk(lay, ps, c, chunk)
     else:
         for c in range(n_chunks):
-            pass_chunk(lay, ps, c, chunk)
+            v = pass_chunk(lay, ps, c, chunk)
+            if has_result(ps):
+                acc = combine(ps.kind, acc, v)
+    return acc
 
 
 # In a team, each thread runs through its own block of chunks, claiming each,
@@ -180,15 +196,39 @@ cdef void pass_all(const Layout *lay, const Pass *ps, bint backward=False) noexc
 # own next chunk (claiming single chunks in turn was 25% slower than blocks).
 # 2000x512 on 2 threads, restored before each call: 259-283 -> 231-237 us.
 ctypedef struct Team:
-    Claims cl
-    double partials[MAX_CHUNKS]     # chunk c's reduction
+    Claims *cl
+    double *partials                # chunk c's reduction
 
 
-cdef void claims_init(Claims *cl, Py_ssize_t n_chunks) noexcept nogil:
+cdef Claims *claims_new(Py_ssize_t n_chunks) noexcept nogil:
+    cdef Claims *cl = <Claims *>malloc(sizeof(Claims) + 2 * n_chunks * sizeof(int))
     cdef Py_ssize_t c
+    if cl == NULL:
+        return NULL
     cl.passes = 0
+    cl.claims = <int *>(cl + 1)
+    cl.owner = cl.claims + n_chunks
     for c in range(n_chunks):
         cl.claims[c] = 0
+    return cl
+
+
+cdef int team_open(Team *team, Py_ssize_t n_chunks) noexcept nogil:
+    """A team's state for n_chunks chunks, on the heap; 0, or -1 out of memory
+    (then nothing is left to free)."""
+    team.cl = claims_new(n_chunks)
+    team.partials = <double *>malloc((n_chunks + 1) * sizeof(double))   # + 1: never malloc(0)
+    if team.cl == NULL or team.partials == NULL:
+        team_close(team)
+        return -1
+    return 0
+
+
+cdef void team_close(Team *team) noexcept nogil:
+    free(team.cl)
+    free(team.partials)
+    team.cl = NULL
+    team.partials = NULL
 
 
 cdef inline bint claim(Claims *cl, Py_ssize_t c) noexcept nogil:
@@ -221,7 +261,9 @@ ctypedef struct LayoutPass:
 
 cdef void layout_pass_chunk(const void *ctx, Py_ssize_t c) noexcept nogil:
     cdef const LayoutPass *job = <const LayoutPass *>ctx
-    pass_chunk(job.lay, job.ps, c, chunk_size(job.lay.n_total))
+    cdef double v = pass_chunk(job.lay, job.ps, c, chunk_size(job.lay.n_total))
+    if has_result(job.ps):
+        job.ps.partials[c] = v
 
 
 cdef void pass_claimed(const Layout *lay, const Pass *ps, Team *team,
@@ -230,7 +272,7 @@ cdef void pass_claimed(const Layout *lay, const Pass *ps, Team *team,
     cdef LayoutPass job
     job.lay = lay
     job.ps = ps
-    run_claimed(&team.cl, chunk_count(lay.n_total), layout_pass_chunk, &job, rank, size)
+    run_claimed(team.cl, chunk_count(lay.n_total), layout_pass_chunk, &job, rank, size)
 
 
 cdef void scale_claimed(const Layout *lay, const Pass *ps, Team *team, int rank) noexcept nogil:
@@ -239,21 +281,22 @@ cdef void scale_claimed(const Layout *lay, const Pass *ps, Team *team, int rank)
     on one thread 7% faster, ResNet-50 4%), then any left, first first."""
     cdef Py_ssize_t chunk = chunk_size(lay.n_total), n_chunks = chunk_count(lay.n_total), c
     for c in range(n_chunks - 1, -1, -1):
-        if team.cl.owner[c] == rank and claim(&team.cl, c):
+        if team.cl.owner[c] == rank and claim(team.cl, c):
             pass_chunk(lay, ps, c, chunk)
     for c in range(n_chunks):
-        if claim(&team.cl, c):
+        if claim(team.cl, c):
             pass_chunk(lay, ps, c, chunk)
 
 
 cdef void run_pass(const Layout *lay, const Pass *ps, int n_threads) noexcept nogil:
-    """The pass over every chunk, on the threads resolve_threads gives."""
+    """The pass over every chunk, on the threads resolve_threads gives (one
+    thread when a team's state cannot be allocated: the same result)."""
     cdef int nt = resolve_threads(lay.n_total, n_threads)
     cdef Team team
-    if nt > 1:
-        claims_init(&team.cl, chunk_count(lay.n_total))
+    if nt > 1 and team_open(&team, chunk_count(lay.n_total)) == 0:
         with parallel(num_threads=nt):
             pass_claimed(lay, ps, &team, cc_team_rank(), cc_team_size())
+        team_close(&team)
     else:
         pass_all(lay, ps)
 
@@ -263,7 +306,7 @@ cdef void run_pass(const Layout *lay, const Pass *ps, int n_threads) noexcept no
 # partials itself in chunk order (the same bits in every thread), so the norm,
 # the scale and the scaling pass need no second region.
 
-cdef double team_reduce(const Layout *lay, int kind, double p, double inv_scale,
+cdef double team_reduce(const Layout *lay, int kind, double p, double scale,
                         Team *team, int rank, int size) noexcept nogil:
     """Sum (or NaN-propagating max) of per-element terms, in every thread of the team."""
     cdef Py_ssize_t c
@@ -272,50 +315,73 @@ cdef double team_reduce(const Layout *lay, int kind, double p, double inv_scale,
     ps.what = PASS_REDUCE
     ps.kind = kind
     ps.p = p
-    ps.inv_scale = inv_scale
+    ps.scale = scale
+    if size == 1:
+        return pass_all(lay, &ps)
     ps.partials = team.partials
-    if size > 1:
-        pass_claimed(lay, &ps, team, rank, size)
-        cc_team_barrier()        # every partial written
-    else:
-        pass_all(lay, &ps)
+    pass_claimed(lay, &ps, team, rank, size)
+    cc_team_barrier()            # every partial written
     for c in range(chunk_count(lay.n_total)):
-        acc = cc_max_nan(acc, team.partials[c]) if kind == CC_MAXABS else acc + team.partials[c]
-    if size > 1:
-        if rank == 0:
-            team.cl.passes += 1
-        cc_team_barrier()        # partials read before another pass claims chunks
+        acc = combine(kind, acc, team.partials[c])
+    if rank == 0:
+        team.cl.passes += 1
+    cc_team_barrier()            # partials read before another pass claims chunks
     return acc
+
+
+cdef bint has_f64(const Layout *lay) noexcept nogil:
+    cdef Py_ssize_t s
+    for s in range(lay.n_segs):
+        if lay.segs[s].kind != SEG_F32:
+            return True
+    return False
+
+
+# A float64 square overflows for |x| > 2^511 and loses digits below 2^-537; a
+# float32 one never does. Below SUMSQ_TINY, squares that underflowed may matter.
+cdef double SUMSQ_TINY = ldexp(1.0, -960)
+
+
+cdef double team_scaled_norm(const Layout *lay, double norm_type, Team *team,
+                             int rank, int size) noexcept nogil:
+    """m * (sum (|x| / m)^p)^(1/p), m the max |x|: |x| / m <= 1, so the sum
+    neither overflows nor loses the largest terms (dividing, as a reciprocal of a
+    subnormal m would be inf)."""
+    cdef double m = team_reduce(lay, CC_MAXABS, 0.0, 1.0, team, rank, size), s
+    if norm_type == INFINITY or m == 0.0 or m == INFINITY or isnan(m):
+        return m
+    s = team_reduce(lay, CC_SUMPOW, norm_type, m, team, rank, size)
+    return m * (sqrt(s) if norm_type == 2.0 else pow(s, 1.0 / norm_type))
 
 
 cdef double team_norm(const Layout *lay, double norm_type, Team *team,
                       int rank, int size) noexcept nogil:
     """The norm_type-norm over all elements (norm_type > 0), in every thread of the team."""
-    cdef double m
+    cdef double s
     if lay.n_total == 0:
         return 0.0
-    if norm_type == 2.0:
-        return sqrt(team_reduce(lay, CC_SUMSQ, 2.0, 1.0, team, rank, size))
     if norm_type == 1.0:
         return team_reduce(lay, CC_SUMABS, 1.0, 1.0, team, rank, size)
-    m = team_reduce(lay, CC_MAXABS, 0.0, 1.0, team, rank, size)
-    if norm_type == INFINITY or m == 0.0 or m == INFINITY or isnan(m):
-        return m
-    # sum (|x|/m)^p never overflows; the norm is m * (that sum)^(1/p).
-    return m * pow(team_reduce(lay, CC_SUMPOW, norm_type, 1.0 / m, team, rank, size),
-                   1.0 / norm_type)
+    if norm_type != 2.0:
+        return team_scaled_norm(lay, norm_type, team, rank, size)
+    s = team_reduce(lay, CC_SUMSQ, 2.0, 1.0, team, rank, size)
+    # Plain squares are right unless float64 ones left the range (an inf sum,
+    # from a finite list, or one too small to trust): then scaled, as p != 2.
+    if (s == INFINITY or s < SUMSQ_TINY) and has_f64(lay):
+        return team_scaled_norm(lay, 2.0, team, rank, size)
+    return sqrt(s)
 
 
 cdef void team_clip(const Layout *lay, double norm_type, clip_rule rule, const void *ctx,
                     Team *team, double *norm_out, int rank, int size) noexcept nogil:
     """The norm, then rule(norm) as the factor (1: write nothing); thread 0 stores the norm."""
-    cdef double norm = team_norm(lay, norm_type, team, rank, size), scale = 1.0
+    cdef double norm = team_norm(lay, norm_type, team, rank, size), factor = 1.0
     cdef Pass ps
     if rule != NULL:
-        scale = rule(norm, ctx)
-    if scale != 1.0:             # NaN included
+        factor = rule(norm, ctx)
+    if factor != 1.0:            # NaN included
         ps.what = PASS_SCALE
-        ps.scale = scale
+        ps.factor = factor
         if size > 1:
             scale_claimed(lay, &ps, team, rank)
         else:
@@ -327,16 +393,17 @@ cdef void team_clip(const Layout *lay, double norm_type, clip_rule rule, const v
 cdef double layout_clip(const Layout *lay, double norm_type, clip_rule rule, const void *ctx,
                         int n_threads) noexcept nogil:
     """The norm_type-norm of the layout; then every element is multiplied by
-    rule(norm, ctx) unless that is 1 (rule NULL: the norm only). One parallel region."""
+    rule(norm, ctx) unless that is 1 (rule NULL: the norm only). One parallel
+    region (one thread when a team's state cannot be allocated: the same result)."""
     cdef Team team
     cdef double norm = 0.0
     cdef int nt = resolve_threads(lay.n_total, n_threads)
-    if nt > 1:
-        claims_init(&team.cl, chunk_count(lay.n_total))
+    if nt > 1 and team_open(&team, chunk_count(lay.n_total)) == 0:
         with parallel(num_threads=nt):
             team_clip(lay, norm_type, rule, ctx, &team, &norm, cc_team_rank(), cc_team_size())
+        team_close(&team)
     else:
-        team_clip(lay, norm_type, rule, ctx, &team, &norm, 0, 1)
+        team_clip(lay, norm_type, rule, ctx, NULL, &norm, 0, 1)
     return norm
 
 
@@ -349,7 +416,7 @@ cdef void layout_scale(const Layout *lay, double scale, int n_threads) noexcept 
     """Multiply every writable element of the layout by scale, in place."""
     cdef Pass ps
     ps.what = PASS_SCALE
-    ps.scale = scale
+    ps.factor = scale
     run_pass(lay, &ps, n_threads)
 
 
@@ -458,7 +525,7 @@ def openmp_enabled():
 
 def max_threads():
     """Threads OpenMP may use now (OMP_NUM_THREADS, threadpoolctl); 1 without OpenMP."""
-    return 1 if _forked_child else cc_max_threads()
+    return 1 if cc_in_forked_child() else cc_max_threads()
 
 
 def simd_path():
@@ -488,7 +555,8 @@ def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::
     with read=False only the read-write pass runs and seconds_read is None.
     The passes share out the chunks as the kernels' passes do (claimed, the
     read-write pass after a read last chunk first), with the plainest loops:
-    what a clip costs without its arithmetic. With square, the read pass runs
+    what a clip costs without its arithmetic, on the threads a kernel would
+    use (resolve_threads). With square, the read pass runs
     the norm's own loop (squares summed in float64) instead of a plain sum:
     which of the two reads faster depends on where the data lie (here the
     plain sum from L2, the norm's loop from memory by 5-10%), so the
@@ -501,7 +569,7 @@ def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::
     cdef Py_ssize_t n = buf.shape[0], start = 0
     cdef float *x = &buf[0] if n else NULL
     cdef CopyProbe cp
-    cdef int nt = n_threads if n_threads > 0 else cc_max_threads()
+    cdef int nt = resolve_threads(n, n_threads)
     cdef Segment seg
     cdef Layout lay
     cdef Team team
@@ -521,29 +589,33 @@ def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::
     lay.starts = &start
     lay.n_segs = 1 if n else 0
     lay.n_total = n
-    claims_init(&team.cl, chunk_count(n))
+    if team_open(&team, chunk_count(n)) != 0:
+        raise MemoryError()
     read_pass.what = PASS_REDUCE if square else PASS_READ
     read_pass.kind = CC_SUMSQ
     read_pass.p = 2.0
-    read_pass.inv_scale = 1.0
+    read_pass.scale = 1.0
     read_pass.partials = team.partials
     rw_pass.what = PASS_SCALE
-    rw_pass.scale = 1.0
-    t0 = perf_counter()
-    if read:
+    rw_pass.factor = 1.0
+    try:
+        t0 = perf_counter()
+        if read:
+            with nogil, parallel(num_threads=nt):
+                pass_claimed(&lay, &read_pass, &team, cc_team_rank(), cc_team_size())
+            team.cl.passes = 1
+        t1 = perf_counter()
         with nogil, parallel(num_threads=nt):
-            pass_claimed(&lay, &read_pass, &team, cc_team_rank(), cc_team_size())
-        team.cl.passes = 1
-    t1 = perf_counter()
-    with nogil, parallel(num_threads=nt):
-        if out is not None:
-            run_claimed(&team.cl, chunk_count(n), copy_probe_chunk, &cp,
-                        cc_team_rank(), cc_team_size())
-        elif read:
-            scale_claimed(&lay, &rw_pass, &team, cc_team_rank())
-        else:
-            pass_claimed(&lay, &rw_pass, &team, cc_team_rank(), cc_team_size())
-    t2 = perf_counter()
+            if out is not None:
+                run_claimed(team.cl, chunk_count(n), copy_probe_chunk, &cp,
+                            cc_team_rank(), cc_team_size())
+            elif read:
+                scale_claimed(&lay, &rw_pass, &team, cc_team_rank())
+            else:
+                pass_claimed(&lay, &rw_pass, &team, cc_team_rank(), cc_team_size())
+        t2 = perf_counter()
+    finally:
+        team_close(&team)
     return (t1 - t0) if read else None, t2 - t1
 
 
