@@ -467,6 +467,31 @@ def _reduce(arr, axes, kind, nt):
     return res
 
 
+# A float64 sum of squares outside [2^-960, inf) may have lost the norm to
+# overflow or underflow; those slices are summed again scaled by their maximum.
+_SUMSQ_SAFE_MIN = 2.0 ** -960
+
+
+def _l2(x, axes, nt):
+    """The 2-norm over axes (keepdims shape), range-safe for float64 as the core's
+    global norm is: float32 squares cannot leave float64's range."""
+    with np.errstate(all="ignore"):
+        sumsq = _reduce(x, axes, _ew.REDUCE_SUMSQ, nt)
+        l2 = np.sqrt(sumsq, out=sumsq)        # an array, also 0-d
+        if x.dtype.itemsize <= 4 or x.size == 0:
+            return l2
+        suspect = (l2 == np.inf) | (l2 < np.sqrt(_SUMSQ_SAFE_MIN))
+        if not suspect.any():
+            return l2
+        m = _reduce(x, axes, _ew.REDUCE_MAXABS, nt)
+        redo = suspect & (m > 0) & (m < np.inf)
+        if redo.any():
+            m_safe = np.where(redo, m, 1.0)
+            scaled = np.sqrt(np.sum(np.square(x / m_safe), axis=axes, keepdims=True))
+            l2 = np.where(redo, m_safe * scaled, l2)
+    return l2
+
+
 def _clip_norm_value(clip_norm, dtype):
     """Scalar clip_norm as TF uses it: negative becomes 0, then t's dtype."""
     c = _scalar(clip_norm, "clip_norm")
@@ -494,7 +519,7 @@ def _clip_by_norm(arr, clip_norm, axes, res, nt):
         with np.errstate(all="ignore"):
             c64 = np.maximum(c_arr.astype(np.float64), 0).astype(arr.dtype).astype(np.float64)
             x = native(arr).astype(work_dt, copy=False)
-            l2 = np.sqrt(_reduce(x, axes, _ew.REDUCE_SUMSQ, nt))
+            l2 = _l2(x, axes, nt)
             np.copyto(res, x.astype(np.float64) * c64 / np.maximum(l2, c64), casting="unsafe")
         return
     c = _clip_norm_value(clip_norm, arr.dtype)
@@ -515,15 +540,17 @@ def _clip_norm_kernel(x, o, axes, c, nt):
     """o = x clipped; x, o aligned native float32/float64 of one shape."""
     xv = _arb(x, axes)
     ov = xv if o is x else _arb(o, axes)
-    if xv is not None and ov is not None:      # one pass: slices scaled in cache
+    # One pass, slices scaled in cache; float64 takes the norms first (_l2 is
+    # range-safe, the fused kernel's float64 sum of squares is not).
+    if xv is not None and ov is not None and x.dtype.itemsize <= 4:
         if _flip(xv):
             xv, ov = xv.transpose(2, 1, 0), ov.transpose(2, 1, 0)
         _ew.axis_clip(xv, ov, c, nt)
         return
     # The norms first (run by run), then one scaling pass.
+    l2 = _l2(x, axes, nt)
     with np.errstate(all="ignore"):
-        l2 = np.sqrt(_reduce(x, axes, _ew.REDUCE_SUMSQ, nt))
-        f = (c / np.maximum(l2, c)).astype(x.dtype)     # as cc_norm_scale computes it
+        f = np.asarray(c / np.maximum(l2, c), x.dtype)   # as cc_norm_scale computes it
     _elementwise(_ew.OP_MUL, [x, f], o, nt)
 
 
@@ -642,13 +669,13 @@ def clip_by_average_norm(t, clip_norm, name=None, *, out=None, n_threads=None):
     res = _output(out, arr.shape, arr.dtype, fw, arr)
     if arr.size:
         x = native(arr).astype(_work_dtype(arr.dtype), copy=False)
-        sumsq = float(_reduce(x, tuple(range(arr.ndim)), _ew.REDUCE_SUMSQ, nt).reshape(()))
+        l2 = float(_l2(x, tuple(range(arr.ndim)), nt).reshape(()))
         t = arr.dtype.type
         with np.errstate(all="ignore"):
             # TF: t * clip_norm * minimum(rsqrt(l2sum) * float32(size), 1 / clip_norm),
             # in t's dtype and in this order, so that results match TF's.
             c = t(c)
-            inv = t(np.float64(1.0) / np.sqrt(np.float64(sumsq)))
+            inv = t(np.float64(1.0) / np.float64(l2))
             m = np.minimum(inv * t(np.float32(arr.size)), t(1.0) / c)
         _elementwise(_ew.OP_MUL, [arr, np.asarray(c, arr.dtype)], res, nt)
         _elementwise(_ew.OP_MUL, [res, np.asarray(m, arr.dtype)], res, nt)
@@ -744,7 +771,7 @@ def norm(tensor, ord="euclidean", axis=None, keepdims=None, name=None, *, n_thre
             raise ValueError(f"'axis' must name two different axes, got {axis}")
         axes = tuple(sorted((a0, a1)))
         if _ord_in(ord, ("euclidean", "fro")):
-            res = np.sqrt(_reduce(x, axes, _ew.REDUCE_SUMSQ, nt))
+            res = _l2(x, axes, nt)
         elif ord == 2:
             res = _spectral_norm(x, a0, a1)
         else:
@@ -754,7 +781,7 @@ def norm(tensor, ord="euclidean", axis=None, keepdims=None, name=None, *, n_thre
     else:
         axes = _axes(axis, arr.ndim, "axis")
         if _ord_in(ord, ("euclidean", 2)):
-            res = np.sqrt(_reduce(x, axes, _ew.REDUCE_SUMSQ, nt))
+            res = _l2(x, axes, nt)
         elif ord == 1:
             res = _reduce(x, axes, _ew.REDUCE_SUMABS, nt)
         elif ord == np.inf:
