@@ -10,9 +10,12 @@ norm types torch allows but clipcore does not: 0, negative) goes to torch's
 own function. So the result is never different from torch's in kind, only
 sometimes not faster.
 
-The one intended difference: norms are accumulated in float64, so float32
-gradients whose squares overflow float32 (values beyond ~1.8e19 with the
-2-norm) give the right finite norm where torch gives inf. The returned norm
+The one intended difference: norms are accumulated in float64 and range-safe,
+so float32 gradients whose squares overflow float32 (values beyond ~1.8e19 with
+the 2-norm), and float64 gradients whose squares or powers overflow float64
+(1e154 with the 2-norm, 2e200 with p=3.5), give the right finite norm where
+torch gives inf (and then clip them, and raise nothing with
+``error_if_nonfinite=True``). The returned norm
 has torch's dtype (float32 for float32 gradients) and the clipping
 coefficient is computed from it exactly as torch does,
 ``min(max_norm / (total_norm + 1e-6), 1)``.
@@ -265,7 +268,9 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     error_if_nonfinite : bool, default False
         Raise RuntimeError (and modify nothing) when the norm is NaN or inf.
         Otherwise, as in torch, a NaN norm makes every gradient NaN and an
-        inf norm multiplies them by 0.
+        inf norm multiplies them by 0. The norm is range-safe: gradients of
+        1e154 (float64, p=2) have a finite norm here, where torch's overflows
+        to inf, so they are clipped and nothing is raised.
     foreach : bool or None
         Passed to torch when torch's path is taken.
 

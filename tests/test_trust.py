@@ -308,3 +308,19 @@ def test_overlap_check_of_many_buffers_on_a_small_thread_stack():
         assert abs(out[0] - 1.0) < 1e-6, out
     """)
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# --- clipcore.torch where torch's float64 norm overflows -----------------------------------
+
+@pytest.mark.parametrize("value, p", [(1e154, 2.0), (2e200, 3.5)])
+def test_torch_float64_norm_is_finite_where_torchs_overflows(value, p):
+    torch = torch_or_skip()
+    import clipcore.torch
+    grads = torch.full((2,), value, dtype=torch.float64)
+    theirs = torch.nn.utils.get_total_norm([grads.clone()], p)
+    assert theirs.item() == float("inf")                 # torch's sum overflows
+    param = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    param.grad = grads.clone()
+    norm = clipcore.torch.clip_grad_norm_([param], 1.0, norm_type=p, error_if_nonfinite=True)
+    assert norm.item() == pytest.approx(value * 2 ** (1 / p), rel=1e-12)
+    np.testing.assert_allclose(param.grad.numpy(), 2 ** (-1 / p), rtol=1e-6)
