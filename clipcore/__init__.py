@@ -25,6 +25,8 @@ def _load_kernels_with_short_openmp_spin():
 
 _load_kernels_with_short_openmp_spin()
 
+from clipcore import _tuning  # noqa: E402
+
 from clipcore._lists import Plan, clip_by_global_norm_  # noqa: E402
 from clipcore._config import show_config  # noqa: E402
 # TensorFlow's names and semantics. global_norm is the core's, plus TF's name
@@ -34,6 +36,8 @@ from clipcore._ops import (clip_by_average_norm, clip_by_norm, clip_by_norm_,  #
                            clip_by_value, clip_by_value_, maximum, minimum, norm, relu, relu_)
 
 __version__ = "0.1.0"
+
+_tuning.apply()      # the loop variants for this CPU (cached calibration or table)
 
 __all__ = ["Plan", "clip_by_global_norm_", "get_include", "global_norm", "show_config",
            "clip_by_average_norm", "clip_by_global_norm", "clip_by_norm", "clip_by_norm_",

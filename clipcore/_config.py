@@ -3,7 +3,7 @@ import sys
 
 import numpy as np
 
-from clipcore import kernels
+from clipcore import _tuning, kernels
 
 
 def config():
@@ -14,6 +14,8 @@ def config():
         "openmp": kernels.openmp_enabled(),
         "threads": kernels.max_threads(),
         "simd": kernels.simd_path(),
+        "kernels": kernels.get_tuning(),
+        "kernels_source": _tuning.source,
         "numpy": np.__version__,
         "python": sys.version.split()[0],
     }
@@ -33,4 +35,6 @@ def show_config(file=None):
           f"  openmp:  {'on' if c['openmp'] else 'off'}\n"
           f"  threads: {c['threads']} (n_threads=None uses this many)\n"
           f"  simd:    {c['simd']}\n"
+          f"  kernels: {', '.join(f'{k}={int(v)}' for k, v in c['kernels'].items())}\n"
+          f"           from {c['kernels_source']} (force with CLIPCORE_KERNELS)\n"
           f"  numpy:   {c['numpy']}, python {c['python']}", file=file)

@@ -18,11 +18,17 @@ from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, calloc, free
 cimport numpy as cnp
 
-from clipcore.kernels cimport (resolve_threads, Claims, claims_new, run_claimed,
-                               chunk_size, chunk_count, cc_team_rank, cc_team_size)
+from clipcore.kernels cimport (resolve_threads, Claims, claims_new, run_claimed, note_team,
+                               tuning_table, chunk_size, chunk_count, cc_team_rank,
+                               cc_team_size)
 from clipcore._lists cimport as_threads
 
 cnp.import_array()
+
+cdef extern from "cc_loops.h" nogil:
+    void cc_use_tuning(int *table)
+
+cc_use_tuning(tuning_table())       # the kernels module's choices (cc_loops.h)
 
 cdef extern from "cc_elementwise.h" nogil:
     int CC_SUMSQ, CC_SUMABS, CC_MAXABS
@@ -155,6 +161,7 @@ cdef void ew_parallel(const EwJob *job, int nt) noexcept nogil:
         return
     with parallel(num_threads=nt):
         run_claimed(cl, chunk_count(job.total), ew_chunk, job, cc_team_rank(), cc_team_size())
+    note_team(cl, chunk_count(job.total), nt)
     free(cl)
 
 

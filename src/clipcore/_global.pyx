@@ -12,7 +12,7 @@ from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
 from clipcore._lists cimport _Buffers, collect, as_threads, as_norm_type, as_tuple
-from clipcore.kernels cimport resolve_threads
+from clipcore.kernels cimport resolve_threads, tuning_table
 
 import importlib
 
@@ -21,6 +21,11 @@ import numpy as np
 from clipcore._adapt import as_array, to_tf, to_torch
 
 cnp.import_array()
+
+cdef extern from "cc_loops.h" nogil:
+    void cc_use_tuning(int *table)
+
+cc_use_tuning(tuning_table())       # the kernels module's choices (cc_loops.h)
 
 cdef extern from "cc_elementwise.h" nogil:
     int CC_F32, CC_F64, CC_OP_MUL

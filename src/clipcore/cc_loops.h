@@ -86,6 +86,30 @@ static inline int cc_install_fork_guard(void) {
 }
 static inline int cc_in_forked_child(void) { return cc_forked; }
 
+/* Run-time choices of the streaming loops (clipcore._tuning picks them per
+ * machine). One table serves the process: the kernels module owns it and
+ * every other module points cc_tuning at it when it loads. */
+enum { CC_TUNE_PREFETCH = 0,      /* software prefetch in the streaming loops */
+       CC_TUNE_SCALE_BACKWARD = 1, /* the scaling pass runs a thread's chunks last first */
+       CC_TUNE_TWINS = 2,         /* the hand-written AVX-512 loops, where the CPU has them */
+       CC_TUNE_COUNT = 3 };
+CC_UNUSED static int cc_tuning_table[CC_TUNE_COUNT] = { 1, 1, 1 };
+CC_UNUSED static int *cc_tuning = cc_tuning_table;
+static inline int *cc_own_tuning(void) { return cc_tuning_table; }
+static inline void cc_use_tuning(int *table) { cc_tuning = table; }
+
+/* Seconds on a monotonic clock. */
+#ifdef _OPENMP
+static inline double cc_now(void) { return omp_get_wtime(); }
+#else
+#include <time.h>
+static inline double cc_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+#endif
+
 /* Software prefetch for the streaming loops: each block of CC_BLOCK_BYTES
  * first asks for its lines CC_PREFETCH_BYTES ahead into L1 and
  * CC_PREFETCH_L2_BYTES ahead into L2. The hardware prefetcher alone left the
@@ -105,12 +129,15 @@ static inline int cc_in_forked_child(void) { return cc_forked; }
 #define CC_PREFETCH_BYTES 2048
 #define CC_PREFETCH_L2_BYTES 8192
 #define CC_BLOCK_BYTES 256
-#define CC_PREFETCH_LINE(p)                                                    \
+#define CC_PREFETCH_LINE_ALWAYS(p)                                             \
     { CC_PREFETCH((const char *)(p) + CC_PREFETCH_BYTES);                      \
       CC_PREFETCH_L2((const char *)(p) + CC_PREFETCH_L2_BYTES); }
+#define CC_PREFETCH_LINE(p)                                                    \
+    { if (cc_tuning[CC_TUNE_PREFETCH]) CC_PREFETCH_LINE_ALWAYS(p) }
 #define CC_PREFETCH_AHEAD(p, bytes)                                            \
-    { for (int line_ = 0; line_ < (int)(bytes); line_ += 64)                   \
-          CC_PREFETCH_LINE((const char *)(p) + line_) }
+    { if (cc_tuning[CC_TUNE_PREFETCH])                                         \
+          for (int line_ = 0; line_ < (int)(bytes); line_ += 64)               \
+              CC_PREFETCH_LINE_ALWAYS((const char *)(p) + line_) }
 /* for (i = 0; i < n; i++) BODY over a contiguous array of T at base, in
  * blocks that prefetch ahead (the inner loop has a constant trip count, so
  * it still vectorizes). BODY is a statement using i. */
@@ -130,7 +157,9 @@ static inline int cc_in_forked_child(void) { return cc_forked; }
 #define CC_AVX512_PATHS 1
 #include <immintrin.h>
 #define CC_AVX512 __attribute__((target("arch=x86-64-v4")))
-static inline int cc_avx512_usable(void) { return __builtin_cpu_supports("x86-64-v4"); }
+static inline int cc_avx512_usable(void) {
+    return cc_tuning[CC_TUNE_TWINS] && __builtin_cpu_supports("x86-64-v4");
+}
 static inline const char *cc_simd_path(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("x86-64-v4")) return "avx512 (x86-64-v4, runtime dispatch)";

@@ -66,6 +66,13 @@ ctypedef struct Claims:
 
 ctypedef void (*chunk_fn)(const void *ctx, Py_ssize_t c) noexcept nogil
 
+# The process's tuning table (cc_loops.h CC_TUNE_*): every module that includes
+# the loops points its cc_tuning here when it loads.
+cdef int *tuning_table() noexcept nogil
+# After a team's pass: lets the default policy back off when the team's other
+# threads were late (their cores busy).
+cdef void note_team(const Claims *cl, Py_ssize_t n_chunks, int size) noexcept nogil
+
 # A Claims for n_chunks chunks, no pass begun (one block: free() it); NULL out of memory.
 cdef Claims *claims_new(Py_ssize_t n_chunks) noexcept nogil
 # In every thread of a team, inside its parallel region: fn(ctx, c) for the

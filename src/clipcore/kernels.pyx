@@ -25,6 +25,9 @@ cdef extern from "cc_loops.h" nogil:
     int cc_load(const int *x)
     int cc_install_fork_guard()
     int cc_in_forked_child()
+    enum: CC_TUNE_PREFETCH, CC_TUNE_SCALE_BACKWARD, CC_TUNE_TWINS, CC_TUNE_COUNT
+    int *cc_own_tuning()
+    double cc_now()
 
 cdef extern from "cc_elementwise.h" nogil:
     ctypedef void (*cc_loop_fn)(char **p, const Py_ssize_t *s, Py_ssize_t n)
@@ -70,8 +73,19 @@ cdef extern from * nogil:
 # stays possible: the tests use it to make threads take over chunks.
 cdef enum:
     PARALLEL_MIN = 65536
-    AUTO_PARALLEL_MIN = 655360
     THREADS_PER_PROC = 4
+# The default policy's crossover (elements); clipcore._tuning sets it per machine.
+cdef Py_ssize_t _auto_parallel_min = 655360
+
+# A team whose other threads did (almost) nothing -- their cores busy with
+# other work, so the caller claimed every chunk and then waited for them at
+# the barriers -- makes the default policy run serially for a while: from
+# LATE_BACKOFF_MIN seconds, doubling while it stays so, up to LATE_BACKOFF_MAX.
+# An explicit n_threads is always honoured.
+cdef double LATE_BACKOFF_MIN = 0.05
+cdef double LATE_BACKOFF_MAX = 2.0
+cdef double _serial_until = 0.0
+cdef double _late_backoff = 0.0
 
 cdef int _max_team = THREADS_PER_PROC * (cc_num_procs() if cc_num_procs() > 0 else 1)
 
@@ -86,7 +100,7 @@ cdef int resolve_threads(Py_ssize_t n_total, int n_threads) noexcept nogil:
     if cc_in_forked_child() or n_total < PARALLEL_MIN:
         return 1
     if n_threads <= 0:
-        if n_total < AUTO_PARALLEL_MIN:
+        if n_total < _auto_parallel_min or (_serial_until > 0.0 and cc_now() < _serial_until):
             return 1
         n_threads = cc_max_threads()
     if cap > _max_team:
@@ -213,6 +227,24 @@ cdef Claims *claims_new(Py_ssize_t n_chunks) noexcept nogil:
     return cl
 
 
+cdef void note_team(const Claims *cl, Py_ssize_t n_chunks, int size) noexcept nogil:
+    """After a team's pass: back the default policy off when the thread that
+    started the region claimed nearly every chunk (see LATE_BACKOFF_MIN)."""
+    global _serial_until, _late_backoff
+    cdef Py_ssize_t c, others = 0
+    if size < 2 or n_chunks < 4 * size:
+        return
+    for c in range(n_chunks):
+        others += cl.owner[c] != 0
+    if others * 8 * size >= n_chunks:           # the others did 1/8 of a fair share
+        _late_backoff = 0.0
+        _serial_until = 0.0
+        return
+    _late_backoff = LATE_BACKOFF_MIN if _late_backoff == 0.0 else min(2 * _late_backoff,
+                                                                        LATE_BACKOFF_MAX)
+    _serial_until = cc_now() + _late_backoff
+
+
 cdef int team_open(Team *team, Py_ssize_t n_chunks) noexcept nogil:
     """A team's state for n_chunks chunks, on the heap; 0, or -1 out of memory
     (then nothing is left to free)."""
@@ -277,10 +309,12 @@ cdef void pass_claimed(const Layout *lay, const Pass *ps, Team *team,
 
 cdef void scale_claimed(const Layout *lay, const Pass *ps, Team *team, int rank) noexcept nogil:
     """This thread's share of the scaling pass after a claimed reduction: the
-    chunks it reduced, last first (they are still in its cache: an 8 MB list
-    on one thread 7% faster, ResNet-50 4%), then any left, first first."""
-    cdef Py_ssize_t chunk = chunk_size(lay.n_total), n_chunks = chunk_count(lay.n_total), c
-    for c in range(n_chunks - 1, -1, -1):
+    chunks it reduced (last first, where the tuning says so: they are the ones
+    still in its cache), then any left, first first."""
+    cdef Py_ssize_t chunk = chunk_size(lay.n_total), n_chunks = chunk_count(lay.n_total), c, i
+    cdef bint backward = cc_own_tuning()[CC_TUNE_SCALE_BACKWARD]
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i if backward else i
         if team.cl.owner[c] == rank and claim(team.cl, c):
             pass_chunk(lay, ps, c, chunk)
     for c in range(n_chunks):
@@ -296,6 +330,7 @@ cdef void run_pass(const Layout *lay, const Pass *ps, int n_threads) noexcept no
     if nt > 1 and team_open(&team, chunk_count(lay.n_total)) == 0:
         with parallel(num_threads=nt):
             pass_claimed(lay, ps, &team, cc_team_rank(), cc_team_size())
+        note_team(team.cl, chunk_count(lay.n_total), nt)
         team_close(&team)
     else:
         pass_all(lay, ps)
@@ -385,7 +420,7 @@ cdef void team_clip(const Layout *lay, double norm_type, clip_rule rule, const v
         if size > 1:
             scale_claimed(lay, &ps, team, rank)
         else:
-            pass_all(lay, &ps, True)    # last reduced first, as scale_claimed
+            pass_all(lay, &ps, cc_own_tuning()[CC_TUNE_SCALE_BACKWARD])   # as scale_claimed
     if rank == 0:
         norm_out[0] = norm
 
@@ -401,6 +436,7 @@ cdef double layout_clip(const Layout *lay, double norm_type, clip_rule rule, con
     if nt > 1 and team_open(&team, chunk_count(lay.n_total)) == 0:
         with parallel(num_threads=nt):
             team_clip(lay, norm_type, rule, ctx, &team, &norm, cc_team_rank(), cc_team_size())
+        note_team(team.cl, chunk_count(lay.n_total), nt)
         team_close(&team)
     else:
         team_clip(lay, norm_type, rule, ctx, NULL, &norm, 0, 1)
@@ -617,6 +653,55 @@ def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::
     finally:
         team_close(&team)
     return (t1 - t0) if read else None, t2 - t1
+
+
+TUNING_KNOBS = ("prefetch", "scale_backward", "twins")
+
+
+def get_tuning():
+    """The streaming loops' run-time choices and the default policy's crossover."""
+    cdef int *t = cc_own_tuning()
+    return {"prefetch": bool(t[CC_TUNE_PREFETCH]),
+            "scale_backward": bool(t[CC_TUNE_SCALE_BACKWARD]),
+            "twins": bool(t[CC_TUNE_TWINS]),
+            "parallel_min": int(_auto_parallel_min)}
+
+
+def set_tuning(*, prefetch=None, scale_backward=None, twins=None, parallel_min=None):
+    """Set some of get_tuning()'s choices (clipcore._tuning; results keep their bits
+    whatever is chosen, except that the loops differ in speed)."""
+    global _auto_parallel_min
+    cdef int *t = cc_own_tuning()
+    if parallel_min is not None:
+        if parallel_min < 0:
+            raise ValueError(f"parallel_min must be >= 0, got {parallel_min}")
+        _auto_parallel_min = parallel_min
+    for flag, value in ((CC_TUNE_PREFETCH, prefetch), (CC_TUNE_SCALE_BACKWARD, scale_backward),
+                        (CC_TUNE_TWINS, twins)):
+        if value is not None:
+            t[flag] = 1 if value else 0
+
+
+cdef int *tuning_table() noexcept nogil:
+    return cc_own_tuning()
+
+
+def _note_team(owners):
+    """note_team over a team whose chunk c was claimed by thread owners[c] (tests)."""
+    cdef Py_ssize_t n = len(owners), c
+    cdef Claims *cl = claims_new(n)
+    if cl == NULL:
+        raise MemoryError()
+    for c in range(n):
+        cl.owner[c] = owners[c]
+    note_team(cl, n, max(owners) + 1 if n else 1)
+    free(cl)
+
+
+def late_team_backoff():
+    """Seconds the default policy stays serial after a team whose other threads
+    were late (0.0: not backing off)."""
+    return _late_backoff if _serial_until > 0.0 and cc_now() < _serial_until else 0.0
 
 
 def threads_for(Py_ssize_t n_total, int n_threads=0):

@@ -1,0 +1,176 @@
+"""The kernels' run-time variants (clipcore._tuning): every variant gives the
+same bits, the environment forces them, the cache is checked, calibration
+failures fall back to the table, and late teams make the default go serial."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import clipcore
+from clipcore import _tuning, kernels
+
+VARIANTS = [dict(prefetch=p, scale_backward=b, twins=t)
+            for p in (False, True) for b in (False, True) for t in (False, True)]
+
+
+@pytest.fixture
+def restore_tuning():
+    saved = kernels.get_tuning()
+    yield
+    kernels.set_tuning(**saved)
+
+
+def outputs(n_threads):
+    """Every kernel-backed result on one fixed input, as bytes."""
+    rng = np.random.default_rng(7)
+    base = [rng.standard_normal(s).astype(np.float32) * 10
+            for s in [(300, 257), (1 << 17,), (5, 7), (1,)]]
+    base.append(rng.standard_normal((200, 300)))            # float64
+    out = []
+    grads = [a.copy() for a in base]
+    out.append(clipcore.clip_by_global_norm_(grads, 1.0, n_threads=n_threads))
+    grads2 = [a.copy() for a in base]
+    plan = clipcore.Plan(grads2, n_threads=n_threads)
+    out += [plan.global_norm(), plan.global_norm(norm_type=3), plan.clip_by_global_norm_(2.0)]
+    clipped, norm = clipcore.clip_by_global_norm(base, 1.0, n_threads=n_threads)
+    x = base[0].copy()
+    clipcore.relu_(x, n_threads=n_threads)
+    y = base[1].copy()
+    clipcore.clip_by_value_(y, -1.0, 1.0, n_threads=n_threads)
+    z = clipcore.clip_by_norm(base[0], 1.0, axes=[1], n_threads=n_threads)
+    arrays = grads + grads2 + clipped + [x, y, z, np.asarray(norm)]
+    return out, b"".join(a.tobytes() for a in arrays)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(
+    f"{k}{int(x)}" for k, x in v.items()))
+def test_every_variant_gives_the_same_bits_at_every_thread_count(variant, restore_tuning):
+    kernels.set_tuning(prefetch=True, scale_backward=True, twins=True)
+    reference = outputs(1)
+    kernels.set_tuning(**variant)
+    for n_threads in (1, 2, 7):
+        assert outputs(n_threads) == reference
+
+
+def test_results_match_a_float64_reference_in_a_variant(restore_tuning):
+    kernels.set_tuning(prefetch=False, scale_backward=False, twins=False)
+    x = np.random.default_rng(1).standard_normal(1 << 20).astype(np.float32)
+    ref = np.sqrt(np.sum(x.astype(np.float64) ** 2))
+    assert clipcore.global_norm([x], n_threads=2) == pytest.approx(ref, rel=1e-12)
+
+
+def run(code, **env):
+    full = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=full, timeout=120, check=True)
+
+
+def test_environment_forces_every_choice(tmp_path):
+    out = run("import clipcore, json; print(json.dumps(clipcore.kernels.get_tuning()));"
+              "clipcore.show_config()", XDG_CACHE_HOME=str(tmp_path),
+              CLIPCORE_KERNELS="prefetch=1,scale_backward=0,twins=0,parallel_min=12345")
+    assert json.loads(out.stdout.splitlines()[0]) == {
+        "prefetch": True, "scale_backward": False, "twins": False, "parallel_min": 12345}
+    assert "from CLIPCORE_KERNELS=" in out.stdout
+    assert not (tmp_path / "clipcore").exists()         # nothing calibrated, nothing cached
+
+
+@pytest.mark.parametrize("text", ["bogus", "prefetch=2", "parallel_min=-1", "twins=yes"])
+def test_bad_environment_falls_back_to_the_table(tmp_path, text):
+    out = run("import clipcore; clipcore.show_config()", XDG_CACHE_HOME=str(tmp_path),
+              CLIPCORE_KERNELS=text)
+    assert "CLIPCORE_KERNELS" in out.stderr and "from table" in out.stdout
+
+
+def test_calibration_is_cached_and_reused(tmp_path):
+    code = "import clipcore; print(clipcore._tuning.source)"
+    first = run(code, XDG_CACHE_HOME=str(tmp_path), CLIPCORE_KERNELS="")
+    assert first.stdout.startswith("calibrated now")
+    data = json.loads((tmp_path / "clipcore" / "tuning.json").read_text())
+    assert data["version"] == _tuning.CACHE_VERSION
+    (entry,) = data["machines"].values()
+    assert _tuning.valid(entry)
+    second = run(code, XDG_CACHE_HOME=str(tmp_path), CLIPCORE_KERNELS="")
+    assert second.stdout.startswith("cached calibration")
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 999, "machines": {}}),
+                                     json.dumps({"version": 1, "machines": []}),
+                                     "KEY"])
+def test_corrupt_or_foreign_cache_is_ignored(tmp_path, content):
+    path = tmp_path / "clipcore" / "tuning.json"
+    path.parent.mkdir()
+    key = run("import clipcore; print(clipcore._tuning.cache_key())",
+              XDG_CACHE_HOME=str(tmp_path), CLIPCORE_KERNELS="table").stdout.strip()
+    if content == "KEY":      # this machine's entry, but not a valid choice
+        content = json.dumps({"version": 1, "machines": {key: {"prefetch": "yes"}}})
+    path.write_text(content)
+    out = run("import clipcore; print(clipcore._tuning.source)", XDG_CACHE_HOME=str(tmp_path),
+              CLIPCORE_KERNELS="")
+    assert out.stdout.startswith("calibrated now")
+    assert _tuning.valid(json.loads(path.read_text())["machines"][key])
+
+
+def test_a_cached_choice_is_applied(tmp_path):
+    path = tmp_path / "clipcore" / "tuning.json"
+    path.parent.mkdir()
+    key = run("import clipcore; print(clipcore._tuning.cache_key())",
+              XDG_CACHE_HOME=str(tmp_path), CLIPCORE_KERNELS="table").stdout.strip()
+    choice = {"prefetch": True, "scale_backward": False, "twins": False, "parallel_min": 999}
+    path.write_text(json.dumps({"version": 1, "machines": {key: choice}}))
+    out = run("import clipcore, json; print(json.dumps(clipcore.kernels.get_tuning()))",
+              XDG_CACHE_HOME=str(tmp_path), CLIPCORE_KERNELS="")
+    assert json.loads(out.stdout) == choice
+
+
+def test_failed_calibration_falls_back_to_the_table(tmp_path, monkeypatch, restore_tuning):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("CLIPCORE_KERNELS", raising=False)
+
+    def broken(budget=0.6):
+        raise RuntimeError("no timer")
+    monkeypatch.setattr(_tuning, "calibrate", broken)
+    _tuning.apply()
+    vendor, _ = _tuning.cpu_identity()
+    assert _tuning.chosen == _tuning.TABLE.get(vendor, _tuning.DEFAULT)
+    assert "calibration failed: no timer" in _tuning.source
+    assert not (tmp_path / "clipcore").exists()
+
+
+def test_interrupted_calibration_leaves_the_table_and_caches_nothing(tmp_path, monkeypatch,
+                                                                      restore_tuning):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("CLIPCORE_KERNELS", raising=False)
+
+    def interrupted(budget=0.6):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(_tuning, "calibrate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _tuning.apply()
+    vendor, _ = _tuning.cpu_identity()
+    assert kernels.get_tuning() == _tuning.TABLE.get(vendor, _tuning.DEFAULT)
+    assert not (tmp_path / "clipcore").exists()
+
+
+def test_calibration_stays_within_its_budget(restore_tuning):
+    choice = _tuning.calibrate(budget=0.05)
+    assert _tuning.valid(choice)
+
+
+@pytest.mark.skipif(not kernels.openmp_enabled() or kernels.max_threads() < 2,
+                    reason="needs OpenMP and 2 threads")
+def test_a_late_team_makes_the_default_serial_for_a_while(restore_tuning):
+    n = 1 << 24
+    kernels._note_team([0] * 64 + [1] * 64)          # a balanced team: no back-off
+    assert kernels.late_team_backoff() == 0.0 and kernels.threads_for(n) == 2
+    kernels._note_team([0] * 127 + [1])               # the other thread was late
+    first = kernels.late_team_backoff()
+    assert first > 0 and kernels.threads_for(n) == 1
+    assert kernels.threads_for(n, 2) == 2             # an explicit n_threads is honoured
+    kernels._note_team([0] * 127 + [1])
+    assert kernels.late_team_backoff() > first        # still late: backs off longer
+    kernels._note_team([0] * 64 + [1] * 64)
+    assert kernels.late_team_backoff() == 0.0 and kernels.threads_for(n) == 2
