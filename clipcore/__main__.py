@@ -41,7 +41,10 @@ def build_parser():
                    help="run only these (repeat or comma-separate): "
                         + ", ".join(sorted(set(bench.DATA) | {c.key for c in bench.CASES})))
     b.add_argument("--threads", type=_positive_int, metavar="N",
-                   help="threads for every implementation (default: what OpenMP may use)")
+                   help="threads for every implementation (default: one thread, then what "
+                        "OpenMP may use, each against its own ceiling)")
+    b.add_argument("--contend", action="store_true",
+                   help="keep one core busy with another process while timing everyone")
     b.add_argument("--repeat", type=_positive_int, metavar="N",
                    help="timed calls per row (the median is reported)")
     b.add_argument("--out", metavar="DIR",
@@ -76,7 +79,8 @@ def _bench(args, parser, argv):
     repeat = args.repeat or (QUICK_REPEAT if args.quick else FULL_REPEAT)
     threads = args.threads or kernels.max_threads()
     return bench.main(cases=cases, threads=threads, repeat=repeat, warmup=1 if args.quick else 2,
-                      out=out, quick=args.quick, argv=argv)
+                      out=out, quick=args.quick, argv=argv, one_thread=args.threads is None,
+                      contend=args.contend)
 
 
 def _demo(args, parser):

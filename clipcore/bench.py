@@ -42,6 +42,12 @@ Results JSON (``results.json``), schema ``clipcore-bench/2``::
                                    "message"}},
                 "speedup": {peer: {clipcore impl: peer time / its time}}}]}
 
+A default run (no ``--threads``) on a machine with more than one thread runs
+everything twice, at one thread and at all threads: the JSON above is the
+all-threads run, with the 1-thread run, of the same schema, under
+``"one_thread"``. ``"contend"`` is true when a busy process loaded one core
+meanwhile (``--contend``).
+
 ``status`` is "ok", "not installed", "not in this clipcore" (an op clipcore
 does not have yet), "no equivalent" (the peer has no such op) or "error"
 (with ``message``); only "ok" results carry times.
@@ -64,7 +70,7 @@ import clipcore
 from clipcore import kernels, workloads
 
 SCHEMA = "clipcore-bench/2"
-FAMILIES = ("clipcore", "numpy", "torch", "tensorflow")
+FAMILIES = ("clipcore", "numpy", "torch", "tensorflow", "jax")
 PEERS = FAMILIES[1:]
 # Set this to a comma-separated list of module names (torch, tensorflow,
 # matplotlib) to make the runner treat them as not installed: what a fresh
@@ -124,11 +130,13 @@ CALLS = {
                    "noclip": "tf.clip_by_global_norm (eager)",
                    "clip_by_value": "tf.clip_by_value", "relu": "tf.nn.relu",
                    "clip_by_norm": "tf.clip_by_norm"},
+    "jax": {"clip": "optax.clip_by_global_norm (jax.jit)",
+            "noclip": "optax.clip_by_global_norm (jax.jit)"},
 }
 FAMILY_IMPLS = {"clipcore": ("clipcore", "clipcore Plan"), "numpy": ("numpy",),
-                "torch": ("torch",), "tensorflow": ("tensorflow",)}
+                "torch": ("torch",), "tensorflow": ("tensorflow",), "jax": ("jax",)}
 IMPL_FAMILY = {impl: fam for fam, impls in FAMILY_IMPLS.items() for impl in impls}
-MODULE = {"numpy": "numpy", "torch": "torch", "tensorflow": "tensorflow"}
+MODULE = {"numpy": "numpy", "torch": "torch", "tensorflow": "tensorflow", "jax": "optax"}
 
 
 def impl_names(family, op):
@@ -272,8 +280,21 @@ def _calls_tensorflow(op, data, threads):
     return {"tensorflow": lambda: [tf.clip_by_norm(x, p["clip_norm"])]}
 
 
+def _calls_jax(op, data, threads):
+    import jax
+    import optax
+    # What a JAX user on a CPU has: jitted optax, which returns new arrays
+    # (the inputs are copies that never change, as TensorFlow's).
+    grads = [jax.device_put(a) for a in data.arrays]
+    tx = optax.clip_by_global_norm(data.params[op]["clip_norm"])
+    state = tx.init(grads)
+    step = jax.jit(lambda g: tx.update(g, state)[0])
+    jax.block_until_ready(step(grads))       # compiled outside the timed calls
+    return {"jax": lambda: jax.block_until_ready(step(grads))}
+
+
 CALL_FACTORIES = {"clipcore": _calls_clipcore, "numpy": _calls_numpy,
-                  "torch": _calls_torch, "tensorflow": _calls_tensorflow}
+                  "torch": _calls_torch, "tensorflow": _calls_tensorflow, "jax": _calls_jax}
 
 
 def calls(family, op, data, threads):
@@ -352,21 +373,37 @@ def probe_ceiling(data, threads, repeat, warmup=1):
     the lists hold them all.
     """
     read, rw, rw_alone = [], [], []
-    for i in range(warmup + repeat):
-        for nt in sorted({threads, 1}):
-            data.restore()
-            r, w = kernels.bandwidth_probe(data.work, nt, square=bool(i % 2))
-            data.restore()
-            w_alone = kernels.bandwidth_probe(data.work, nt, read=False)[1]
-            if i >= warmup:
-                read.append(r)
-                rw.append(w)
-                rw_alone.append(w_alone)
+    tuned = kernels.get_tuning()
+    try:
+        for i in range(warmup + repeat):
+            # The plain loops (no software prefetch, passes in order), then the
+            # variant the kernels run with here: the faster is the ceiling.
+            kernels.set_tuning(**(PLAIN_LOOPS if i % 2 else tuned))
+            for nt in sorted({threads, 1}):
+                data.restore()
+                r, w = kernels.bandwidth_probe(data.work, nt, square=bool(i % 4 > 1))
+                data.restore()
+                w_alone = kernels.bandwidth_probe(data.work, nt, read=False)[1]
+                if i >= warmup:
+                    read.append(r)
+                    rw.append(w)
+                    rw_alone.append(w_alone)
+    finally:
+        kernels.set_tuning(**tuned)
     return read, rw, rw_alone
+
+
+PLAIN_LOOPS = {"prefetch": False, "scale_backward": False}
 
 
 def _configure_threads(family, threads):
     """Set the family's thread count; returns (version, threads it reports)."""
+    if family == "jax":      # XLA's CPU pools follow no variable: keep it on `threads` cores
+        cpus = sorted(os.sched_getaffinity(0))[:threads] if hasattr(os, "sched_getaffinity") else []
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        import jax
+        return jax.__version__, len(cpus) or threads
     if family == "torch":
         import torch
         torch.set_num_threads(threads)
@@ -748,13 +785,15 @@ def format_table(results):
     """The results as a plain-text table (what the command prints)."""
     m = results["machine"]
     lines = [f"clipcore {m['clipcore']} bench on {m['cpu']}: {m['logical_cpus']} logical CPUs "
-             f"({m['available_cpus']} available), {results['threads']} threads for everyone, "
+             f"({m['available_cpus']} available), {results['threads']} thread"
+             f"{'s' if results['threads'] > 1 else ''} for everyone"
+             f"{CONTEND_NOTE if results.get('contend') else ''}, "
              f"OpenMP {'on' if m['openmp'] else 'off'}, SIMD {m['simd']}",
              f"median of {results['repeat']} timed calls per row, each on data restored from "
              f"a backup (warm-up {results['warmup']}); numpy {m['numpy']}, python {m['python']}"]
     for fam in PEERS[1:]:
-        f = results["families"][fam]
-        if f["status"] == "ok":
+        f = results["families"].get(fam, {})
+        if f.get("status") == "ok":
             lines[-1] += f", {fam} {f['version']}"
     other = m.get("other_load")
     load = (m.get("load_average") or [None])[0]
@@ -811,7 +850,8 @@ def write_chart(results, path):
     from matplotlib.figure import Figure
 
     impls = list(IMPL_FAMILY)
-    colors = dict(zip(impls, ("#1f77b4", "#17becf", "#ff7f0e", "#d62728", "#2ca02c")))
+    colors = dict(zip(impls, ("#1f77b4", "#17becf", "#ff7f0e", "#d62728", "#2ca02c",
+                              "#9467bd")))
     cases = results["cases"]
     fig = Figure(figsize=(10, 1.0 + 0.9 * len(cases)))
     ax = fig.add_subplot()
@@ -856,11 +896,53 @@ def default_out_dir():
     return time.strftime("bench-results-%Y%m%d-%H%M%S")
 
 
-def main(*, cases, threads, repeat, warmup, out, quick, argv, stdout=None):
-    """Run the bench, print the table, write results.json and chart.png; returns an exit code."""
+CONTEND_NOTE = " while a busy process loads one core (--contend)"
+
+
+class _Contention:
+    """A busy process on one core while the bench runs (``--contend``): what a
+    data-loader worker or another trainer does to a training step."""
+
+    CODE = ("import os, time\n"
+            "cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else []\n"
+            "if len(cpus) > 1: os.sched_setaffinity(0, cpus[-1:])\n"
+            "end = time.monotonic() + 6 * 3600\n"
+            "while time.monotonic() < end: pass\n")
+
+    def __init__(self, on):
+        self.on, self.proc = on, None
+
+    def __enter__(self):
+        if self.on:
+            self.proc = subprocess.Popen([sys.executable, "-c", self.CODE])
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def main(*, cases, threads, repeat, warmup, out, quick, argv, stdout=None, one_thread=True,
+         contend=False):
+    """Run the bench, print the table, write results.json and chart.png; returns an exit code.
+
+    With one_thread (and threads > 1) everything runs twice, at 1 thread and at
+    ``threads``, each against its own ceiling; the JSON is the ``threads`` run's,
+    with the 1-thread run under "one_thread". With contend, a busy process
+    keeps one core loaded meanwhile.
+    """
     stdout = stdout or sys.stdout
-    results = run(cases, threads=threads, repeat=repeat, warmup=warmup, argv=argv, quick=quick)
-    table = format_table(results)
+    counts = [1, threads] if one_thread and threads > 1 else [threads]
+    with _Contention(contend):
+        runs = [run(cases, threads=t, repeat=repeat, warmup=warmup, argv=argv, quick=quick)
+                for t in counts]
+    for r in runs:
+        r["contend"] = contend
+    results = runs[-1]
+    if len(runs) > 1:
+        results["one_thread"] = runs[0]
+    table = "\n\n".join(format_table(r) for r in runs)
     print(table, file=stdout)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -873,7 +955,7 @@ def main(*, cases, threads, repeat, warmup, out, quick, argv, stdout=None):
     else:
         print("chart:   not written: matplotlib is not installed "
               "(pip install matplotlib, or clipcore[bench])", file=stdout)
-    errors = [(case["label"], impl) for case in results["cases"]
+    errors = [(case["label"], impl) for r_ in runs for case in r_["cases"]
               for impl, r in case["results"].items() if r["status"] == "error"]
     if errors:
         print(f"\n{len(errors)} measurement(s) failed: "

@@ -14,11 +14,11 @@ from clipcore import bench
 from clipcore.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(clipcore.__file__)))
-IMPLS = ("clipcore", "clipcore Plan", "numpy", "torch", "tensorflow")
+IMPLS = ("clipcore", "clipcore Plan", "numpy", "torch", "tensorflow", "jax")
 STATUSES = {"ok", "not installed", "not in this clipcore", "no equivalent", "error"}
 
 
-def run_cli(*args, hide="torch,tensorflow,matplotlib", cwd=ROOT):
+def run_cli(*args, hide="torch,tensorflow,optax,matplotlib", cwd=ROOT):
     # python -m puts the working directory first on sys.path: run where the
     # clipcore under test is, not in a source tree without its build.
     env = dict(os.environ, CLIPCORE_BENCH_HIDE=hide, PYTHONPATH=os.pathsep.join(
@@ -232,7 +232,7 @@ def check_schema(r, repeat):
         assert key in m
     assert m["other_load"] is None or m["other_load"] >= 0
     assert m["simd"] == clipcore.kernels.simd_path() and m["clipcore"] == clipcore.__version__
-    assert set(r["families"]) == {"clipcore", "numpy", "torch", "tensorflow"}
+    assert set(r["families"]) == {"clipcore", "numpy", "torch", "tensorflow", "jax"}
     for w, c in r["ceilings"].items():
         assert c["bytes"] == 4 * c["values"]
         per_count = 2 * repeat * len({r["threads"], 1})       # the run's threads and one
@@ -274,8 +274,12 @@ def test_quick_run_with_numpy_only(quick_run):
     for label in ("2000x512", "MNIST MLP", "ResNet-50", "GPT-2 small", "GPT-2, no clip needed",
                   "clip_by_value 16M", "relu 16M", "clip_by_norm 16M"):
         assert f"\n{label}: " in table
-    assert table.count("torch          not installed") == 7      # all but clip_by_norm
-    assert table.count("tensorflow     not installed") == 8
+    runs = 2 if clipcore.kernels.max_threads() > 1 else 1    # 1 thread, then all of them
+    assert table.count("torch          not installed") == 7 * runs      # all but clip_by_norm
+    assert table.count("tensorflow     not installed") == 8 * runs
+    assert table.count("jax            not installed") == 5 * runs      # the global-norm cases
+    if runs == 2:
+        assert "1 thread for everyone" in table
     assert "SIMD " + clipcore.kernels.simd_path() in table
     assert "matplotlib is not installed" in table
     assert not (out / "chart.png").exists()
@@ -298,6 +302,11 @@ def test_quick_run_json(quick_run):
         assert set(c["speedup"]["numpy"]) == {"clipcore", "clipcore Plan"}
         assert c["ceiling"]["kind"] == ("read" if key == "gpt2-noclip" else "read+rw")
     assert cases["gpt2"]["values"] == 124_439_808 and cases["resnet50"]["tensors"] == 161
+    if clipcore.kernels.max_threads() > 1:          # the 1-thread run, against its own ceiling
+        one = results["one_thread"]
+        check_schema(one, repeat=5)
+        assert one["threads"] == 1 and one["families"]["numpy"]["threads"] == 1
+        assert {c["key"] for c in one["cases"]} == set(cases)
     assert cases["gpt2"]["params"]["clip_norm"] * 4 == pytest.approx(
         cases["gpt2-noclip"]["params"]["clip_norm"])
     for key in ("clip_by_value", "relu", "clip_by_norm"):
@@ -307,7 +316,7 @@ def test_quick_run_json(quick_run):
 @pytest.mark.requires_matplotlib
 def test_chart_with_matplotlib(tmp_path):
     r = run_cli("bench", "--workload", "mlp", "--repeat", "2", "--threads", "1",
-                "--out", str(tmp_path), hide="torch,tensorflow")
+                "--out", str(tmp_path), hide="torch,tensorflow,optax")
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((tmp_path / "results.json").read_text())
@@ -338,3 +347,16 @@ def test_bandwidth_probe_passes(n):
     with pytest.raises(ValueError, match="out"):
         kernels.bandwidth_probe(x, 1, out=wrong)
     assert (wrong == -1.0).all()                                        # checked before any pass
+
+
+def test_contend_runs_a_busy_process_only_while_timing(tmp_path):
+    def busy():
+        out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        return out.count("while time.monotonic() < end")
+    before = busy()
+    r = run_cli("bench", "--workload", "mlp", "--repeat", "2", "--threads", "1", "--contend",
+                "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "while a busy process loads one core (--contend)" in r.stdout
+    assert json.loads((tmp_path / "results.json").read_text())["contend"] is True
+    assert busy() == before
