@@ -164,13 +164,15 @@ def test_calibration_stays_within_its_budget(restore_tuning):
                     reason="needs OpenMP and 2 threads")
 def test_a_late_team_makes_the_default_serial_for_a_while(restore_tuning):
     n = 1 << 24
-    kernels._note_team([0] * 64 + [1] * 64)          # a balanced team: no back-off
+    kernels._note_wait(10e-6, 1e-3)                  # a team that hardly waited
     assert kernels.late_team_backoff() == 0.0 and kernels.threads_for(n) == 2
-    kernels._note_team([0] * 127 + [1])               # the other thread was late
+    kernels._note_wait(40e-6, 60e-6)                 # most of the call, but too short to count
+    assert kernels.late_team_backoff() == 0.0
+    kernels._note_wait(3e-3, 5e-3)                   # waited for a busy core
     first = kernels.late_team_backoff()
     assert first > 0 and kernels.threads_for(n) == 1
-    assert kernels.threads_for(n, 2) == 2             # an explicit n_threads is honoured
-    kernels._note_team([0] * 127 + [1])
-    assert kernels.late_team_backoff() > first        # still late: backs off longer
-    kernels._note_team([0] * 64 + [1] * 64)
+    assert kernels.threads_for(n, 2) == 2            # an explicit n_threads is honoured
+    kernels._note_wait(3e-3, 5e-3)
+    assert kernels.late_team_backoff() > first       # still late: backs off longer
+    kernels._note_wait(10e-6, 1e-3)
     assert kernels.late_team_backoff() == 0.0 and kernels.threads_for(n) == 2

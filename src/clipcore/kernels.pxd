@@ -12,6 +12,7 @@ cdef extern from "cc_loops.h" nogil:
     const char *cc_simd_path()
     int cc_team_rank()       # inside a parallel region: this thread's rank
     int cc_team_size()       # and the team's size
+    double cc_now()          # seconds on a monotonic clock
 
 # Buffer kinds a Segment can hold.
 cdef enum:
@@ -69,9 +70,10 @@ ctypedef void (*chunk_fn)(const void *ctx, Py_ssize_t c) noexcept nogil
 # The process's tuning table (cc_loops.h CC_TUNE_*): every module that includes
 # the loops points its cc_tuning here when it loads.
 cdef int *tuning_table() noexcept nogil
-# After a team's pass: lets the default policy back off when the team's other
-# threads were late (their cores busy).
-cdef void note_team(const Claims *cl, Py_ssize_t n_chunks, int size) noexcept nogil
+# After a team's region: the seconds its first thread waited for the others,
+# of the region's total; lets the default policy back off when they were late
+# (their cores busy).
+cdef void note_wait(double waited, double total) noexcept nogil
 
 # A Claims for n_chunks chunks, no pass begun (one block: free() it); NULL out of memory.
 cdef Claims *claims_new(Py_ssize_t n_chunks) noexcept nogil

@@ -27,7 +27,6 @@ cdef extern from "cc_loops.h" nogil:
     int cc_in_forked_child()
     enum: CC_TUNE_PREFETCH, CC_TUNE_SCALE_BACKWARD, CC_TUNE_TWINS, CC_TUNE_COUNT
     int *cc_own_tuning()
-    double cc_now()
 
 cdef extern from "cc_elementwise.h" nogil:
     ctypedef void (*cc_loop_fn)(char **p, const Py_ssize_t *s, Py_ssize_t n)
@@ -77,11 +76,12 @@ cdef enum:
 # The default policy's crossover (elements); clipcore._tuning sets it per machine.
 cdef Py_ssize_t _auto_parallel_min = 655360
 
-# A team whose other threads did (almost) nothing -- their cores busy with
-# other work, so the caller claimed every chunk and then waited for them at
-# the barriers -- makes the default policy run serially for a while: from
-# LATE_BACKOFF_MIN seconds, doubling while it stays so, up to LATE_BACKOFF_MAX.
-# An explicit n_threads is always honoured.
+# A team whose caller waited for the others most of the call -- their cores
+# busy with other work, a thread preempted mid-chunk or woken late -- makes
+# the default policy run serially for a while: from LATE_BACKOFF_MIN seconds,
+# doubling while it stays so, up to LATE_BACKOFF_MAX. An explicit n_threads
+# is always honoured.
+cdef double LATE_WAIT_MIN = 50e-6
 cdef double LATE_BACKOFF_MIN = 0.05
 cdef double LATE_BACKOFF_MAX = 2.0
 cdef double _serial_until = 0.0
@@ -212,6 +212,8 @@ cdef double pass_all(const Layout *lay, const Pass *ps, bint backward=False) noe
 ctypedef struct Team:
     Claims *cl
     double *partials                # chunk c's reduction
+    double waited                   # seconds thread 0 spent at the team's barriers
+    double t_free                   # when thread 0 finished its part (cc_now)
 
 
 cdef Claims *claims_new(Py_ssize_t n_chunks) noexcept nogil:
@@ -227,16 +229,12 @@ cdef Claims *claims_new(Py_ssize_t n_chunks) noexcept nogil:
     return cl
 
 
-cdef void note_team(const Claims *cl, Py_ssize_t n_chunks, int size) noexcept nogil:
-    """After a team's pass: back the default policy off when the thread that
-    started the region claimed nearly every chunk (see LATE_BACKOFF_MIN)."""
+cdef void note_wait(double waited, double total) noexcept nogil:
+    """After a team's region: back the default policy off when the thread that
+    started it spent more than a quarter of the call (and LATE_WAIT_MIN) waiting
+    for the others (see LATE_BACKOFF_MIN); else stop backing off."""
     global _serial_until, _late_backoff
-    cdef Py_ssize_t c, others = 0
-    if size < 2 or n_chunks < 4 * size:
-        return
-    for c in range(n_chunks):
-        others += cl.owner[c] != 0
-    if others * 8 * size >= n_chunks:           # the others did 1/8 of a fair share
+    if waited < LATE_WAIT_MIN or waited < 0.25 * total:
         _late_backoff = 0.0
         _serial_until = 0.0
         return
@@ -248,6 +246,8 @@ cdef void note_team(const Claims *cl, Py_ssize_t n_chunks, int size) noexcept no
 cdef int team_open(Team *team, Py_ssize_t n_chunks) noexcept nogil:
     """A team's state for n_chunks chunks, on the heap; 0, or -1 out of memory
     (then nothing is left to free)."""
+    team.waited = 0.0
+    team.t_free = 0.0
     team.cl = claims_new(n_chunks)
     team.partials = <double *>malloc((n_chunks + 1) * sizeof(double))   # + 1: never malloc(0)
     if team.cl == NULL or team.partials == NULL:
@@ -322,15 +322,38 @@ cdef void scale_claimed(const Layout *lay, const Pass *ps, Team *team, int rank)
             pass_chunk(lay, ps, c, chunk)
 
 
+cdef void team_barrier(Team *team, int rank) noexcept nogil:
+    """The team's barrier; thread 0 counts the time it waits there."""
+    cdef double t0 = cc_now() if rank == 0 else 0.0
+    cc_team_barrier()
+    if rank == 0:
+        team.waited += cc_now() - t0
+
+
+cdef void team_done(Team *team, int rank) noexcept nogil:
+    """In every thread at the end of its part of a region: thread 0 notes when."""
+    if rank == 0:
+        team.t_free = cc_now()
+
+
+cdef void note_team(Team *team, double t_start) noexcept nogil:
+    """After a team's region (see note_wait)."""
+    cdef double t_end = cc_now()
+    note_wait(team.waited + t_end - team.t_free, t_end - t_start)
+
+
 cdef void run_pass(const Layout *lay, const Pass *ps, int n_threads) noexcept nogil:
     """The pass over every chunk, on the threads resolve_threads gives (one
     thread when a team's state cannot be allocated: the same result)."""
     cdef int nt = resolve_threads(lay.n_total, n_threads)
     cdef Team team
+    cdef double t_start
     if nt > 1 and team_open(&team, chunk_count(lay.n_total)) == 0:
+        t_start = cc_now()
         with parallel(num_threads=nt):
             pass_claimed(lay, ps, &team, cc_team_rank(), cc_team_size())
-        note_team(team.cl, chunk_count(lay.n_total), nt)
+            team_done(&team, cc_team_rank())
+        note_team(&team, t_start)
         team_close(&team)
     else:
         pass_all(lay, ps)
@@ -355,12 +378,12 @@ cdef double team_reduce(const Layout *lay, int kind, double p, double scale,
         return pass_all(lay, &ps)
     ps.partials = team.partials
     pass_claimed(lay, &ps, team, rank, size)
-    cc_team_barrier()            # every partial written
+    team_barrier(team, rank)     # every partial written
     for c in range(chunk_count(lay.n_total)):
         acc = combine(kind, acc, team.partials[c])
     if rank == 0:
         team.cl.passes += 1
-    cc_team_barrier()            # partials read before another pass claims chunks
+    team_barrier(team, rank)     # partials read before another pass claims chunks
     return acc
 
 
@@ -433,10 +456,13 @@ cdef double layout_clip(const Layout *lay, double norm_type, clip_rule rule, con
     cdef Team team
     cdef double norm = 0.0
     cdef int nt = resolve_threads(lay.n_total, n_threads)
+    cdef double t_start
     if nt > 1 and team_open(&team, chunk_count(lay.n_total)) == 0:
+        t_start = cc_now()
         with parallel(num_threads=nt):
             team_clip(lay, norm_type, rule, ctx, &team, &norm, cc_team_rank(), cc_team_size())
-        note_team(team.cl, chunk_count(lay.n_total), nt)
+            team_done(&team, cc_team_rank())
+        note_team(&team, t_start)
         team_close(&team)
     else:
         team_clip(lay, norm_type, rule, ctx, NULL, &norm, 0, 1)
@@ -686,16 +712,9 @@ cdef int *tuning_table() noexcept nogil:
     return cc_own_tuning()
 
 
-def _note_team(owners):
-    """note_team over a team whose chunk c was claimed by thread owners[c] (tests)."""
-    cdef Py_ssize_t n = len(owners), c
-    cdef Claims *cl = claims_new(n)
-    if cl == NULL:
-        raise MemoryError()
-    for c in range(n):
-        cl.owner[c] = owners[c]
-    note_team(cl, n, max(owners) + 1 if n else 1)
-    free(cl)
+def _note_wait(double waited, double total):
+    """note_wait, for the tests: a team's caller waited `waited` of `total` seconds."""
+    note_wait(waited, total)
 
 
 def late_team_backoff():
