@@ -33,6 +33,17 @@ path does not bump autograd's version counter of the gradients, and it
 scales inference-mode tensors that torch would refuse to modify outside
 inference mode.
 
+Trainers: ``clipcore.torch.patch()`` (a call, or ``with clipcore.torch.patch():``)
+puts these functions in ``torch.nn.utils`` (and ``torch.nn.utils.clip_grad``),
+so code that calls ``torch.nn.utils.clip_grad_norm_`` at run time, as PyTorch
+Lightning's ``Trainer(gradient_clip_val=...)`` and Accelerate's
+``Accelerator.clip_grad_norm_`` do, runs clipcore; ``unpatch()`` undoes it.
+
+torch.compile: while Dynamo traces them, the four functions call the custom
+ops ``torch.ops.clipcore.*`` (a Tensor[] of gradients in, the eager function
+run at execution), so compiled code calling them has no graph break, with
+``fullgraph=True`` too.
+
 Importing this module imports torch; ``import clipcore`` alone does not.
 """
 import functools
