@@ -36,22 +36,46 @@ path does not bump autograd's version counter of the gradients, and it
 scales inference-mode tensors that torch would refuse to modify outside
 inference mode.
 
+Trainers: ``clipcore.torch.patch()`` (a call, or ``with clipcore.torch.patch():``)
+puts these functions in ``torch.nn.utils`` (and ``torch.nn.utils.clip_grad``),
+so code that calls ``torch.nn.utils.clip_grad_norm_`` at run time, as PyTorch
+Lightning's ``Trainer(gradient_clip_val=...)`` and Accelerate's
+``Accelerator.clip_grad_norm_`` do, runs clipcore; ``unpatch()`` undoes it.
+
+torch.compile: while Dynamo traces them, the four functions call the custom
+ops ``torch.ops.clipcore.*`` (a Tensor[] of gradients in, the eager function
+run at execution), so compiled code calling them has no graph break, with
+``fullgraph=True`` too.
+
 Importing this module imports torch; ``import clipcore`` alone does not.
 """
+import functools
 import math
 import operator
+import threading
 import types
 import warnings
+from typing import Optional
 
 import numpy as np
 import torch
-from torch.nn import utils as _torch
+import torch.nn.utils
+import torch.nn.utils.clip_grad
 
 import clipcore
 from clipcore import _lists, _torch as _compiled
 from clipcore import kernels as _kernels
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm",
+           "patch", "unpatch"]
+
+_NAMES = ("clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_")
+# torch's own functions, captured at import: the fallbacks call these, never the
+# module attributes patch() replaces (that would call clipcore again, forever).
+_torch = types.SimpleNamespace(**{name: getattr(torch.nn.utils, name) for name in _NAMES})
+if any(getattr(f, "__module__", None) == __name__ for f in vars(_torch).values()):
+    raise ImportError("clipcore.torch imported again while torch.nn.utils is patched: "
+                      "call clipcore.torch.unpatch() before reloading it")
 
 _Tensor = torch.Tensor
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)    # subclasses go to torch
@@ -116,6 +140,17 @@ def _plan(tensors, writable):
         return plan, any(is_f64)
     except ValueError:     # memory shared, or a view overlapping itself: torch scales
         return None        # it once per tensor (per element view)
+
+
+_is_compiling = torch.compiler.is_compiling
+
+
+def _compiled_grads(parameters):
+    """The gradients for a clipcore op, in code Dynamo traces: kept to what it
+    handles (no map/attrgetter, no generator checks)."""
+    if isinstance(parameters, _Tensor):
+        parameters = [parameters]
+    return [p.grad for p in parameters if p.grad is not None]
 
 
 def _as_list(tensors):
@@ -196,6 +231,10 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     >>> clipcore.torch.get_total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
     tensor(5.)
     """
+    if _is_compiling():     # torch.compile: one opaque op (see _ops_)
+        return torch.ops.clipcore.get_total_norm(
+            [tensors] if isinstance(tensors, _Tensor) else list(tensors), float(norm_type),
+            bool(error_if_nonfinite), foreach)
     tensors = _as_list(tensors)
     norm_type = float(norm_type)
     fast = _plan(tensors, False) if norm_type > 0 else None
@@ -233,6 +272,9 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
     >>> p.grad
     tensor([0.6000, 0.8000])
     """
+    if _is_compiling():
+        return torch.ops.clipcore.clip_grads_with_norm_(_compiled_grads(parameters),
+                                                        float(max_norm), total_norm, foreach)
     parameters = _as_list(parameters)
     grads = [g for g in map(_grad_of, parameters) if g is not None]
     max_norm = float(max_norm)
@@ -295,6 +337,10 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     >>> model.weight.grad
     tensor([[0.6000, 0.8000]])
     """
+    if _is_compiling():
+        return torch.ops.clipcore.clip_grad_norm_(_compiled_grads(parameters), float(max_norm),
+                                                  float(norm_type), bool(error_if_nonfinite),
+                                                  foreach)
     if isinstance(parameters, _Tensor):
         parameters = [parameters]
     else:
@@ -348,6 +394,9 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
     >>> p.grad
     tensor([-1.0000,  0.5000,  1.0000])
     """
+    if _is_compiling():
+        return torch.ops.clipcore.clip_grad_value_(_compiled_grads(parameters),
+                                                   float(clip_value), foreach)
     parameters = _as_list(parameters)
     clip_value = float(clip_value)
     grads = [g for g in map(_grad_of, parameters) if g is not None]
@@ -360,3 +409,181 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
     _kernels._clip_value_f32_(memory[0], memory[1], -clip_value, clip_value,
                               torch.get_num_threads())
     return None
+
+
+# --- torch.compile: the four functions as custom ops -------------------------------------
+#
+# Dynamo cannot trace the functions above (Cython calls, raw memory), so while
+# it compiles they call these ops instead: opaque nodes in the graph, with the
+# gradients as a Tensor[] argument. At run time each op runs the eager
+# function above, on the tensors the graph hands it.
+
+class _GradOf:
+    """A stand-in parameter whose ``.grad`` is a given tensor (torch's
+    functions, like clipcore's, only read ``.grad`` of the parameters)."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self, grad):
+        self.grad = grad
+
+
+def _norm_like(tensors):
+    """An empty 0-d tensor of the dtype and device of torch's norm of tensors."""
+    if not tensors:
+        return torch.empty((), dtype=torch.get_default_dtype())
+    dtype = functools.reduce(torch.promote_types, [t.dtype.to_real() for t in tensors])
+    return torch.empty((), dtype=dtype, device=tensors[0].device)
+
+
+@torch.library.custom_op("clipcore::get_total_norm", mutates_args=())
+def _get_total_norm_op(tensors: list[torch.Tensor], norm_type: float, error_if_nonfinite: bool,
+                       foreach: Optional[bool]) -> torch.Tensor:
+    return get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
+
+
+@_get_total_norm_op.register_fake
+def _(tensors, norm_type, error_if_nonfinite, foreach):
+    return _norm_like(tensors)
+
+
+@torch.library.custom_op("clipcore::clip_grad_norm_", mutates_args=("grads",))
+def _clip_grad_norm_op(grads: list[torch.Tensor], max_norm: float, norm_type: float,
+                       error_if_nonfinite: bool, foreach: Optional[bool]) -> torch.Tensor:
+    return clip_grad_norm_([_GradOf(g) for g in grads], max_norm, norm_type,
+                           error_if_nonfinite, foreach)
+
+
+@_clip_grad_norm_op.register_fake
+def _(grads, max_norm, norm_type, error_if_nonfinite, foreach):
+    return _norm_like(grads)
+
+
+@torch.library.custom_op("clipcore::clip_grads_with_norm_", mutates_args=("grads",))
+def _clip_grads_with_norm_op(grads: list[torch.Tensor], max_norm: float,
+                             total_norm: torch.Tensor, foreach: Optional[bool]) -> None:
+    clip_grads_with_norm_([_GradOf(g) for g in grads], max_norm, total_norm, foreach)
+
+
+@_clip_grads_with_norm_op.register_fake
+def _(grads, max_norm, total_norm, foreach):
+    return None
+
+
+@torch.library.custom_op("clipcore::clip_grad_value_", mutates_args=("grads",))
+def _clip_grad_value_op(grads: list[torch.Tensor], clip_value: float,
+                        foreach: Optional[bool]) -> None:
+    clip_grad_value_([_GradOf(g) for g in grads], clip_value, foreach)
+
+
+@_clip_grad_value_op.register_fake
+def _(grads, clip_value, foreach):
+    return None
+
+
+# --- patch(): torch.nn.utils' names routed to clipcore -----------------------------------
+
+# The attributes patch() replaces. torch.nn.utils.clip_grad's private
+# _get_total_norm and _clip_grads_with_norm_ stay torch's: they are what
+# torch's own clip_grad_norm_ (clipcore's fallback) calls, so patching them
+# would send the fallback back into clipcore; no library calls them.
+_TARGETS = tuple((module, name)
+                 for module, names in ((torch.nn.utils, _NAMES),
+                                       (torch.nn.utils.clip_grad,
+                                        ("clip_grad_norm_", "clip_grad_value_")))
+                 for name in names)
+_lock = threading.Lock()
+_replaced = {}      # (module, name) -> (torch's, clipcore's); empty when not patched
+
+
+class _Patch:
+    """What patch() returns: on leaving a ``with`` block, the state found on entry."""
+
+    __slots__ = ("_was_patched",)
+
+    def __init__(self, was_patched):
+        self._was_patched = was_patched
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if not self._was_patched:
+            unpatch()
+        return False
+
+    def __repr__(self):
+        return f"<clipcore.torch.patch(), {'patched' if _replaced else 'unpatched'}>"
+
+
+def patch():
+    """Route torch.nn.utils' clipping functions to clipcore's, as a call or a ``with`` block.
+
+    Replaces ``clip_grad_norm_``, ``clip_grad_value_``, ``get_total_norm``
+    and ``clip_grads_with_norm_`` in ``torch.nn.utils``, and
+    ``clip_grad_norm_`` and ``clip_grad_value_`` in
+    ``torch.nn.utils.clip_grad`` (so the deprecated ``clip_grad_norm``, which
+    calls the latter, comes too), with this module's namesakes. Code that
+    looks them up at call time, as PyTorch Lightning's precision plugins,
+    Fabric's strategies and Accelerate's ``Accelerator.clip_grad_norm_`` and
+    ``clip_grad_value_`` do, then runs clipcore; whatever clipcore does not
+    accelerate still runs torch's own function, captured when this module
+    was imported. A name bound before the call (``from torch.nn.utils import
+    clip_grad_norm_``) keeps torch's function.
+
+    Idempotent: patching when patched, or unpatching when not, does nothing.
+    A ``with`` block restores on exit the state it found: inside an earlier
+    ``patch()`` (or another ``with patch()``) it leaves torch patched.
+
+    Returns
+    -------
+    context manager
+        Patching happens at the call; the ``with`` block only decides when
+        to undo it.
+
+    See Also
+    --------
+    unpatch : Restore torch's functions.
+
+    Examples
+    --------
+    >>> import torch, clipcore.torch
+    >>> with clipcore.torch.patch():
+    ...     torch.nn.utils.clip_grad_norm_ is clipcore.torch.clip_grad_norm_
+    True
+    >>> torch.nn.utils.clip_grad_norm_ is clipcore.torch.clip_grad_norm_
+    False
+    >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
+    >>> with clipcore.torch.patch():
+    ...     torch.nn.utils.clip_grad_norm_([p], 1.0)
+    tensor(5.)
+    >>> p.grad
+    tensor([0.6000, 0.8000])
+    """
+    with _lock:
+        was_patched = bool(_replaced)
+        if not was_patched:
+            ours = globals()
+            for module, name in _TARGETS:
+                _replaced[module, name] = (getattr(module, name), ours[name])
+                setattr(module, name, ours[name])
+    return _Patch(was_patched)
+
+
+def unpatch():
+    """Restore what :func:`patch` replaced in torch.nn.utils; nothing when not patched.
+
+    An attribute that someone replaced after :func:`patch` is left as it is.
+
+    Examples
+    --------
+    >>> import torch, clipcore.torch
+    >>> _ = clipcore.torch.patch(); clipcore.torch.unpatch(); clipcore.torch.unpatch()
+    >>> torch.nn.utils.clip_grad_value_ is clipcore.torch.clip_grad_value_
+    False
+    """
+    with _lock:
+        for (module, name), (previous, installed) in _replaced.items():
+            if getattr(module, name) is installed:
+                setattr(module, name, previous)
+        _replaced.clear()

@@ -20,6 +20,8 @@ OPTIONAL = {
     "requires_matplotlib": "matplotlib",
     "requires_threadpoolctl": "threadpoolctl",
     "requires_cython": "Cython",
+    "requires_lightning": "lightning",
+    "requires_accelerate": "accelerate",
 }
 
 
