@@ -136,7 +136,7 @@ def _plan(tensors, writable):
             return plan, has_f64
         addresses, lengths, is_f64 = memory
         plan = _lists.plan_over_memory(addresses, lengths, is_f64, writable=writable,
-                                       n_threads=n_threads)
+                                       framework_threads=n_threads)
         return plan, any(is_f64)
     except ValueError:     # memory shared, or a view overlapping itself: torch scales
         return None        # it once per tensor (per element view)
@@ -407,7 +407,7 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
             or any(map(_Tensor.is_neg, grads))):
         return _torch.clip_grad_value_(parameters, clip_value, foreach)
     _kernels._clip_value_f32_(memory[0], memory[1], -clip_value, clip_value,
-                              torch.get_num_threads())
+                              -torch.get_num_threads())     # < 0: torch's count, backing off
     return None
 
 

@@ -172,7 +172,9 @@ def test_a_late_team_makes_the_default_serial_for_a_while(restore_tuning):
     first = kernels.late_team_backoff()
     assert first > 0 and kernels.threads_for(n) == 1
     assert kernels.threads_for(n, 2) == 2            # an explicit n_threads is honoured
+    assert kernels.threads_for(n, -2) == 1           # a framework's count (clipcore.torch) backs off
     kernels._note_wait(3e-3, 5e-3)
     assert kernels.late_team_backoff() > first       # still late: backs off longer
     kernels._note_wait(10e-6, 1e-3)
     assert kernels.late_team_backoff() == 0.0 and kernels.threads_for(n) == 2
+    assert kernels.threads_for(n, -2) == 2

@@ -706,14 +706,15 @@ cdef class Plan:
         return self.live().clip(c, use_norm, p, bool(error_if_nonfinite), self.n_threads)
 
 
-def plan_over_memory(addresses, lengths, is_float64, *, bint writable, n_threads=None):
+def plan_over_memory(addresses, lengths, is_float64, *, bint writable, int framework_threads):
     """A Plan over contiguous float32/float64 buffers given by address and length.
 
     For adapters that check the buffers themselves (clipcore.torch): no
     reference is taken, so the caller keeps the memory alive while using the
     Plan. With writable, buffers that share memory raise ValueError (they
-    would be scaled twice); for reading, sharing is fine. n_threads as for
-    Plan.
+    would be scaled twice); for reading, sharing is fine. framework_threads:
+    the framework's own thread count, used as n_threads is, except that late
+    teams back it off as they do the default policy.
     """
     cdef Py_ssize_t count = len(addresses), i, n_ext = 0, length
     cdef Plan plan = Plan.__new__(Plan)
@@ -744,7 +745,7 @@ def plan_over_memory(addresses, lengths, is_float64, *, bint writable, n_threads
     finally:
         free(exts)
     plan.buffers = buf
-    plan.n_threads = as_threads(n_threads)
+    plan.n_threads = -max(1, framework_threads)
     return plan
 
 

@@ -40,8 +40,9 @@ ctypedef struct Layout:
 ctypedef double (*clip_rule)(double norm, const void *ctx) noexcept nogil
 
 # The one thread-count policy: the team size for n_total elements when asked
-# for n_threads (<= 0: what OpenMP may use). Every parallel region takes its
-# num_threads from here.
+# for n_threads (0: what OpenMP may use; < 0: up to -n_threads, an adapter's
+# count, serial while late teams back the default off). Every parallel region
+# takes its num_threads from here.
 cdef int resolve_threads(Py_ssize_t n_total, int n_threads) noexcept nogil
 
 # Work is cut into chunks of at least CHUNK_MIN elements, at most MAX_CHUNKS of

@@ -94,12 +94,18 @@ if cc_install_fork_guard() != 0:
 
 
 cdef int resolve_threads(Py_ssize_t n_total, int n_threads) noexcept nogil:
-    """Threads to use: n_threads if > 0, else what OpenMP may use; 1 for small
-    work or in a forked child; never more than chunks, nor than _max_team."""
+    """Threads to use: n_threads if > 0; -n_threads if < 0 (an adapter's count),
+    or 1 while backing off from late teams; for 0, what OpenMP may use, or 1
+    for lists below the crossover and while backing off. 1 for small work or
+    in a forked child; never more than chunks, nor than _max_team."""
     cdef Py_ssize_t cap = chunk_count(n_total)
     if cc_in_forked_child() or n_total < PARALLEL_MIN:
         return 1
-    if n_threads <= 0:
+    if n_threads < 0:       # an adapter's count (clipcore.torch: torch's), backing off too
+        if _serial_until > 0.0 and cc_now() < _serial_until:
+            return 1
+        n_threads = -n_threads
+    elif n_threads == 0:
         if n_total < _auto_parallel_min or (_serial_until > 0.0 and cc_now() < _serial_until):
             return 1
         n_threads = cc_max_threads()
