@@ -29,11 +29,12 @@ from clipcore import _tuning  # noqa: E402
 
 from clipcore._lists import Plan, clip_by_global_norm_  # noqa: E402
 from clipcore._config import show_config  # noqa: E402
-# TensorFlow's names and semantics. global_norm is the core's, plus TF's name
+# TensorFlow's names and semantics (also inside tf.function and under
+# tf.GradientTape: clipcore._tf). global_norm is the core's, plus TF's name
 # argument and TF tensors / IndexedSlices.
-from clipcore._global import clip_by_global_norm, global_norm  # noqa: E402
-from clipcore._ops import (clip_by_average_norm, clip_by_norm, clip_by_norm_,  # noqa: E402
-                           clip_by_value, clip_by_value_, maximum, minimum, norm, relu, relu_)
+from clipcore._ops import (clip_by_average_norm, clip_by_global_norm,  # noqa: E402
+                           clip_by_norm, clip_by_norm_, clip_by_value, clip_by_value_,
+                           global_norm, maximum, minimum, norm, relu, relu_)
 
 __version__ = "0.1.0"
 

@@ -7,8 +7,20 @@ Everything becomes an ndarray here (a view where the framework allows one),
 and the result goes back to the caller's type. TensorFlow and PyTorch are
 recognised by the module name of the object's type and imported only then,
 when they are necessarily imported already.
+
+Python numbers and lists given where they fix the dtype (a tensor argument,
+a t_list entry) take TensorFlow's default dtypes, as ``tf.convert_to_tensor``
+gives them (float32 for floats, int32 for ints that fit): see
+:func:`as_tensor_array`. Where an operand is converted to another's dtype (a
+bound, a clip norm) its exact value is kept until then.
+
+Symbolic tensors (inside ``tf.function``) and tensors a ``tf.GradientTape``
+records go to ``clipcore._tf``: :func:`tf_aware` decorates each TF-named
+function with that check.
 """
+import functools
 import importlib
+import sys
 
 import numpy as np
 
@@ -89,6 +101,68 @@ def _tf_array(obj, name):
         return np.asarray(obj)           # a view of the tensor's memory
     except ValueError:                   # 0-d bfloat16: TF hands out a scalar
         return np.asarray(obj.numpy())
+
+
+_PYTHON_SCALARS = (int, float, bool, complex)
+_INT32 = np.iinfo(np.int32)
+
+
+def _python_leaves(obj):
+    """True when obj is a Python number or a (nested) list/tuple of them only."""
+    if type(obj) in _PYTHON_SCALARS:
+        return True
+    return type(obj) in (list, tuple) and all(_python_leaves(o) for o in obj)
+
+
+def as_tensor_array(obj, name):
+    """:func:`as_array`, with Python numbers and lists in TF's default dtypes.
+
+    ``tf.convert_to_tensor`` makes Python floats float32 and Python ints
+    int32 (int64 when one does not fit); NumPy would make both 64-bit.
+    """
+    arr, wrap, fw = as_array(obj, name)
+    if type(obj) in _PYTHON_SCALARS + (list, tuple) and _python_leaves(obj):
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
+        elif arr.dtype == np.int64 and (arr.size == 0 or (
+                arr.min() >= _INT32.min and arr.max() <= _INT32.max)):
+            arr = arr.astype(np.int32)
+    return arr, wrap, fw
+
+
+def _holds_tf(values):
+    """True when a value (or an entry of a list/tuple value) is a TensorFlow object."""
+    for v in values:
+        t = type(v)
+        if t is np.ndarray or v is None:
+            continue
+        for k in (set(map(type, v)) if (t is list or t is tuple) else (t,)):
+            if (k.__module__ or "").startswith("tensorflow"):
+                return True
+    return False
+
+
+def tf_aware(fn):
+    """fn, handing calls with TensorFlow objects to ``clipcore._tf`` first.
+
+    Without TF imported (then no TF object can exist) the check costs a
+    dictionary lookup; with it, a look at the type of each argument and of
+    each entry of list arguments. ``clipcore._tf`` runs fn itself for eager
+    calls no tape records.
+    """
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def tf_aware_fn(*args, **kwargs):
+        if "tensorflow" in sys.modules and (_holds_tf(args) or _holds_tf(kwargs.values())):
+            from clipcore import _tf
+            return _tf.call(name, fn, args, kwargs)
+        return fn(*args, **kwargs)
+    # What tf.autograph.experimental.do_not_convert sets (without importing TF):
+    # inside tf.function AutoGraph then calls this as it is, instead of trying
+    # (and failing, noisily, for the compiled ones) to convert its code.
+    tf_aware_fn.autograph_info__ = None
+    return tf_aware_fn
 
 
 def _rebuild(obj, values):

@@ -4,6 +4,12 @@ Each function validates and converts its arguments here (before anything is
 written), then runs a kernel of clipcore._elementwise without the GIL, then
 returns a result of the caller's type (see clipcore._adapt). Element types
 without a kernel (float16, bfloat16) go through NumPy with the same rules.
+
+Every TF-named function also works inside ``tf.function`` on symbolic
+tensors, and under ``tf.GradientTape`` with TF's gradients: calls holding
+TensorFlow objects go through clipcore._tf (see ``tf_aware``). Python
+numbers and lists given as the tensor take TF's default dtypes (float32,
+int32), as ``tf.convert_to_tensor`` gives them.
 """
 import numbers
 import operator
@@ -11,12 +17,18 @@ import operator
 import numpy as np
 
 from clipcore import _elementwise as _ew
+from clipcore import _global
 from clipcore._global import empty_like_many
-from clipcore._adapt import (as_array, as_writable, is_float, is_real,
-                             native, result_wrap, type_code)
+from clipcore._adapt import (as_array, as_tensor_array, as_writable, is_float, is_real,
+                             native, result_wrap, tf_aware, type_code)
 
 __all__ = ["maximum", "minimum", "relu", "relu_", "clip_by_value", "clip_by_value_",
-           "clip_by_norm", "clip_by_norm_", "clip_by_average_norm", "norm"]
+           "clip_by_norm", "clip_by_norm_", "clip_by_average_norm", "norm",
+           "global_norm", "clip_by_global_norm"]
+
+# The core's global norm functions (clipcore._global), TF-aware.
+global_norm = tf_aware(_global.global_norm)
+clip_by_global_norm = tf_aware(_global.clip_by_global_norm)
 
 _TENSOR, _ARRAY, _PYTHON = 0, 1, 2      # how strongly an operand fixes the dtype
 
@@ -166,9 +178,9 @@ def _minmax(op, x, y, out, n_threads):
     ya, _, yfw, yr = _typed(y, "y")
     # The dtype comes from the first tensor, else the first NumPy array or
     # scalar (the other operand is converted to it, as TF does); between
-    # Python numbers and lists, NumPy's promotion decides.
-    if xr == yr == _PYTHON:
-        dtype = np.result_type(xa, ya)
+    # Python numbers and lists, the first one's default dtype in TF.
+    if xr == yr == _PYTHON:              # TF: the first one's default dtype
+        dtype = as_tensor_array(x, "x")[0].dtype
     else:
         dtype = xa.dtype if xr <= yr else ya.dtype
     if not is_real(dtype):
@@ -188,6 +200,7 @@ def _minmax(op, x, y, out, n_threads):
     return out if out is not None else result_wrap(fw)(res)
 
 
+@tf_aware
 def maximum(x, y, name=None, *, out=None, n_threads=None):
     """Elementwise maximum of x and y, as ``tf.maximum``: NaN in either gives NaN.
 
@@ -228,6 +241,7 @@ def maximum(x, y, name=None, *, out=None, n_threads=None):
     return _minmax(_ew.OP_MAX, x, y, out, n_threads)
 
 
+@tf_aware
 def minimum(x, y, name=None, *, out=None, n_threads=None):
     """Elementwise minimum of x and y, as ``tf.minimum``: NaN in either gives NaN.
 
@@ -248,6 +262,7 @@ def _relu(arr, res, nt):
     _elementwise(_ew.OP_MAX, [arr, np.zeros((), arr.dtype)], res, nt)
 
 
+@tf_aware
 def relu(features, name=None, *, out=None, n_threads=None):
     """``max(features, 0)`` elementwise, as ``tf.nn.relu``: NaN stays NaN.
 
@@ -275,7 +290,7 @@ def relu(features, name=None, *, out=None, n_threads=None):
     array([0. , 0.5, nan])
     """
     nt = _ew.threads_arg(n_threads)
-    arr, wrap, fw = as_array(features, "features")
+    arr, wrap, fw = as_tensor_array(features, "features")
     _check_real(arr, "features")
     res = _output(out, arr.shape, arr.dtype, fw, arr)
     _relu(arr, res, nt)
@@ -309,6 +324,7 @@ def _clip_value_args(arr, clip_value_min, clip_value_max):
     return bounds
 
 
+@tf_aware
 def clip_by_value(t, clip_value_min, clip_value_max, name=None, *, out=None, n_threads=None):
     """Clip t to [clip_value_min, clip_value_max], as ``tf.clip_by_value``.
 
@@ -354,7 +370,7 @@ def clip_by_value(t, clip_value_min, clip_value_max, name=None, *, out=None, n_t
     array([nan,  4., -4.])
     """
     nt = _ew.threads_arg(n_threads)
-    arr, wrap, fw = as_array(t, "t")
+    arr, wrap, fw = as_tensor_array(t, "t")
     lo, hi = _clip_value_args(arr, clip_value_min, clip_value_max)
     res = _output(out, arr.shape, arr.dtype, fw, arr)
     _elementwise(_ew.OP_CLIP, [arr, lo, hi], res, nt)
@@ -554,6 +570,7 @@ def _clip_norm_kernel(x, o, axes, c, nt):
     _elementwise(_ew.OP_MUL, [x, f], o, nt)
 
 
+@tf_aware
 def clip_by_norm(t, clip_norm, axes=None, name=None, *, out=None, n_threads=None):
     """Clip t to a maximum L2 norm, as ``tf.clip_by_norm``.
 
@@ -605,7 +622,7 @@ def clip_by_norm(t, clip_norm, axes=None, name=None, *, out=None, n_threads=None
            [ 3.2,  0. ,  2.4]], dtype=float32)
     """
     nt = _ew.threads_arg(n_threads)
-    arr, wrap, fw = as_array(t, "t")
+    arr, wrap, fw = as_tensor_array(t, "t")
     res = _output(out, arr.shape, arr.dtype, fw, arr)
     _clip_by_norm(arr, clip_norm, axes, res, nt)
     return out if out is not None else wrap(res)
@@ -628,6 +645,7 @@ def clip_by_norm_(t, clip_norm, axes=None, *, n_threads=None):
     return t
 
 
+@tf_aware
 def clip_by_average_norm(t, clip_norm, name=None, *, out=None, n_threads=None):
     """Clip t to a maximum average L2 norm, as TF 1.x's ``tf.clip_by_average_norm``.
 
@@ -663,7 +681,7 @@ def clip_by_average_norm(t, clip_norm, name=None, *, out=None, n_threads=None):
            [ 3.8400002,  0.       ,  0.       ]], dtype=float32)
     """
     nt = _ew.threads_arg(n_threads)
-    arr, wrap, fw = as_array(t, "t")
+    arr, wrap, fw = as_tensor_array(t, "t")
     _check_real(arr, "t", floats_only=True)
     c = _scalar(clip_norm, "clip_norm")
     res = _output(out, arr.shape, arr.dtype, fw, arr)
@@ -699,6 +717,7 @@ def _ord_in(ord, choices):
     return any(not isinstance(c, str) and c == ord for c in choices)
 
 
+@tf_aware
 def norm(tensor, ord="euclidean", axis=None, keepdims=None, name=None, *, n_threads=None):
     """Vector and matrix norms, as ``tf.norm``.
 
@@ -762,7 +781,7 @@ def norm(tensor, ord="euclidean", axis=None, keepdims=None, name=None, *, n_thre
                              f"integers, got {axis}")
         if not _ord_in(ord, _VECTOR_ORDS) and (isinstance(ord, str) or not ord > 0):
             raise ValueError(f"'ord' must be a supported vector norm, got {ord}")
-    arr, wrap, fw = as_array(tensor, "tensor")
+    arr, wrap, fw = as_tensor_array(tensor, "tensor")
     _check_real(arr, "tensor", floats_only=True)
     x = native(arr).astype(_work_dtype(arr.dtype), copy=False)
     if is_matrix:

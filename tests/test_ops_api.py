@@ -168,15 +168,26 @@ def test_out_argument():
         clipcore.relu(x, out=ro)
 
 
-def test_scalars_and_lists_like_numpy():
+def test_scalars_and_lists_like_tensorflow():
+    # Python numbers and lists as the tensor take tf.convert_to_tensor's dtypes
+    # (float32, int32), NumPy out (test_tf_graph.py compares with TF itself).
     assert clipcore.clip_by_value(5, 0, 3) == 3
-    assert isinstance(clipcore.clip_by_value(5, 0, 3), np.integer)
-    assert isinstance(clipcore.relu(-2.5), np.floating) and clipcore.relu(-2.5) == 0.0
+    assert isinstance(clipcore.clip_by_value(5, 0, 3), np.int32)
+    assert isinstance(clipcore.relu(-2.5), np.float32) and clipcore.relu(-2.5) == 0.0
     np.testing.assert_array_equal(clipcore.clip_by_value([1, 5, 9], 2, 6), [2, 5, 6])
-    assert clipcore.clip_by_value([1, 5, 9], 2, 6).dtype == np.asarray([1]).dtype
-    np.testing.assert_array_equal(clipcore.maximum([1, 2], [1.5, 0]), [1.5, 2.0])
-    np.testing.assert_allclose(clipcore.clip_by_norm([3.0, 4.0], 1.0), [0.6, 0.8])
-    assert clipcore.norm([3.0, 4.0]) == 5.0
+    assert clipcore.clip_by_value([1, 5, 9], 2, 6).dtype == np.int32
+    assert clipcore.clip_by_value([1, 2 ** 40], 2, 6).dtype == np.int64   # as TF: too big for int32
+    got = clipcore.maximum([1.0, 2], [1.5, 0])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, [1.5, 2.0])
+    with pytest.raises(TypeError, match="y"):         # TF: int32 first, 1.5 is no int32
+        clipcore.maximum([1, 2], [1.5, 0])
+    got = clipcore.clip_by_norm([3.0, 4.0], 1.0)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, [0.6, 0.8], rtol=1e-6)
+    assert clipcore.norm([3.0, 4.0]) == 5.0 and clipcore.norm([3.0, 4.0]).dtype == np.float32
+    # Bounds keep their exact value until converted to t's dtype.
+    assert clipcore.clip_by_value(np.array([0.0]), 0.1, 1.0)[0] == 0.1
     # Bounds follow TF's conversion: wrapped for unsigned ints, cast from NumPy arrays.
     u8 = np.array([1, 2, 3, 4], np.uint8)
     np.testing.assert_array_equal(clipcore.clip_by_value(u8, -1, 3), [255] * 4)

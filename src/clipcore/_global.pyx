@@ -18,7 +18,7 @@ import importlib
 
 import numpy as np
 
-from clipcore._adapt import as_array, to_tf, to_torch
+from clipcore._adapt import as_array, as_tensor_array, to_tf, to_torch
 
 cnp.import_array()
 
@@ -220,7 +220,7 @@ cdef tuple prepare(list items):
         obj = items[i]
         if obj is None or type(obj) is np.ndarray:
             continue
-        arr, wrap, f = as_array(obj, f"t_list[{i}]")
+        arr, wrap, f = as_tensor_array(obj, f"t_list[{i}]")   # lists: TF's dtypes
         arrays[i] = arr
         if wraps is None:
             wraps = [None] * n

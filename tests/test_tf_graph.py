@@ -1,0 +1,369 @@
+"""clipcore's TF-named ops inside tf.function and under tf.GradientTape, against TF itself.
+
+Graph-mode results against TF's own ops run eagerly (on the cases of
+test_tf_semantics.py plus a sweep drawn with test_tf_sweep.py's generator),
+static shapes and dtypes against TF's own op traced on the same signature,
+gradients against TF's (eager and graph, ties and zero norms included), the
+XLA fallback, Keras's fit with clipcore's clipping, and TF's dtype rule for
+Python lists.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+tf = pytest.importorskip("tensorflow")
+
+import clipcore  # noqa: E402
+from clipcore import _tf  # noqa: E402
+
+
+def _sibling(name):
+    """A test module beside this one (pytest runs with --import-mode=importlib)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
+    spec = importlib.util.spec_from_file_location(f"_clipcore_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_sem, _sweep = _sibling("test_tf_semantics"), _sibling("test_tf_sweep")
+X_NORM, X_NORM_AXES = _sem.X_NORM, _sem.X_NORM_AXES          # their cases, reused
+FLOATS, INTS, values, random_axes = _sweep.FLOATS, _sweep.INTS, _sweep.values, _sweep.random_axes
+
+pytestmark = pytest.mark.requires_tf
+
+
+def f64(x):
+    if isinstance(x, tf.Tensor):
+        x = x.numpy()
+    return np.asarray(x).astype(np.float64)
+
+
+def flat(res):
+    """The tensors of a result: IndexedSlices as their values, None left out."""
+    out = []
+    for r in tf.nest.flatten(res, expand_composites=False):
+        if isinstance(r, tf.IndexedSlices):
+            r = r.values
+        if r is not None:
+            out.append(r)
+    return out
+
+
+def check(cc, ref, exact):
+    cc, ref = flat(cc), flat(ref)
+    assert len(cc) == len(ref)
+    for c, r in zip(cc, ref):
+        assert isinstance(c, tf.Tensor) and c.dtype == r.dtype and c.shape == r.shape
+        if exact:
+            np.testing.assert_array_equal(f64(c), f64(r))
+        else:
+            rtol = 3e-2 if r.dtype in (tf.float16, tf.bfloat16) else 2e-6
+            np.testing.assert_allclose(f64(c), f64(r), rtol=rtol, atol=rtol * 1e-3)
+
+
+def static(fn, args):
+    """(shape, dtype) of fn's results traced on args' static shapes."""
+    conc = tf.function(fn).get_concrete_function(
+        *[tf.TensorSpec(a.shape, a.dtype) for a in args])
+    return [(t.shape.as_list(), t.dtype) for t in flat(conc.structured_outputs)]
+
+
+def _c(values_, shape=None, dtype=tf.float32):
+    return tf.constant(values_, dtype=dtype, shape=shape)
+
+
+_x = _c(X_NORM_AXES, [2, 3])
+_slices = tf.IndexedSlices(_c([[1.0, -2.0, 0.0]]), tf.constant([1]), tf.constant([4, 3]))
+# (id, call(module, *tensors), tensors, exact): the cases of test_tf_semantics.py.
+CASES = [
+    ("relu", lambda m, x: getattr(m, "nn", m).relu(x), [_x], True),
+    ("relu-int", lambda m, x: getattr(m, "nn", m).relu(x), [_c([-1, 2], dtype=tf.int32)], True),
+    ("maximum", lambda m, x, y: m.maximum(x, y), [_x, _c([[0.0], [3.5]])], True),
+    ("maximum-scalar", lambda m, x: m.maximum(x, 0.5), [_x], True),
+    ("minimum-first-scalar", lambda m, x: m.minimum(2.0, x), [_x], True),
+    ("minimum-nan", lambda m, x: m.minimum(x, 1.0), [_c([np.nan, np.inf, -1.0])], True),
+    ("clip_by_value", lambda m, x: m.clip_by_value(x, -4.4, 4.4),
+     [_c([-5.0, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3])], True),
+    ("clip_by_value-tensors", lambda m, x, lo, hi: m.clip_by_value(x, lo, hi),
+     [_c([1, 2, 3, 4, 5, 6], [2, 3], tf.int32), _c([2, 2, 2, 5, 5, 5], [2, 3], tf.int32),
+      _c([5, 5, 5, 7, 7, 7], [2, 3], tf.int32)], True),
+    ("clip_by_value-f16", lambda m, x: m.clip_by_value(x, 2, 4),
+     [_c([1, 2, 3, 4, 5, 6], [2, 3], tf.float16)], True),
+    ("clip_by_value-bf16", lambda m, x: m.clip_by_value(x, 2.0, 4.0),
+     [_c([1, 2, 3, 4, 5, 6], [2, 3], tf.bfloat16)], True),
+    ("clip_by_value-nonfinite", lambda m, x: m.clip_by_value(x, -4.0, 4.0),
+     [_c([np.nan, np.inf, -np.inf])], True),
+    ("clip_by_value-empty", lambda m, x: m.clip_by_value(x, 1.0, 1.0), [_c([], [7, 0])], True),
+    ("clip_by_value-slices", lambda m, s: m.clip_by_value(s, -1.0, 1.0), [_slices], True),
+    ("clip_by_norm", lambda m, x: m.clip_by_norm(x, 4.0), [_c(X_NORM, [2, 3])], False),
+    ("clip_by_norm-not", lambda m, x: m.clip_by_norm(x, 6.0), [_c(X_NORM, [2, 3])], False),
+    ("clip_by_norm-zero", lambda m, x: m.clip_by_norm(x, 6.0), [_c([0.0] * 6, [2, 3])], False),
+    ("clip_by_norm-dim0", lambda m, x: m.clip_by_norm(x, 4.0, [0]), [_x], False),
+    ("clip_by_norm-dim1", lambda m, x: m.clip_by_norm(x, 4.0, [1]), [_x], False),
+    ("clip_by_norm-tensor", lambda m, x, c: m.clip_by_norm(x, c, [1]), [_x, _c(4.0)], False),
+    ("clip_by_norm-f64", lambda m, x: m.clip_by_norm(x, 1.0, -1),
+     [_c(X_NORM_AXES, [2, 3], tf.float64)], False),
+    ("clip_by_average_norm",
+     lambda m, x: (m.compat.v1 if m is tf else m).clip_by_average_norm(x, 0.8),
+     [_c(X_NORM, [2, 3])], False),
+    ("norm", lambda m, x: m.norm(x), [_x], False),
+    ("norm-axis", lambda m, x: m.norm(x, axis=1, keepdims=True), [_x], False),
+    ("norm-1", lambda m, x: m.norm(x, ord=1, axis=0), [_x], False),
+    ("norm-inf", lambda m, x: m.norm(x, ord=np.inf), [_x], False),
+    ("norm-p3", lambda m, x: m.norm(x, ord=3.0, axis=-1), [_x], False),
+    ("norm-fro", lambda m, x: m.norm(x, ord="fro", axis=(0, 1)), [_x], False),
+    ("norm-matrix-1", lambda m, x: m.norm(x, ord=1, axis=(0, 1)), [_x], False),
+    ("norm-matrix-2", lambda m, x: m.norm(x, ord=2, axis=(1, 0)), [_x], False),
+    ("global_norm", lambda m, x, y: getattr(m, "linalg", m).global_norm([x, None, y]),
+     [_x, _c([1.0, -2.0])], False),
+    ("clip_by_global_norm", lambda m, x, y: m.clip_by_global_norm([x, None, y], 4.0),
+     [_c([-2.0, 0.0, 0.0, 4.0, 0.0, 0.0], [2, 3]), _c([1.0, -2.0])], False),
+    ("clip_by_global_norm-slices", lambda m, x, s: m.clip_by_global_norm([x, s], 1.0),
+     [_x, _slices], False),
+    ("clip_by_global_norm-use_norm", lambda m, x, u: m.clip_by_global_norm([x], 2.0, u)[0],
+     [_x, _c(8.0)], True),
+    ("clip_by_global_norm-inf", lambda m, x: m.clip_by_global_norm([x], 6.0),
+     [_c([-2.0, np.inf, 1.0])], True),
+]
+
+
+@pytest.mark.parametrize("name,call,args,exact", CASES, ids=[c[0] for c in CASES])
+def test_graph_mode_matches_tensorflow(name, call, args, exact):
+    ref = call(tf, *args)                              # TF's own op, eagerly
+    got = tf.function(lambda *a: call(clipcore, *a))(*args)
+    check(got, ref, exact)
+    dense = [a for a in args if isinstance(a, tf.Tensor)]
+    if len(dense) == len(args):        # static shapes and dtypes, also of unknown dims
+        assert static(lambda *a: call(clipcore, *a), args) == static(
+            lambda *a: call(tf, *a), args)
+        loose = [tf.TensorSpec([None] * a.shape.rank, a.dtype) for a in args]
+        cc = tf.function(lambda *a: call(clipcore, *a)).get_concrete_function(*loose)
+        # clipcore's kernels run in the graph (one numpy_function), not TF's op
+        assert "PyFuncStateless" in {op.type for op in cc.graph.get_operations()}
+        tfc = tf.function(lambda *a: call(tf, *a)).get_concrete_function(*loose)
+        assert ([t.shape.as_list() for t in flat(cc.structured_outputs)]
+                == [t.shape.as_list() for t in flat(tfc.structured_outputs)])
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_graph_mode_sweep(seed):
+    rng = np.random.default_rng(5000 + seed)
+    op = ["relu", "maximum", "clip_by_value", "clip_by_norm", "norm", "global_norm"][seed % 6]
+    dtype = (FLOATS + INTS)[seed % 12] if op in ("relu", "maximum", "clip_by_value") \
+        else FLOATS[seed % 4]
+    shape = [(), (5,), (3, 4), (2, 3, 4), (0, 3), (300, 70)][int(rng.integers(6))]
+    x = tf.constant(values(rng, shape, dtype))
+    y = tf.constant(values(rng, shape[-1:], dtype))
+    axes = random_axes(rng, len(shape))
+    calls = {
+        "relu": lambda m, a, b: getattr(m, "nn", m).relu(a),
+        "maximum": lambda m, a, b: m.maximum(a, b),
+        "clip_by_value": lambda m, a, b: m.clip_by_value(a, b, 50 if dtype.kind in "iu"
+                                                         else 1.5),
+        "clip_by_norm": lambda m, a, b: m.clip_by_norm(a, 2.0, axes),
+        "norm": lambda m, a, b: m.norm(a, axis=None if not shape else -1),
+        "global_norm": lambda m, a, b: getattr(m, "linalg", m).global_norm([a, b]),
+    }
+    ref = calls[op](tf, x, y)
+    got = tf.function(lambda a, b: calls[op](clipcore, a, b))(x, y)
+    check(got, ref, exact=op in ("relu", "maximum", "clip_by_value"))
+
+
+def test_graph_errors_at_trace_time():
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError)):
+        tf.function(lambda x: clipcore.maximum(x, tf.ones(4)))(tf.ones(3))
+    with pytest.raises(TypeError, match="clip_value_min"):
+        tf.function(lambda x: clipcore.clip_by_value(x, 0.5, 4))(tf.constant([1, 2]))
+    with pytest.raises(TypeError, match="out"):
+        tf.function(lambda x: clipcore.relu(x, out=np.zeros(3, np.float32)))(tf.ones(3))
+
+
+# ---------------------------------------------------------------- gradients
+
+_ties = _c([[-1.0, 0.0, 2.0], [4.0, -4.0, 0.5]])
+GRAD_CASES = [
+    # (id, call(module, *tensors), tensors): ties at bounds, zero norms, NaN.
+    ("relu", lambda m, x: getattr(m, "nn", m).relu(x), [_c([-1.0, 0.0, 2.0, np.nan])]),
+    ("maximum-ties", lambda m, x, y: m.maximum(x, y),
+     [_c([1.0, 2.0, 3.0, np.nan]), _c([1.0, 5.0, 0.0, 1.0])]),
+    ("minimum-ties", lambda m, x, y: m.minimum(x, y),
+     [_c([1.0, 2.0, 3.0, 0.0]), _c([1.0, 5.0, 0.0, np.nan])]),
+    ("maximum-broadcast", lambda m, x, y: m.maximum(x, y), [_ties, _c([[0.0], [0.5]])]),
+    ("minimum-scalar", lambda m, x: m.minimum(x, 0.5), [_ties]),
+    ("clip_by_value-at-bounds", lambda m, x: m.clip_by_value(x, -1.0, 2.0), [_ties]),
+    ("clip_by_value-tensor-bounds", lambda m, x, lo, hi: m.clip_by_value(x, lo, hi),
+     [_ties, _c(-1.0), _c([[0.0], [4.0]])]),
+    ("clip_by_value-min>max", lambda m, x: m.clip_by_value(x, 1.0, 0.0), [_ties]),
+    ("clip_by_norm", lambda m, x: m.clip_by_norm(x, 4.0), [_ties]),
+    ("clip_by_norm-axes", lambda m, x: m.clip_by_norm(x, 3.0, [1]), [_ties]),
+    ("clip_by_norm-at-norm", lambda m, x: m.clip_by_norm(x, 5.0), [_c([3.0, 4.0])]),
+    ("clip_by_norm-zero", lambda m, x: m.clip_by_norm(x, 1.0, 0), [_c([[0.0, 1.0], [0.0, 2.0]])]),
+    ("clip_by_norm-zero-clip", lambda m, x: m.clip_by_norm(x, 0.0), [_c([3.0, 4.0])]),
+    ("clip_by_norm-tensor-clip", lambda m, x, c: m.clip_by_norm(x, c, [1]), [_ties, _c(2.0)]),
+    ("clip_by_norm-negative-clip", lambda m, x, c: m.clip_by_norm(x, c), [_ties, _c(-1.0)]),
+    ("norm", lambda m, x: m.norm(x), [_ties]),
+    ("norm-zero", lambda m, x: m.norm(x, axis=0), [_c([[0.0, 1.0], [0.0, 2.0]])]),
+    ("norm-1", lambda m, x: m.norm(x, ord=1, axis=1), [_ties]),
+    ("norm-inf-ties", lambda m, x: m.norm(x, ord=np.inf, axis=1, keepdims=True), [_ties]),
+    ("norm-p3", lambda m, x: m.norm(x, ord=3, axis=0), [_ties]),
+    ("norm-p0.5", lambda m, x: m.norm(x, ord=0.5), [_c([1.0, -2.0, 3.0])]),
+    ("norm-fro", lambda m, x: m.norm(x, ord="fro", axis=(0, 1)), [_ties]),
+    ("norm-matrix-1", lambda m, x: m.norm(x, ord=1, axis=(0, 1)), [_ties]),
+    ("norm-matrix-inf", lambda m, x: m.norm(x, ord=np.inf, axis=(1, 0)), [_ties]),
+    ("norm-matrix-2", lambda m, x: m.norm(x, ord=2, axis=(0, 1)), [_ties]),
+    ("global_norm", lambda m, x, y: getattr(m, "linalg", m).global_norm([x, None, y]),
+     [_ties, _c([0.0, 3.0])]),
+    ("global_norm-zero", lambda m, x: getattr(m, "linalg", m).global_norm([x]), [_c([0.0, 0.0])]),
+]
+
+
+def _grads(call, module, args, weights):
+    with tf.GradientTape() as tape:
+        tape.watch(args)
+        y = call(module, *args)
+        loss = tf.reduce_sum(y * weights) if y.shape.rank else y * 3.0
+    return tape.gradient(loss, args)
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.parametrize("name,call,args", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_gradients_match_tensorflow(name, call, args, mode):
+    out = call(tf, *args)
+    weights = tf.reshape(tf.range(1.0, 1.0 + tf.cast(tf.size(out), tf.float32)), tf.shape(out))
+    ref = _grads(call, tf, args, weights)
+    fn = _grads if mode == "eager" else tf.function(_grads, reduce_retracing=True)
+    got = fn(call, clipcore, args, weights)
+    for g, r in zip(got, ref):
+        assert (g is None) == (r is None)
+        if r is not None:
+            assert g.dtype == r.dtype and g.shape == r.shape
+            np.testing.assert_allclose(f64(g), f64(r), rtol=2e-6, atol=1e-6, equal_nan=True)
+
+
+def test_training_step_in_tf_function():
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(16, 8)), tf.float32)
+
+    def run(m):
+        w1 = tf.Variable(rng_w.normal(size=(8, 6)).astype(np.float32))
+        w2 = tf.Variable(rng_w.normal(size=(6, 1)).astype(np.float32))
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                h = getattr(m, "nn", m).relu(x @ w1)
+                h = m.clip_by_value(h, 0.0, 2.0)
+                loss = tf.reduce_mean(m.maximum(h @ w2, -0.5) ** 2) + 0.1 * m.norm(w1)
+            grads = tape.gradient(loss, [w1, w2])
+            grads, _ = m.clip_by_global_norm(grads, 1.0)
+            for v, g in zip([w1, w2], grads):
+                v.assign_sub(0.1 * g)
+            return loss
+        for _ in range(5):
+            step()
+        return w1.numpy(), w2.numpy()
+
+    rng_w = np.random.default_rng(1)
+    ref = run(tf)
+    rng_w = np.random.default_rng(1)
+    got = run(clipcore)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- fallback
+
+def test_jit_compile_falls_back_with_one_warning():
+    _tf._warned.discard("clip_by_norm")
+    x = _c(X_NORM_AXES, [2, 3])
+
+    @tf.function(jit_compile=True)
+    def f(x):
+        return clipcore.clip_by_norm(x, 4.0, [1]) + clipcore.clip_by_norm(x, 2.0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = f(x)
+        got2 = f(x * 2.0)               # traced again: no second warning
+    mine = [w for w in caught if "clipcore.clip_by_norm" in str(w.message)]
+    assert len(mine) == 1 and issubclass(mine[0].category, RuntimeWarning)
+    np.testing.assert_allclose(got.numpy(), (tf.clip_by_norm(x, 4.0, [1])
+                                             + tf.clip_by_norm(x, 2.0)).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(got2.numpy(), (tf.clip_by_norm(2 * x, 4.0, [1])
+                                              + tf.clip_by_norm(2 * x, 2.0)).numpy(), rtol=1e-6)
+
+
+# -------------------------------------------------------- Python inputs
+
+def test_python_lists_take_tensorflows_dtypes():
+    # TF's clip_ops_test passes nested lists: TF makes float32 tensors of them.
+    lists = [[-2.0, 0.0, 0.0, 4.0, 0.0, 0.0], [1.0, -2.0]]
+    ref_list, ref_norm = tf.clip_by_global_norm(lists, 4.0)
+    got_list, got_norm = clipcore.clip_by_global_norm(lists, 4.0)
+    assert isinstance(got_norm, np.float32) and got_norm == ref_norm.numpy()
+    for g, r in zip(got_list, ref_list):
+        assert isinstance(g, np.ndarray) and g.dtype == np.float32
+        np.testing.assert_allclose(g, r.numpy(), rtol=1e-6)
+    for value in ([1, 5, 9], [[1.5, 2.0]], 3, 2.5, [1, 2 ** 40]):
+        ref = tf.convert_to_tensor(value)
+        assert clipcore.clip_by_value(value, 1, 2).dtype == ref.dtype.as_numpy_dtype
+        assert isinstance(clipcore.relu(value), (np.ndarray, np.generic))
+    assert clipcore.maximum(2.5, 1).dtype == tf.maximum(2.5, 1).dtype.as_numpy_dtype
+
+
+def test_import_clipcore_does_not_import_tensorflow():
+    code = ("import sys, numpy as np, clipcore; clipcore.relu(np.ones(3)); "
+            "clipcore.clip_by_global_norm([np.ones(3)], 1.0); "
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# ------------------------------------------------------------------ Keras
+
+def _fit(optimizer, x, y):
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(256, activation="relu"),
+                              keras.layers.Dense(128, activation="relu"),
+                              keras.layers.Dense(10, activation="softmax")])
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)   # 20 steps
+    return [w.numpy() for w in model.weights]
+
+
+def test_keras_fit_with_global_clipnorm(monkeypatch):
+    keras = pytest.importorskip("keras")
+    import clipcore.keras as cck
+    rng = np.random.default_rng(0)
+    # Inputs scaled so that early gradients have global norms above 15.
+    x = (rng.normal(size=(640, 784)) * 2.5).astype(np.float32)
+    y = rng.integers(0, 10, 640)
+    calls = []
+    original = clipcore.clip_by_global_norm
+
+    def counting(t_list, clip_norm, *args, **kwargs):
+        calls.append(len(t_list))
+        return original(t_list, clip_norm, *args, **kwargs)
+    monkeypatch.setattr(clipcore, "clip_by_global_norm", counting)
+    opt = cck.with_global_clipnorm(keras.optimizers.SGD(1.0), 15)
+    assert isinstance(opt, keras.optimizers.SGD) and not opt.global_clipnorm
+    got = _fit(opt, x, y)
+    assert calls and calls[0] == 6          # clipcore clipped the 6 gradients in the step
+    ref = _fit(keras.optimizers.SGD(1.0, global_clipnorm=15), x, y)
+    unclipped = _fit(keras.optimizers.SGD(1.0), x, y)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())
+    assert any(not np.allclose(u, r, rtol=1e-3) for u, r in zip(unclipped, ref))
+    with pytest.raises(ValueError, match="global_clipnorm"):
+        cck.with_global_clipnorm(keras.optimizers.SGD(1.0, global_clipnorm=1.0), 15)
+    with pytest.raises(ValueError, match="clip_norm"):
+        cck.with_global_clipnorm(keras.optimizers.SGD(1.0), -1)
