@@ -308,3 +308,18 @@ def test_overlap_check_of_many_buffers_on_a_small_thread_stack():
         assert abs(out[0] - 1.0) < 1e-6, out
     """)
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# --- float16 buffers scaled by a small factor ---------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float16, ">f4", ">f8"])
+def test_slow_path_buffers_are_scaled_with_an_unrounded_factor(dtype):
+    # The factor 1e-6 was cast to float16 (1.013e-6, a subnormal) before the multiply:
+    # 1000 became 0.001013 instead of 0.001.
+    a = np.array([1000.0, -500.0], dtype)
+    for clip in (lambda: clipcore.clip_by_global_norm_([a], 1e-3 * np.sqrt(1.25)),
+                 lambda: clipcore.Plan([a]).clip_by_global_norm_(1e-3 * np.sqrt(1.25))):
+        a[...] = [1000.0, -500.0]
+        clip()
+        np.testing.assert_allclose(a.astype(np.float64), [1e-3, -5e-4],
+                                   rtol=np.finfo(np.dtype(dtype)).eps)
