@@ -323,3 +323,34 @@ def test_slow_path_buffers_are_scaled_with_an_unrounded_factor(dtype):
         clip()
         np.testing.assert_allclose(a.astype(np.float64), [1e-3, -5e-4],
                                    rtol=np.finfo(np.dtype(dtype)).eps)
+
+
+# --- clipcore.torch: the tensors after a strided gradient -----------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bool", "float16", "int32"])
+def test_gradients_after_a_strided_one_are_checked_too(dtype):
+    # The check stopped at the first non-contiguous gradient: a later bool gradient
+    # reached clipcore's Plan (TypeError where torch raises RuntimeError) and a later
+    # float16 one was clipped by clipcore instead of torch.
+    torch = torch_or_skip()
+    import clipcore.torch as cct
+
+    def params():
+        a = torch.nn.Parameter(torch.zeros(3))
+        a.grad = torch.arange(6.0)[::2]
+        dt = getattr(torch, dtype)
+        b = torch.nn.Parameter(torch.zeros(2, dtype=dt), requires_grad=dt.is_floating_point)
+        b.grad = torch.tensor([3.0, -4.0]).to(dt)
+        return [a, b]
+
+    mine, theirs = params(), params()
+    try:
+        want = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    except RuntimeError as exc:
+        with pytest.raises(RuntimeError, match=str(exc)[:30]):
+            cct.clip_grad_norm_(mine, 1.0)
+        return
+    got = cct.clip_grad_norm_(mine, 1.0)
+    assert got.dtype == want.dtype and got.item() == pytest.approx(want.item(), rel=1e-3)
+    for p, q in zip(mine, theirs):
+        np.testing.assert_allclose(p.grad.float().numpy(), q.grad.float().numpy(), rtol=1e-3)
