@@ -354,3 +354,24 @@ def test_gradients_after_a_strided_one_are_checked_too(dtype):
     assert got.dtype == want.dtype and got.item() == pytest.approx(want.item(), rel=1e-3)
     for p, q in zip(mine, theirs):
         np.testing.assert_allclose(p.grad.float().numpy(), q.grad.float().numpy(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("fn", ["get_total_norm", "clip_grad_norm_"])
+def test_max_norm_over_an_empty_tensor_raises_as_in_torch(fn):
+    # clipcore.torch returned 0 (or scaled nothing) where torch raises: a maximum over
+    # no elements has no identity.
+    torch = torch_or_skip()
+    import clipcore.torch as cct
+    p = torch.nn.Parameter(torch.zeros(0))
+    p.grad = torch.zeros(0)
+    q = torch.nn.Parameter(torch.zeros(2))
+    q.grad = torch.tensor([3.0, -4.0])
+    arg = [p.grad, q.grad] if fn == "get_total_norm" else [p, q]
+    with pytest.raises(RuntimeError) as want:
+        getattr(torch.nn.utils, fn)(arg, 1.0 if fn == "clip_grad_norm_" else float("inf"),
+                                    *(["inf"] if fn == "clip_grad_norm_" else []))
+    with pytest.raises(RuntimeError, match="empty tensor"):
+        getattr(cct, fn)(arg, *([1.0, float("inf")] if fn == "clip_grad_norm_" else
+                                [float("inf")]))
+    assert q.grad.tolist() == [3.0, -4.0]
+    assert "empty tensor" in str(want.value)
