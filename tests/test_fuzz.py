@@ -1021,3 +1021,124 @@ def test_fuzz_torch_tensors_in_tf_named_functions(data):
     specs = data.draw(st.lists(st.sampled_from(["np", "torch", "torch"]).flatmap(entry_spec),
                                max_size=5), label="specs")
     run_tf_op(data, specs)
+
+
+# ------------------------------------------------------------------ clipcore.torch
+
+def _params(case):
+    """Parameters whose .grad are the case's tensors (None: a parameter without one)."""
+    import torch
+    params = []
+    for e in case.entries:
+        if e is None:
+            params.append(torch.nn.Parameter(torch.zeros(1)))
+            continue
+        p = torch.nn.Parameter(torch.zeros(e.shape, dtype=e.dtype),
+                               requires_grad=e.dtype.is_floating_point or e.dtype.is_complex)
+        p.grad = e
+        params.append(p)
+    return params
+
+
+def _outcome(fn):
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result, exc = fn(), None
+        except Exception as e:      # compared with what torch raises
+            result, exc = None, e
+    # torch's own C++ warnings come once per process: only the Python-level ones compare
+    return result, exc, sorted({(w.category.__name__, str(w.message)) for w in caught
+                                if "generator" in str(w.message)})
+
+
+def _torch_rtol(dtype):
+    """float64, float32; float16/bfloat16 always go to torch (the same computation)."""
+    name = str(dtype).split(".")[-1]
+    return {"float64": 1e-10, "float32": 2e-5}.get(name, 1e-2)
+
+
+@given(st.data())
+def test_fuzz_clipcore_torch(data):
+    torch = pytest.importorskip("torch")
+    import clipcore.torch as cct
+    specs = data.draw(st.lists(entry_spec("torch"), max_size=5), label="specs")
+    op = data.draw(st.sampled_from(["clip_grad_norm_", "clip_grad_value_", "get_total_norm",
+                                    "clip_grads_with_norm_"]), label="op")
+    mine, theirs = build(specs), build(specs)        # two identical sets of tensors
+    form = data.draw(st.sampled_from(["list", "list", "gen", "one"]))
+    foreach = data.draw(st.sampled_from([None, None, False, True]))
+
+    def args(case):
+        if op == "get_total_norm":
+            items = [e for e in case.entries if e is not None]
+        else:
+            items = _params(case)
+        if form == "one" and items:
+            return items[0]
+        return iter(items) if form == "gen" else items
+
+    if op in ("clip_grad_norm_", "get_total_norm"):
+        p = data.draw(st.sampled_from([2, 2.0, 1, INF, 3, 0.5, 0, -1, "inf"]))
+        err = data.draw(st.booleans())
+        extra = (p, err, foreach)
+        if op == "clip_grad_norm_":
+            max_norm = data.draw(st.sampled_from([1.0, 0.0, 1e-3, 5.0, 1e6, -1.0, INF, NAN]))
+            extra = (max_norm,) + extra
+    elif op == "clip_grad_value_":
+        extra = (data.draw(st.sampled_from([0.5, 1.0, 0.0, 1e3, -1.0, NAN, INF])), foreach)
+    else:
+        max_norm = data.draw(st.sampled_from([1.0, 0.0, 5.0, -1.0, NAN]))
+        total = data.draw(st.sampled_from([torch.tensor(3.0), torch.tensor(0.0, dtype=torch.float64),
+                                           torch.tensor(NAN), torch.tensor(1e6), 4.0]))
+        extra = (max_norm, total, foreach)
+    note(f"op={op} form={form} args={extra}")
+    before, before_theirs = snapshot(mine), snapshot(theirs)
+    got, got_exc, got_warn = _outcome(lambda: getattr(cct, op)(args(mine), *extra))
+    want, want_exc, want_warn = _outcome(lambda: getattr(torch.nn.utils, op)(args(theirs), *extra))
+    note(f"clipcore: {got!r} {got_exc!r}; torch: {want!r} {want_exc!r}")
+    # torch's norm has the precision of the least precise gradient (and so its scaling)
+    rtol = max([1e-10] + [_torch_rtol(e.dtype) for e in mine.entries if e is not None])
+    assert got_warn == want_warn
+    if want_exc is not None and extra[-1] is not False and got_exc is None:
+        # torch's foreach kernels refuse what its per-tensor loop takes (an empty list
+        # in _foreach_clamp_, tensors with the negative bit): clipcore may answer as
+        # that loop does
+        theirs = build(specs)
+        before_theirs = snapshot(theirs)
+        want, want_exc, _ = _outcome(
+            lambda: getattr(torch.nn.utils, op)(args(theirs), *extra[:-1], False))
+        note(f"torch with foreach=False: {want!r} {want_exc!r}")
+    if (want_exc is not None and op == "clip_grad_value_" and got_exc is None
+            and all(e is None for e in (theirs.entries[:1] if form == "one"
+                                        else theirs.entries))):
+        # torch 2.13's clip_grad_value_ raises on no gradients at all, foreach or not
+        # (an internal check of _foreach_clamp_); doing nothing is what it means to do
+        want_exc = None
+    if want_exc is not None:
+        assert type(got_exc) is type(want_exc), (got_exc, want_exc)
+        event(f"torch.{op}: raised {type(want_exc).__name__}")
+        if all(np.array_equal(a, b) for a, b in zip(before_theirs, snapshot(theirs))):
+            assert_unchanged(mine, before, op)
+        # else torch itself wrote some gradients before it raised (a dtype it cannot
+        # clamp after one it could): clipcore must have done the same, compared below
+    else:
+        assert got_exc is None, f"clipcore raised {got_exc!r} where torch returned {want!r}"
+        event(f"torch.{op}: returned")
+        if want is None:
+            assert got is None
+        else:
+            assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and got.shape == ()
+            np.testing.assert_allclose(got.item(), want.item(),
+                                       rtol=rtol)
+    for k, ((fw, a), (_, b)) in enumerate(zip(mine.bases, theirs.bases)):
+        a, b = a.detach(), b.detach()
+        if a.dtype == torch.bfloat16:
+            a, b = a.float(), b.float()
+        a, b = a.numpy(), b.numpy()
+        if a.dtype.kind in "fc":
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-30,
+                                       err_msg=f"base {k}")
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=f"base {k}")
