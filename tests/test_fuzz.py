@@ -39,10 +39,10 @@ _finite = st.floats(-1e6, 1e6, allow_nan=False, allow_subnormal=False).map(
     lambda v: v if abs(v) >= 1e-3 else 0.0)
 _special = st.sampled_from([None] * 8 + [0.0, -0.0, NAN, INF, -INF])
 
-NP_DTYPES = (["float32"] * 4 + ["float64"] * 4
+NP_DTYPES = (["float32"] * 2 + ["float64"] * 2
              + ["float16", ">f4", ">f8", "int32", "bool", "complex64", "object"])
 NP_LAYOUTS = ["C", "C", "F", "strided", "transposed", "zero", "offset", "unaligned"]
-TORCH_DTYPES = ["float32"] * 4 + ["float64"] * 3 + ["float16", "bfloat16", "int32", "bool",
+TORCH_DTYPES = ["float32"] * 2 + ["float64"] * 2 + ["float16", "bfloat16", "int32", "bool",
                                                     "complex64"]
 TORCH_LAYOUTS = ["contig", "contig", "transposed", "strided", "expand", "offset", "negbit",
                  "grad_leaf", "grad_nonleaf"]
@@ -66,15 +66,24 @@ def values(draw, n):
 
 @st.composite
 def shapes(draw):
-    if draw(st.integers(0, 15)) == 0:
+    if draw(st.integers(0, 23)) == 0:
         return draw(st.sampled_from([(70001,), (300, 257), (3, 40000)]))
     return tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
 
 
+CLEAN_DTYPES = ["float32", "float64", "float16", ">f4", ">f8"]
+CLEAN_LAYOUTS = {"np": ["C", "F", "strided", "transposed", "offset", "unaligned"],
+                 "torch": ["contig", "transposed", "strided", "offset"]}
+
+
 @st.composite
-def entry_spec(draw, fw):
-    """One t_list entry: a plain dict the builders turn into an object."""
-    kind = draw(st.sampled_from(["array"] * 10 + ["none", "masked", "alias", "alias"]))
+def entry_spec(draw, fw, clean=False):
+    """One t_list entry: a plain dict the builders turn into an object.
+
+    clean: only what every function must take (float, writable, disjoint), so that
+    about half of the examples get past validation to the values."""
+    kind = draw(st.sampled_from(["array"] * 10 + ["none"] if clean else
+                                ["array"] * 10 + ["none", "masked", "alias", "alias"]))
     if fw == "torch" and kind == "masked":
         kind = "array"
     spec = {"kind": kind, "fw": fw}
@@ -83,14 +92,20 @@ def entry_spec(draw, fw):
         spec["target"] = draw(st.integers(0, 7))
         return spec
     shape = draw(shapes())
+    if clean:
+        dtypes = CLEAN_DTYPES if fw == "np" else ["float32", "float64", "float16"]
+        layouts = CLEAN_LAYOUTS[fw]
+    else:
+        dtypes = NP_DTYPES if fw == "np" else TORCH_DTYPES
+        layouts = NP_LAYOUTS if fw == "np" else TORCH_LAYOUTS
     spec.update(
-        dtype=draw(st.sampled_from(NP_DTYPES if fw == "np" else TORCH_DTYPES)),
+        dtype=draw(st.sampled_from(dtypes)),
         shape=shape,
-        layout=draw(st.sampled_from(NP_LAYOUTS if fw == "np" else TORCH_LAYOUTS)),
+        layout=draw(st.sampled_from(layouts)),
         steps=[draw(st.sampled_from([1, 2, -1, -2] if fw == "np" else [1, 2]))
                for _ in shape],
         zero_axis=draw(st.integers(0, max(len(shape) - 1, 0))),
-        readonly=fw == "np" and draw(st.integers(0, 9)) == 0,
+        readonly=fw == "np" and not clean and draw(st.integers(0, 9)) == 0,
         values=draw(values(math.prod(shape))),
         mask_seed=draw(st.integers(0, 100)))
     return spec
@@ -125,6 +140,7 @@ class Case:
         self.entries = []     # the objects passed
         self.bases = []       # ('np'|'torch', 1-d base) -- every byte watched
         self.base_of = []     # entry -> index into bases (None for None entries)
+        self.covered = {}     # entry -> its bytes (see covered)
 
 
 def _np_view(spec, case):
@@ -322,16 +338,18 @@ def _element_offsets(off, shape, strides):
 
 
 def covered(case, i):
-    """Sorted byte offsets (into its base) that entry i spans."""
-    fw, base = case.bases[case.base_of[i]]
-    off, shape, strides, itemsize = _geometry(case.entries[i], base)
-    el = _element_offsets(off, shape, strides)
-    return (el[:, None] + np.arange(itemsize)).ravel()
+    """Byte offsets (into its base) that entry i spans, sorted, with repeats."""
+    if i not in case.covered:
+        fw, base = case.bases[case.base_of[i]]
+        off, shape, strides, itemsize = _geometry(case.entries[i], base)
+        el = _element_offsets(off, shape, strides)
+        case.covered[i] = np.sort((el[:, None] + np.arange(itemsize)).ravel())
+    return case.covered[i]
 
 
 def self_overlapping(case, i):
     b = covered(case, i)
-    return b.size != np.unique(b).size
+    return bool(b.size) and bool((b[1:] == b[:-1]).any())
 
 
 def overlapping(case, i, j):
@@ -481,8 +499,9 @@ def wrap_list(how, entries):
 WRAPS = st.sampled_from(["list"] * 12 + ["tuple", "seq", "bare", "str", "gen", "dict", "int",
                                          "none"])
 THREADS = st.sampled_from([None, None, 1, 2, 3, 0])
+# mostly below the norms of the values drawn, so that something gets clipped
 CLIP_NORMS = st.one_of(st.sampled_from([0.0, 1e-3, 1.0, 3.0, 100.0, 1e4, 1e7, INF]),
-                       st.floats(0, 1e7, allow_nan=False))
+                       st.floats(0, 1e3, allow_nan=False), st.floats(0, 10, allow_nan=False))
 BAD_CLIP_NORMS = st.sampled_from([-1.0, NAN, "1.0", True, 1 + 2j, None, np.ones(2)])
 NORM_TYPES = st.sampled_from([2, 2.0, 1, INF, 3])
 
@@ -633,7 +652,9 @@ def global_list_ops(draw, case, op):
                 assert not np.shares_memory(o, case.bases[case.base_of[i]][1])
             with np.errstate(all="ignore"):
                 s = np.float64(dtype_of(e).type(scale))
-            assert_close(o, values64[i][0] * s, dtype_of(e), 1, f"output {i}")
+            # 2 ulps: the scale itself may round the other way (the norm's summation order)
+            assert_close(o, values64[i][0] * s, dtype_of(e), 2, f"output {i}",
+                         extra_rtol=1e-13)
         return
 
     # in place: the function, or a Plan
@@ -949,7 +970,7 @@ def single_ops(draw, case, op):
                 else:
                     c64 = float(dt.type(0.0 if c < 0 else c))
                 expected = (x64 * c64 / np.maximum(l2, c64)).astype(dt)
-            assert_close(got, expected.astype(np.float64), dt, 4, op)
+            assert_close(got, expected.astype(np.float64), dt, 4, op, extra_rtol=1e-13)
         return
 
     if op == "clip_by_average_norm":
@@ -1000,27 +1021,31 @@ TF_OPS = ["global_norm", "clip_by_global_norm_", "Plan", "clip_by_global_norm",
           "maximum", "minimum", "norm", "clip_by_average_norm"]
 
 
-def run_tf_op(data, specs):
+def run_tf_op(data, op, specs):
     case = build(specs)
-    op = data.draw(st.sampled_from(TF_OPS), label="op")
     if op in ("global_norm", "clip_by_global_norm_", "Plan", "clip_by_global_norm"):
         global_list_ops(data.draw, case, op)
     else:
         single_ops(data.draw, case, op)
 
 
-@given(st.data())
-def test_fuzz_numpy(data):
-    specs = data.draw(st.lists(entry_spec("np"), max_size=5), label="specs")
-    run_tf_op(data, specs)
+def _specs(data, fws):
+    clean = data.draw(st.booleans(), label="clean")
+    return data.draw(st.lists(st.sampled_from(fws).flatmap(lambda fw: entry_spec(fw, clean)),
+                              max_size=5), label="specs")
 
 
-@given(st.data())
-def test_fuzz_torch_tensors_in_tf_named_functions(data):
+@pytest.mark.parametrize("op", TF_OPS)
+@given(data=st.data())
+def test_fuzz_numpy(op, data):
+    run_tf_op(data, op, _specs(data, ["np"]))
+
+
+@pytest.mark.parametrize("op", TF_OPS)
+@given(data=st.data())
+def test_fuzz_torch_tensors_in_tf_named_functions(op, data):
     pytest.importorskip("torch")
-    specs = data.draw(st.lists(st.sampled_from(["np", "torch", "torch"]).flatmap(entry_spec),
-                               max_size=5), label="specs")
-    run_tf_op(data, specs)
+    run_tf_op(data, op, _specs(data, ["np", "torch", "torch"]))
 
 
 # ------------------------------------------------------------------ clipcore.torch
@@ -1059,14 +1084,14 @@ def _torch_rtol(dtype):
     return {"float64": 1e-10, "float32": 2e-5}.get(name, 1e-2)
 
 
-@given(st.data())
-def test_fuzz_clipcore_torch(data):
+@pytest.mark.parametrize("op", ["clip_grad_norm_", "clip_grad_value_", "get_total_norm",
+                                "clip_grads_with_norm_"])
+@given(data=st.data())
+def test_fuzz_clipcore_torch(op, data):
     torch = pytest.importorskip("torch")
     import clipcore.torch as cct
-    specs = data.draw(st.lists(entry_spec("torch"), max_size=5), label="specs")
-    op = data.draw(st.sampled_from(["clip_grad_norm_", "clip_grad_value_", "get_total_norm",
-                                    "clip_grads_with_norm_"]), label="op")
-    mine, theirs = build(specs), build(specs)        # two identical sets of tensors
+    specs = _specs(data, ["torch"])
+    mine, theirs = build(specs), build(specs)       # two identical sets of tensors
     form = data.draw(st.sampled_from(["list", "list", "gen", "one"]))
     foreach = data.draw(st.sampled_from([None, None, False, True]))
 
