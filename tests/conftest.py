@@ -1,5 +1,5 @@
-"""Hypothesis profiles: "ci" (the default: 30 examples for each of the 32 fuzz tests, one per function) and
-"long" (``pytest --hypothesis-profile=long``: 20,000 per test, for a local run)."""
+"""Hypothesis profiles: "ci", the default (30 examples for each of the 32 fuzz tests,
+one per function), and "long" (``pytest --hypothesis-profile=long``: 20,000 per test)."""
 from hypothesis import HealthCheck, settings
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
