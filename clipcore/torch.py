@@ -153,6 +153,14 @@ def _compiled_grads(parameters):
     return [p.grad for p in parameters if p.grad is not None]
 
 
+def _fast_norm_type(tensors, norm_type):
+    """True when clipcore computes this norm: p > 0, and for the max norm no empty
+    tensor (torch raises there: a maximum over nothing has no identity)."""
+    if norm_type == math.inf:
+        return not any(isinstance(t, _Tensor) and t.numel() == 0 for t in tensors)
+    return norm_type > 0
+
+
 def _as_list(tensors):
     return [tensors] if isinstance(tensors, _Tensor) else list(tensors)
 
@@ -237,7 +245,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
             bool(error_if_nonfinite), foreach)
     tensors = _as_list(tensors)
     norm_type = float(norm_type)
-    fast = _plan(tensors, False) if norm_type > 0 else None
+    fast = _plan(tensors, False) if _fast_norm_type(tensors, norm_type) else None
     if fast is None:
         return _torch.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
     if not tensors:
@@ -351,7 +359,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
                           stacklevel=2)
     grads = [g for g in map(_grad_of, parameters) if g is not None]
     norm_type = float(norm_type)
-    fast = _plan(grads, True) if norm_type > 0 else None
+    fast = _plan(grads, True) if _fast_norm_type(grads, norm_type) else None
     if fast is None:    # also: gradients sharing memory, which torch scales once per entry
         return _torch.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite,
                                       foreach)

@@ -6,11 +6,22 @@ reason, when that module is not installed (`pip install -e ".[test]"` installs
 them all, and then nothing here skips). A test module that needs one at import
 starts with `pytest.importorskip(...)` instead. CI sets
 CLIPCORE_REQUIRE_TEST_DEPS=1: then a missing one stops the run instead.
+
+Hypothesis profiles: "ci", the default (30 examples for each fuzz test, one
+per function), and "long" (``pytest --hypothesis-profile=long``: 20,000 each).
 """
 import importlib.util
 import os
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                     HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=30, **_COMMON)
+settings.register_profile("long", max_examples=20000, **_COMMON)
+settings.load_profile("ci")
 
 # marker -> the module the marked test imports
 OPTIONAL = {

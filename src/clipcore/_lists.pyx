@@ -439,9 +439,15 @@ cdef class _Buffers:
         return self.clip_with(NULL, NULL, norm_type, n_threads)
 
     cdef int scale_generic(self, double factor) except -1:
-        """NumPy scales the buffers the kernels only read a float64 copy of."""
+        """NumPy scales the buffers the kernels only read a float64 copy of.
+
+        The factor is a float64 scalar so that the product is taken in float64
+        (or long double) and rounded once: a Python float would be cast to the
+        buffer's dtype first, and a small factor loses its digits in float16.
+        """
+        cdef object f = np.float64(factor)
         for _, arr, copy in self.generic:
-            np.multiply(arr, factor, out=arr, casting="unsafe")
+            np.multiply(arr, f, out=arr, casting="unsafe")
         return 0
 
     cdef int scale(self, double factor, int n_threads) except -1:

@@ -22,6 +22,7 @@ def tensor_memory(list tensors, bint writable, tuple plain_types, f32, f64, stri
     """
     cdef list addresses = [], lengths = [], is_f64 = []
     cdef object t, dtype
+    cdef bint strided = False
     try:
         for t in tensors:
             if type(t) not in plain_types:
@@ -30,14 +31,17 @@ def tensor_memory(list tensors, bint writable, tuple plain_types, f32, f64, stri
             if ((dtype is not f32 and dtype is not f64) or not t.is_cpu
                     or t.layout is not strided_layout or (writable and t.requires_grad)):
                 return None
+            if strided:           # the tensors after a strided one are checked all the same
+                continue
             if not t.is_contiguous():
-                return "strided"
+                strided = True
+                continue
             addresses.append(t.data_ptr())
             lengths.append(t.numel())
             is_f64.append(dtype is f64)
     except RuntimeError:    # no storage (functorch's wrappers and the like)
         return None
-    return addresses, lengths, is_f64
+    return "strided" if strided else (addresses, lengths, is_f64)
 
 
 # torch's clip coefficient, computed here so that the kernel applies it in
