@@ -30,10 +30,9 @@ INF, NAN = math.inf, math.nan
 # ------------------------------------------------------------------ values
 #
 # Moderate magnitudes: |x| <= 1e6, nothing below 1e-3 but 0, plus an occasional
-# 0 / nan / +-inf. EXTREME MAGNITUDES GO HERE once the float64 range work has
-# landed: add e.g. st.sampled_from([1e154, 1e-160, 5e-324, 1.7e308]) to
-# `special` below (and to the float64 branch of `_cast`) -- they are left out
-# for now because another engineer is fixing exactly those.
+# 0 / nan / +-inf, so that the references here can be plain float64 NumPy.
+# Extreme magnitudes (1e154, 1e-160, subnormals, 1e300) have their own tests
+# with range-safe references: tests/test_kernel_guards.py.
 
 _finite = st.floats(-1e6, 1e6, allow_nan=False, allow_subnormal=False).map(
     lambda v: v if abs(v) >= 1e-3 else 0.0)
