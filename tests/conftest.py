@@ -22,6 +22,8 @@ OPTIONAL = {
     "requires_cython": "Cython",
     "requires_lightning": "lightning",
     "requires_accelerate": "accelerate",
+    "requires_opacus": "opacus",
+    "requires_jax": "jax",
 }
 
 
