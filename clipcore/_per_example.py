@@ -103,13 +103,12 @@ def _rows(x, batch):
 
 
 def per_example_norms(works, batch, nt):
-    """Float64 2-norms of each example over all arrays ((batch, n) views), range-safe."""
-    total = np.zeros(batch)
-    if batch == 0:
-        return total
-    for x in works:
-        if x.shape[1]:
-            total += _reduce(x, (1,), _ew.REDUCE_SUMSQ, nt).reshape(batch)
+    """Float64 2-norms of each example over all arrays ((batch, n) views), range-safe.
+
+    One read pass (clipcore._weighted.row_sumsq: the weighted sum's tiles,
+    claimed as it claims them, so a late thread holds up no one); per-array
+    norms again, range-safe, only for examples whose float64 sum left the range."""
+    total = _w.row_sumsq(works, batch, nt)
     norms = np.sqrt(total)
     suspect = (total == np.inf) | ((total < _SUMSQ_SAFE_MIN) & (total > 0))
     if suspect.any() and any(x.dtype == _F64 for x in works):
