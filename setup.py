@@ -22,7 +22,7 @@ from setuptools.command.build_py import build_py
 NATIVE_DIR = os.path.join("src", "clipcore")
 # Installed with the package so other Cython code can cimport the kernels.
 PUBLIC_NATIVE_FILES = ["kernels.pxd", "cc_loops.h"]
-MODULES = ["kernels", "_lists", "_elementwise", "_global", "_torch"]
+MODULES = ["kernels", "_lists", "_elementwise", "_global", "_torch", "_weighted"]
 
 # The one place for Cython directives.
 CYTHON_DIRECTIVES = {

@@ -35,6 +35,7 @@ from clipcore._config import show_config  # noqa: E402
 from clipcore._ops import (clip_by_average_norm, clip_by_global_norm,  # noqa: E402
                            clip_by_norm, clip_by_norm_, clip_by_value, clip_by_value_,
                            global_norm, maximum, minimum, norm, relu, relu_)
+from clipcore._per_example import adaptive_grad_clip_, per_example_global_norm_clip  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -42,7 +43,8 @@ _tuning.apply()      # the loop variants for this CPU (cached calibration or tab
 
 __all__ = ["Plan", "clip_by_global_norm_", "get_include", "global_norm", "show_config",
            "clip_by_average_norm", "clip_by_global_norm", "clip_by_norm", "clip_by_norm_",
-           "clip_by_value", "clip_by_value_", "maximum", "minimum", "norm", "relu", "relu_"]
+           "clip_by_value", "clip_by_value_", "maximum", "minimum", "norm", "relu", "relu_",
+           "per_example_global_norm_clip", "adaptive_grad_clip_"]
 
 
 def get_include():

@@ -63,11 +63,11 @@ import torch.nn.utils
 import torch.nn.utils.clip_grad
 
 import clipcore
-from clipcore import _lists, _torch as _compiled
+from clipcore import _lists, _per_example, _torch as _compiled
 from clipcore import kernels as _kernels
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm",
-           "patch", "unpatch"]
+           "patch", "unpatch", "clip_and_accumulate_", "adaptive_clip_grad_"]
 
 _NAMES = ("clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_")
 # torch's own functions, captured at import: the fallbacks call these, never the
@@ -416,6 +416,213 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
         return _torch.clip_grad_value_(parameters, clip_value, foreach)
     _kernels._clip_value_f32_(memory[0], memory[1], -clip_value, clip_value,
                               -torch.get_num_threads())     # < 0: torch's count, backing off
+    return None
+
+
+# --- per-example clipping (Opacus) and adaptive gradient clipping (timm) -----------------
+
+def _fast_tensor(t):
+    """A plain CPU float32/float64 strided tensor that clipcore reads in place."""
+    return (type(t) in _PLAIN_TYPES and t.is_cpu and t.layout is _strided
+            and (t.dtype is _f32 or t.dtype is _f64))
+
+
+def _grad_sample(p):
+    """Opacus's DPOptimizer._get_flat_grad_sample: p.grad_sample as one tensor."""
+    if not hasattr(p, "grad_sample"):
+        raise ValueError("Per sample gradient not found. Are you using GradSampleModule?")
+    gs = p.grad_sample
+    if gs is None:
+        raise ValueError("Per sample gradient is not initialized. Not updated in backward pass?")
+    if isinstance(gs, list):
+        return torch.cat(gs, dim=0)
+    if not isinstance(gs, _Tensor):
+        raise ValueError(f"Unexpected grad_sample type: {type(gs)}")
+    return gs
+
+
+def _opacus_factor(norms, has_f64, max_grad_norm):
+    """Opacus's ``(max_grad_norm / (norms + 1e-6)).clamp(max=1.0)`` in the norms' dtype
+    (torch: reciprocal(norms + 1e-6) * max_grad_norm, as clipcore._torch.torch_coef)."""
+    with np.errstate(all="ignore"):
+        if has_f64:
+            c = 1.0 / (norms + 1e-6) * max_grad_norm
+        else:
+            one, n = np.float32(1.0), norms.astype(np.float32)
+            c = (one / (n + np.float32(1e-6))) * np.float32(max_grad_norm)
+        return np.where(c > 1, c.dtype.type(1), c)       # clamp(max=1): NaN stays NaN
+
+
+def _clip_and_accumulate_torch(params, samples, max_grad_norm):
+    """What Opacus does, in torch ops (devices and dtypes clipcore does not read)."""
+    if len(samples[0]) == 0:
+        factor = torch.zeros((0,), device=samples[0].device)
+    else:
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1)
+        factor = (max_grad_norm / (norms.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
+    for p, g in zip(params, samples):
+        g = g.to(p.dtype)
+        grad = torch.einsum("i,i...", factor.to(g.device).to(p.dtype), g)
+        if getattr(p, "summed_grad", None) is not None:
+            p.summed_grad += grad
+        else:
+            p.summed_grad = grad
+
+
+def clip_and_accumulate_(params, max_grad_norm, *, n_threads=None):
+    """Clip per-sample gradients and add their sum to ``p.summed_grad``, as Opacus does.
+
+    What ``opacus.optimizers.DPOptimizer.clip_and_accumulate`` does with the
+    per-sample gradients ``p.grad_sample`` (shape ``(B, *p.shape)``, or a
+    list of such tensors, concatenated) that Opacus's GradSampleModule
+    leaves: each sample's norm over all parameters, the factor
+    ``(max_grad_norm / (norm_i + 1e-6)).clamp(max=1)`` computed in the norms'
+    dtype as torch computes it, and ``p.summed_grad += einsum("i,i...",
+    factor, grad_sample)`` (``p.summed_grad`` is created when it is absent or
+    None). Parameters that do not require grad are skipped, as Opacus's
+    optimizer skips them. clipcore reads the per-sample gradients twice (the
+    norms, then the weighted sum) with float64 sums, rounded once: results
+    agree with Opacus's to float32 rounding and are the same bits for any
+    thread count. Opacus's ``_processed`` marks are neither checked nor set.
+    Tensors that are not CPU float32/float64 go through torch ops instead.
+
+    Parameters
+    ----------
+    params : iterable of Tensor
+        Parameters carrying ``grad_sample``.
+    max_grad_norm : float
+        The per-sample norm bound.
+    n_threads : int or None
+        Threads to use; None: ``torch.get_num_threads()``.
+
+    Raises
+    ------
+    ValueError
+        A parameter without ``grad_sample`` (Opacus's messages), per-sample
+        gradients of different batch sizes or of the wrong shape, a
+        ``summed_grad`` of the wrong shape. Nothing is written then.
+
+    Examples
+    --------
+    >>> import torch, clipcore.torch
+    >>> p = torch.nn.Parameter(torch.zeros(2))
+    >>> p.grad_sample = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+    >>> clipcore.torch.clip_and_accumulate_([p], 1.0)
+    >>> p.summed_grad
+    tensor([0.9000, 1.2000])
+    """
+    params = [p for p in _as_list(params) if p.requires_grad]
+    if not params:
+        return None
+    samples = [_grad_sample(p) for p in params]
+    for p, g in zip(params, samples):
+        if tuple(g.shape[1:]) != tuple(p.shape):
+            raise ValueError(f"grad_sample of shape {tuple(g.shape)} for a parameter of shape "
+                             f"{tuple(p.shape)}: expected (batch, *p.shape)")
+    summed = [getattr(p, "summed_grad", None) for p in params]
+    if not (all(map(_fast_tensor, samples)) and all(map(_fast_tensor, params))
+            and all(s is None or (_fast_tensor(s) and s.dtype == p.dtype)
+                    for s, p in zip(summed, params))):
+        return _clip_and_accumulate_torch(params, samples, float(max_grad_norm))
+    nt = -torch.get_num_threads() if n_threads is None else _per_example._ew.threads_arg(n_threads)
+    max_grad_norm = float(max_grad_norm)
+    arrays = _per_example._inputs([g.detach() for g in samples], "grad_sample")
+    batch = _per_example._batch_size(arrays, "grad_sample")
+    has_f64 = any(a.dtype == np.float64 for a in arrays)
+    works = [_per_example._rows(a, batch) for a in arrays]
+    # Where a sum exists it is added to; else a new tensor is written.
+    outs = [torch.empty(p.shape, dtype=p.dtype) if s is None else s
+            for p, s in zip(params, summed)]
+    out_arrays = _per_example._outputs(outs, arrays, "summed_grad", "grad_sample")
+    norms = _per_example.per_example_norms(works, batch, nt)
+    factor = _opacus_factor(norms, has_f64, max_grad_norm)
+    for dtype in {a.dtype for a in arrays}:          # the factor in p's dtype, as Opacus
+        ks = [k for k, a in enumerate(arrays) if a.dtype == dtype]
+        for accumulate in (False, True):
+            group = [k for k in ks if (summed[k] is not None) == accumulate]
+            if group:
+                _per_example.weighted_sums([works[k] for k in group],
+                                           factor.astype(dtype).astype(np.float64),
+                                           [out_arrays[k] for k in group], accumulate, nt)
+    for p, s, o in zip(params, summed, outs):
+        if s is None:
+            p.summed_grad = o
+    return None
+
+
+def _adaptive_clip_grad_torch(params, clip_factor, eps, norm_type):
+    """timm's adaptive_clip_grad in torch ops, for tensors clipcore does not read."""
+    for p in params:
+        g = p.grad.detach()
+        pd = p.detach()
+        if pd.ndim <= 1:
+            pn, gn = pd.norm(norm_type), g.norm(norm_type)
+        else:
+            dims = tuple(range(1, pd.ndim))
+            pn = pd.norm(norm_type, dim=dims, keepdim=True)
+            gn = g.norm(norm_type, dim=dims, keepdim=True)
+        max_norm = pn.clamp_(min=eps).mul_(clip_factor)
+        g.copy_(torch.where(gn < max_norm, g, g * (max_norm / gn.clamp(min=1e-6))))
+
+
+def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *,
+                        n_threads=None):
+    """Adaptive gradient clipping in place, unit-wise, as timm's ``adaptive_clip_grad``.
+
+    For each unit of each parameter with a ``.grad`` (PyTorch layout: output
+    units on the first axis, norms over the others; a parameter of at most
+    one dimension is one unit), ``max_norm = clip_factor * max(param_norm,
+    eps)``, and a unit whose grad norm is not below ``max_norm`` is
+    multiplied by ``max_norm / max(grad_norm, 1e-6)``. Norms are accumulated
+    in float64 (1, 2 and inf on clipcore's kernels, other p in NumPy), rounded
+    to the gradients' dtype, in which the factors are computed as timm does;
+    gradients whose units all stay are not written. Tensors that are not CPU
+    float32/float64 go through timm's formula in torch ops.
+
+    Parameters
+    ----------
+    parameters : Tensor or iterable of Tensor
+        Parameters; those whose ``.grad`` is None are skipped.
+    clip_factor : float, default 0.01
+        The maximum ratio of a unit's grad norm to its parameter norm.
+    eps : float, default 1e-3
+        Floor of the parameter norms.
+    norm_type : float, default 2.0
+        p of the unit norms (> 0, inf for the max).
+    n_threads : int or None
+        Threads to use; None: ``torch.get_num_threads()``.
+
+    Raises
+    ------
+    ValueError
+        Gradients that share memory with each other or with a parameter, a
+        non-positive norm_type. Nothing is written then.
+
+    Examples
+    --------
+    >>> import torch, clipcore.torch
+    >>> lin = torch.nn.Linear(2, 2, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = lin.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+    >>> lin.weight.grad = torch.tensor([[0.3, 0.4], [0.0, 0.001]])
+    >>> clipcore.torch.adaptive_clip_grad_(lin.parameters(), 0.02)
+    >>> lin.weight.grad
+    tensor([[0.0600, 0.0800],
+            [0.0000, 0.0010]])
+    """
+    params = [p for p in _as_list(parameters) if p.grad is not None]
+    norm_type = float(norm_type)
+    if not norm_type > 0:
+        raise ValueError(f"norm_type must be > 0 (inf for the max norm), got {norm_type}")
+    if not params:
+        return None
+    grads = [p.grad for p in params]
+    if not (all(map(_fast_tensor, grads)) and all(map(_fast_tensor, params))
+            and not any(g.requires_grad for g in grads)):
+        return _adaptive_clip_grad_torch(params, clip_factor, eps, norm_type)
+    nt = -torch.get_num_threads() if n_threads is None else _per_example._ew.threads_arg(n_threads)
+    _per_example.adaptive_clip(grads, [p.detach() for p in params], clip_factor, eps,
+                               "torch", norm_type, nt)
     return None
 
 

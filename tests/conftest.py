@@ -33,6 +33,8 @@ OPTIONAL = {
     "requires_cython": "Cython",
     "requires_lightning": "lightning",
     "requires_accelerate": "accelerate",
+    "requires_opacus": "opacus",
+    "requires_jax": "jax",
 }
 
 
@@ -50,3 +52,13 @@ def pytest_runtest_setup(item):
     for marker in item.iter_markers():
         if marker.name in OPTIONAL:
             pytest.importorskip(OPTIONAL[marker.name])
+
+
+@pytest.fixture
+def no_late_backoff():
+    """The default thread policy as on a quiet machine: no back-off left by an
+    earlier late team (another process may have loaded a core meanwhile)."""
+    from clipcore import kernels
+    kernels._note_wait(0.0, 1.0)
+    yield
+    kernels._note_wait(0.0, 1.0)

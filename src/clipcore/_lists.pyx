@@ -171,6 +171,66 @@ def check_writable_layout(cnp.ndarray arr not None, str name):
                          f"more than once") from None
 
 
+cdef void extent_of(Extent *e, cnp.ndarray arr, Py_ssize_t pos) noexcept:
+    """The bytes a non-empty arr spans, as an Extent at position pos."""
+    cdef Py_ssize_t d, ext
+    e.lo = e.hi = <char *>cnp.PyArray_DATA(arr)
+    for d in range(cnp.PyArray_NDIM(arr)):
+        ext = (cnp.PyArray_DIM(arr, d) - 1) * cnp.PyArray_STRIDE(arr, d)
+        if ext < 0:
+            e.lo += ext
+        else:
+            e.hi += ext
+    e.hi += cnp.PyArray_ITEMSIZE(arr)
+    e.pos = pos
+    e.dense = e.hi - e.lo == cnp.PyArray_NBYTES(arr)
+
+
+def check_apart(outs, ins, str out_name, str in_name):
+    """Raise ValueError naming the first outs[i] that shares memory with an ins[j].
+
+    outs and ins are lists of ndarrays (None entries and empty arrays are
+    skipped); sharing within one list is not looked at (the callers check
+    their outputs with the in-place rules). Extents are sorted; only an output
+    and an input whose extents meet are compared, element by element
+    (np.shares_memory), so interleaved strided views may be disjoint.
+    """
+    cdef Py_ssize_t n_out = len(outs), n = n_out + len(ins), count = 0, j, k, a, b
+    cdef Extent *exts = <Extent *>malloc((n + 1) * sizeof(Extent))
+    cdef char *max_hi
+    cdef list arrays = list(outs) + list(ins)
+    if exts == NULL:
+        raise MemoryError()
+    try:
+        for j in range(n):
+            arr = arrays[j]
+            if arr is not None and cnp.PyArray_SIZE(<cnp.ndarray>arr) > 0:
+                extent_of(&exts[count], <cnp.ndarray>arr, j)
+                count += 1
+        sort_extents(exts, count)
+        j = 0
+        while j < count:
+            k = j + 1
+            max_hi = exts[j].hi
+            while k < count and exts[k].lo < max_hi:
+                if exts[k].hi > max_hi:
+                    max_hi = exts[k].hi
+                k += 1
+            for b in range(j + 1, k):          # a group of chained extents
+                for a in range(j, b):
+                    if ((exts[a].pos < n_out) != (exts[b].pos < n_out)
+                            and exts[a].hi > exts[b].lo
+                            and np.shares_memory(arrays[exts[a].pos], arrays[exts[b].pos])):
+                        i_out = min(exts[a].pos, exts[b].pos)
+                        i_in = max(exts[a].pos, exts[b].pos) - n_out
+                        raise ValueError(f"{out_name}[{i_out}] shares memory with "
+                                         f"{in_name}[{i_in}]: writing it would change "
+                                         f"an input before it is read")
+            j = k
+    finally:
+        free(exts)
+
+
 cdef int check_group(Extent *exts, Py_ssize_t count, list arrays, str name) except -1:
     """Raise if any two of a group of chained overlapping extents share memory."""
     cdef Py_ssize_t i, j, total = 0
@@ -367,18 +427,7 @@ cdef class _Buffers:
 
     cdef void add_extent(self, cnp.ndarray arr, Py_ssize_t index) noexcept:
         """Record the bytes arr spans, for the overlap check (here, while arr is in cache)."""
-        cdef Extent *e = &self.exts[self.n_exts]
-        cdef Py_ssize_t d, ext
-        e.lo = e.hi = <char *>cnp.PyArray_DATA(arr)
-        for d in range(cnp.PyArray_NDIM(arr)):
-            ext = (cnp.PyArray_DIM(arr, d) - 1) * cnp.PyArray_STRIDE(arr, d)
-            if ext < 0:
-                e.lo += ext
-            else:
-                e.hi += ext
-        e.hi += cnp.PyArray_ITEMSIZE(arr)
-        e.pos = index
-        e.dense = e.hi - e.lo == cnp.PyArray_NBYTES(arr)
+        extent_of(&self.exts[self.n_exts], arr, index)
         self.n_exts += 1
 
     cdef int pin(self, tuple seq) except -1:
