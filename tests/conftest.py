@@ -22,6 +22,7 @@ OPTIONAL = {
     "requires_cython": "Cython",
     "requires_lightning": "lightning",
     "requires_accelerate": "accelerate",
+    "requires_ml_dtypes": "ml_dtypes",
 }
 
 

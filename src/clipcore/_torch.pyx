@@ -90,9 +90,11 @@ cdef double total_norm(double norm, int kind) noexcept nogil:
 cdef double torch_coef(double norm, int kind, double max_norm) noexcept nogil:
     """torch's clamp(max_norm / (total_norm + 1e-6), max=1.0), total_norm being
     the norm in its dtype. torch evaluates it in that dtype as
-    reciprocal(total_norm + 1e-6) * max_norm, the Python numbers cast to it
-    (to float32 for the 16-bit types, whose arithmetic torch does in float32,
-    rounding each result to the type); float arithmetic here is IEEE single
+    reciprocal(total_norm + 1e-6) * max_norm, the Python numbers cast to it.
+    For the 16-bit types torch computes each step in float32 and rounds the
+    result to the type, with 1e-6 first rounded to the type (the add casts
+    its scalar operand) but max_norm only to float32 (the multiply reads its
+    scalar operand as float32). Float arithmetic here is IEEE single
     precision, each step correctly rounded."""
     cdef float t
     cdef double c
@@ -100,7 +102,7 @@ cdef double torch_coef(double norm, int kind, double max_norm) noexcept nogil:
         c = 1.0 / (norm + 1e-6) * max_norm
     else:
         t = <float>total_norm(norm, kind)
-        t = round_f32(t + <float>1e-6, kind)
+        t = round_f32(t + round_f32(<float>1e-6, kind), kind)
         t = round_f32(<float>1.0 / t, kind)
         c = round_f32(t * <float>max_norm, kind)
     return 1.0 if c > 1.0 else c     # NaN stays NaN, as in torch.clamp
