@@ -428,7 +428,7 @@ def test_compile_default_backend_through_patched_torch_and_fallback_dtypes():
             return ps
         ps, ref = make(), make()
         expected = ct.clip_grad_norm_(ref, 0.5)                           # eager
-        if bf16:   # torch rounds the bfloat16 tensor.s own norm to bfloat16 first: 2^-8
+        if bf16:   # torch rounds the bfloat16 tensor's own norm to bfloat16 first: 2^-8
             assert torch.allclose(expected, TORCH["clip_grad_norm_"](make(), 0.5), rtol=4e-3)
         with ct.patch():
             got = torch.compile(compiled_through_torch, fullgraph=True)(ps)   # inductor
