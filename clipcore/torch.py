@@ -3,12 +3,25 @@
 Drop-in replacements for ``torch.nn.utils.clip_grad_norm_``,
 ``clip_grad_value_``, ``get_total_norm`` and ``clip_grads_with_norm_``, with
 their signatures and PyTorch 2.x semantics. When every gradient is a CPU
-float32/float64 tensor, clipcore reads and scales it in place (no copies) in
-one fused multi-threaded pass; anything else (CUDA or other devices, other
+float32, float64, float16 or bfloat16 tensor (mixed dtypes too), clipcore
+reads and scales it in place (no copies, 16-bit values read at their own
+width) in one fused multi-threaded pass; anything else (CUDA or other devices, other
 dtypes, sparse tensors, gradients that require grad, tensor subclasses,
 norm types torch allows but clipcore does not: 0, negative) goes to torch's
 own function. So the result is never different from torch's in kind, only
 sometimes not faster.
+
+16-bit gradients: torch takes each tensor's norm in its dtype (float32
+arithmetic, rounded to float16/bfloat16), then the norm of those rounded
+norms, rounded again; clipcore accumulates every element's square in float64
+and rounds the total once to the dtype. So the returned norm is the exact
+norm rounded to the dtype, and may differ from torch's by a unit in its last
+place (bfloat16 has 8 significant bits); then the clip coefficient, computed
+from it exactly as torch computes it in that dtype, may differ likewise, and
+each gradient element (widened to float32, times the coefficient, rounded
+once to its dtype, as torch's ``mul_`` does) agrees with torch's to the
+dtype's rounding; for the same total norm it is bitwise torch's. A float16
+norm above 65504 is inf, as torch's.
 
 The one intended difference: norms are accumulated in float64 and range-safe,
 so float32 gradients whose squares overflow float32 (values beyond ~1.8e19 with
@@ -81,15 +94,39 @@ _Tensor = torch.Tensor
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)    # subclasses go to torch
 _f32 = torch.float32
 _f64 = torch.float64
+_f16 = torch.float16
+_bf16 = torch.bfloat16
+# The total norm's dtype by segment kind (clipcore._lists.KIND_*), and back.
+_DTYPE_OF_KIND = {_lists.KIND_F32: _f32, _lists.KIND_F64: _f64, _lists.KIND_F16: _f16,
+                  _lists.KIND_BF16: _bf16}
+_KIND_OF_DTYPE = {dtype: kind for kind, dtype in _DTYPE_OF_KIND.items()}
+_KIND_OF_NUMPY = {np.dtype(np.float32): _lists.KIND_F32, np.dtype(np.float64): _lists.KIND_F64,
+                  np.dtype(np.float16): _lists.KIND_F16}
+try:                                   # NumPy views of strided bfloat16 tensors
+    from ml_dtypes import bfloat16 as _np_bfloat16
+except ImportError:                    # pragma: no cover - then torch's path takes them
+    _np_bfloat16 = None
 _strided = torch.strided
 _grad_of = operator.attrgetter("grad")
 
 
 def _memory(tensors, writable):
-    """(addresses, lengths, float64 flags) of plain contiguous CPU float32/float64
-    tensors, "strided" when some are strided, or None for torch's own path
-    (see clipcore._torch.tensor_memory)."""
-    return _compiled.tensor_memory(tensors, writable, _PLAIN_TYPES, _f32, _f64, _strided)
+    """(addresses, lengths, kinds, the total norm's kind) of plain contiguous CPU
+    float32/float64/float16/bfloat16 tensors, "strided" when some are strided,
+    or None for torch's own path (see clipcore._torch.tensor_memory)."""
+    return _compiled.tensor_memory(tensors, writable, _PLAIN_TYPES, _f32, _f64, _f16, _bf16,
+                                   _strided)
+
+
+def _numpy_view(t, writable):
+    """A NumPy view of t's memory (bfloat16 through ml_dtypes' dtype)."""
+    if not writable:
+        t = t.detach()
+    if t.dtype is _bf16:
+        if _np_bfloat16 is None or t.is_neg():
+            raise TypeError("no NumPy view of this bfloat16 tensor")
+        return t.view(torch.int16).numpy().view(_np_bfloat16)
+    return t.numpy()
 
 
 def _strided_views(tensors, writable):
@@ -97,10 +134,19 @@ def _strided_views(tensors, writable):
     views = []
     for t in tensors:
         try:
-            views.append(t.numpy() if writable else t.detach().numpy())
+            views.append(_numpy_view(t, writable))
         except (RuntimeError, TypeError):    # e.g. the negative bit
             return None
     return views
+
+
+def _norm_kind_of(views):
+    """The total norm's kind for NumPy views (as tensor_memory decides it for tensors)."""
+    kinds = {_lists.KIND_BF16 if v.dtype.name == "bfloat16" else _KIND_OF_NUMPY[v.dtype]
+             for v in views}
+    if _lists.KIND_F64 in kinds:
+        return _lists.KIND_F64
+    return kinds.pop() if len(kinds) == 1 else _lists.KIND_F32
 
 
 class _ViewsNorm:
@@ -114,7 +160,7 @@ class _ViewsNorm:
 
 
 def _plan(tensors, writable):
-    """(a Plan over the tensors' memory, whether any is float64), or None for torch's path.
+    """(a Plan over the tensors' memory, the total norm's kind), or None for torch's path.
 
     Nothing is cached: the tensors are checked at every call, so fresh gradient
     tensors (``zero_grad(set_to_none=True)``) cost the same as kept ones. The
@@ -130,14 +176,13 @@ def _plan(tensors, writable):
             views = _strided_views(tensors, writable)
             if views is None:
                 return None
-            has_f64 = any(v.dtype == np.float64 for v in views)
             plan = (clipcore.Plan(views, n_threads=n_threads) if writable
                     else _ViewsNorm(views, n_threads))
-            return plan, has_f64
-        addresses, lengths, is_f64 = memory
-        plan = _lists.plan_over_memory(addresses, lengths, is_f64, writable=writable,
+            return plan, _norm_kind_of(views)
+        addresses, lengths, kinds, norm_kind = memory
+        plan = _lists.plan_over_memory(addresses, lengths, kinds, writable=writable,
                                        framework_threads=n_threads)
-        return plan, any(is_f64)
+        return plan, norm_kind
     except ValueError:     # memory shared, or a view overlapping itself: torch scales
         return None        # it once per tensor (per element view)
 
@@ -165,12 +210,11 @@ def _as_list(tensors):
     return [tensors] if isinstance(tensors, _Tensor) else list(tensors)
 
 
-def _total_norm_tensor(value, has_f64):
-    """The 0-d tensor torch returns: float64 if any input is float64, else float32."""
-    try:
-        return torch.full((), value, dtype=_f64 if has_f64 else _f32)
-    except RuntimeError:   # beyond float32's range: torch.tensor rounds to inf, as torch would
-        return torch.tensor(value, dtype=_f32)
+def _total_norm_tensor(value, kind):
+    """The 0-d tensor torch returns, of its dtype (float64 if any input is float64,
+    the inputs' 16-bit type if they all have it, else float32): value rounded to it
+    (beyond its range: inf, as torch would give)."""
+    return torch.full((), _compiled.torch_total_norm(value, kind), dtype=_DTYPE_OF_KIND[kind])
 
 
 def _check_finite(total_norm, norm_type, error_if_nonfinite):
@@ -184,13 +228,13 @@ def _check_finite(total_norm, norm_type, error_if_nonfinite):
 def _coefficient(max_norm, total_norm):
     """torch's ``clamp(max_norm / (total_norm + 1e-6), max=1.0)`` as a Python float.
 
-    For float32 and float64 totals clipcore computes it as torch does (see
-    clipcore._torch.torch_coef), a few microseconds cheaper than three tensor
-    operations; other dtypes use torch's.
+    For float32, float64, float16 and bfloat16 totals clipcore computes it as
+    torch does (see clipcore._torch.torch_coef), a few microseconds cheaper
+    than three tensor operations; other dtypes use torch's.
     """
-    dtype = total_norm.dtype
-    if dtype is _f64 or dtype is _f32:
-        return _compiled.torch_clip_coef(total_norm.item(), dtype is _f64, max_norm)
+    kind = _KIND_OF_DTYPE.get(total_norm.dtype)
+    if kind is not None:
+        return _compiled.torch_clip_coef(total_norm.item(), kind, max_norm)
     return torch.clamp(max_norm / (total_norm.detach() + 1e-6), max=1.0).item()
 
 
@@ -230,8 +274,9 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     Returns
     -------
     Tensor
-        A 0-d tensor: float64 if any input is float64, else float32; for no
-        tensors, ``torch.tensor(0.0)``.
+        A 0-d tensor of torch's dtype: float64 if any input is float64, the
+        inputs' float16 or bfloat16 if all have that one, else float32; for
+        no tensors, ``torch.tensor(0.0)``.
 
     Examples
     --------
@@ -250,8 +295,8 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
         return _torch.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
     if not tensors:
         return torch.tensor(0.0)
-    plan, has_f64 = fast
-    total = _total_norm_tensor(plan.global_norm(norm_type=norm_type), has_f64)
+    plan, kind = fast
+    total = _total_norm_tensor(plan.global_norm(norm_type=norm_type), kind)
     _check_finite(total, norm_type, error_if_nonfinite)
     return total
 
@@ -327,8 +372,9 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     Returns
     -------
     Tensor
-        The total norm before clipping, a 0-d tensor (float64 if any gradient
-        is float64, else float32).
+        The total norm before clipping, a 0-d tensor of torch's dtype
+        (float64 if any gradient is float64, the gradients' float16 or
+        bfloat16 if all have that one, else float32).
 
     Raises
     ------
@@ -365,14 +411,14 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
                                       foreach)
     if not grads:
         return torch.tensor(0.0)
-    plan, has_f64 = fast
+    plan, kind = fast
     max_norm = float(max_norm)
     # The norm and the scaling in one kernel call (nothing is written when
     # error_if_nonfinite is to raise).
-    norm = _compiled.clip_like_torch_(plan, max_norm, norm_type, has_f64, bool(error_if_nonfinite))
-    total = _total_norm_tensor(norm, has_f64)
+    norm = _compiled.clip_like_torch_(plan, max_norm, norm_type, kind, bool(error_if_nonfinite))
+    total = _total_norm_tensor(norm, kind)
     _check_finite(total, norm_type, error_if_nonfinite)
-    _torch_multiplies(grads, _compiled.torch_clip_coef(norm, has_f64, max_norm))
+    _torch_multiplies(grads, _compiled.torch_clip_coef(norm, kind, max_norm))
     return total
 
 
@@ -411,7 +457,7 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
     memory = _memory(grads, True)
     # The clamp, unlike a scaling, is not symmetric in sign: a tensor with the
     # negative bit (memory holding -value) goes to torch too.
-    if (not isinstance(memory, tuple) or any(memory[2])
+    if (not isinstance(memory, tuple) or any(k != _lists.KIND_F32 for k in memory[2])
             or any(map(_Tensor.is_neg, grads))):
         return _torch.clip_grad_value_(parameters, clip_value, foreach)
     _kernels._clip_value_f32_(memory[0], memory[1], -clip_value, clip_value,

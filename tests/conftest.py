@@ -35,6 +35,7 @@ OPTIONAL = {
     "requires_accelerate": "accelerate",
     "requires_opacus": "opacus",
     "requires_jax": "jax",
+    "requires_ml_dtypes": "ml_dtypes",
 }
 
 

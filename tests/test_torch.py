@@ -312,16 +312,16 @@ def test_foreach_accepted(foreach, no_fallback):
 # --- what goes to torch's own function -------------------------------------------------
 
 def _fallback_cases():
-    half = make_params([(30, 5), (7,)], torch.float16)
-    bf16 = make_params([(30, 5), (7,)], torch.bfloat16)
-    mixed = make_params([(30, 5), (7,)]) + make_params([(4,)], torch.float16)
+    # (float16 and bfloat16 take clipcore's path: tests/test_half.py)
+    cplx = make_params([(30, 5), (7,)], torch.complex64)
+    mixed = make_params([(30, 5), (7,)]) + make_params([(4,)], torch.complex64)
     req = make_params([(30, 5)])
     req[0].grad.requires_grad_(True)
     dup = make_params([(30, 5)])
     dup = dup + dup                                  # the same gradient twice
     sparse = make_params([(30, 5)])
     sparse[0].grad = sparse[0].grad.to_sparse()
-    return {"float16": (half, 2.0), "bfloat16": (bf16, 2.0), "mixed_f16": (mixed, 2.0),
+    return {"complex64": (cplx, 2.0), "mixed_c64": (mixed, 2.0),
             "requires_grad": (req, 2.0), "duplicate": (dup, 2.0), "sparse": (sparse, 2.0),
             "norm_0": (make_params(MLP), 0.0),
             "norm_-inf": (make_params(MLP), -INF), "norm_-2": (make_params(MLP), -2.0)}

@@ -19,8 +19,13 @@ cdef enum:
     SEG_F32 = 0        # float32, scaled in place
     SEG_F64 = 1        # float64, scaled in place
     SEG_F64_COPY = 2   # float64 copy of a buffer of another dtype: read, never scaled
+    SEG_F16 = 3        # float16 (IEEE binary16), read as float32, scaled in float32 (RNE)
+    SEG_BF16 = 4       # bfloat16, the same
 
 # One run of equally spaced elements of one buffer.
+cdef inline int segment_itemsize(int kind) noexcept nogil:
+    return 4 if kind == SEG_F32 else 2 if kind == SEG_F16 or kind == SEG_BF16 else 8
+
 ctypedef struct Segment:
     char *data            # first element
     Py_ssize_t n          # number of elements (> 0)
