@@ -127,13 +127,42 @@ def _graph_call(eager, specs, tensors):
     return outs
 
 
-def _run(op, tensors, eager, reference, grad=None, specs=None, single=True):
+def _flatten(tensors):
+    """The tensors' elements end to end, in order, as one vector (a view for one vector)."""
+    parts = [t if t.shape.rank == 1 else tf.reshape(t, [-1]) for t in tensors]
+    return parts[0] if len(parts) == 1 else tf.concat(parts, 0)
+
+
+def _unflatten(flat, tensors):
+    """flat (as _flatten made it) cut back into tensors shaped like `tensors`."""
+    if len(tensors) == 1:
+        parts = [flat]
+    else:
+        sizes = [t.shape.num_elements() for t in tensors]
+        if None in sizes:
+            sizes = tf.stack([tf.size(t) for t in tensors])
+        parts = tf.split(flat, sizes, 0)
+    outs = []
+    for p, t in zip(parts, tensors):
+        if t.shape.rank != 1:
+            p = tf.reshape(p, t.shape if t.shape.is_fully_defined() else tf.shape(t))
+        p.set_shape(t.shape)
+        outs.append(p)
+    return outs
+
+
+def _one_dtype(tensors):
+    return len({t.dtype for t in tensors}) == 1
+
+
+def _run(op, tensors, eager, reference, grad=None, specs=None, single=True, graph=None):
     """The op on tensors: clipcore's kernels (graph or eager), or TF's own op.
 
     eager(*values) runs clipcore eagerly (values are NumPy arrays in graph
     mode, eager tensors in eager mode); reference(*tensors) is TF's own op;
     grad(tensors, result, upstream) gives TF's gradients of the tensors.
-    single: one result (else a list of them).
+    single: one result (else a list of them). graph(*tensors), if given,
+    builds the graph-mode forward in place of one numpy_function of eager.
     """
     why = _off_cpu(tensors)
     if why:
@@ -143,6 +172,8 @@ def _run(op, tensors, eager, reference, grad=None, specs=None, single=True):
         if not (differentiable and _may_record()):
             return eager(*tensors)
         forward = eager
+    elif graph is not None:
+        forward = graph
     else:
         specs = specs if specs is not None else _static_specs(reference, tensors)
 
@@ -441,8 +472,16 @@ def global_norm(t_list, name=None, *, norm_type=2.0, n_threads=None):
         def reference(*ts):
             flat = tf.concat([tf.reshape(tf.cast(t, dtype), [-1]) for t in ts], 0)
             return tf.norm(flat, ord=norm_type)
+    graph = None
+    if _one_dtype(tensors):
+        # One input (the tensors end to end), one scalar output: numpy_function's
+        # per-tensor conversions cost more than the norm. Same elements in the
+        # same order: the core's chunks and so its bits are the list's.
+        def graph(*ts):
+            return _graph_call(lambda flat: eager(flat), [(tf.TensorShape([]), dtype)],
+                               [_flatten(ts)])[0]
     return _run("global_norm", tensors, eager, reference, grad,
-                specs=[(tf.TensorShape([]), dtype)])
+                specs=[(tf.TensorShape([]), dtype)], graph=graph)
 
 
 def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_threads=None):
@@ -470,16 +509,34 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_thread
             return outs
         return list(outs) + [norm_]
 
+    def eager_flat(flat, *ex):
+        kw = {"clip_norm": clip_norm, "use_norm": use_norm}
+        kw.update(zip(names, ex))
+        outs, norm_ = eager_fn([flat], kw["clip_norm"], kw["use_norm"], n_threads=n_threads)
+        return [outs[0]] if use_norm is not None else [outs[0], norm_]
+
     def reference(*vals):
         lst, kw = args(vals)
         outs, norm_ = tf.clip_by_global_norm(lst, kw["clip_norm"], kw["use_norm"])
         return list(outs) if use_norm is not None else list(outs) + [norm_]
 
+    graph = None
+    if tensors and _one_dtype(tensors):
+        # One flat input and one flat output, cut back with Split and Reshape
+        # (metadata): numpy_function converts each input and output on its own.
+        def graph(*vals):
+            flat = _flatten(vals[:n])
+            fspecs = [(flat.shape, flat.dtype)]
+            if use_norm is None:
+                fspecs.append((tf.TensorShape([]), tensors[0].dtype))
+            res = _graph_call(eager_flat, fspecs, [flat] + list(vals[n:]))
+            return _unflatten(res[0], vals[:n]) + list(res[1:])
+
     specs = [(t.shape, t.dtype) for t in tensors]
     if use_norm is None:
         specs.append((tf.TensorShape([]), _norm_spec(tensors) if tensors else tf.float32))
     res = _run("clip_by_global_norm", tensors + extra, eager, reference, specs=specs,
-               single=False)
+               single=False, graph=graph)
     res = list(res)
     norm_out = use_norm if use_norm is not None else res[n]
     return rebuild(res[:n]), norm_out
