@@ -285,10 +285,13 @@ def _ragged_list(dtype):
     return [tf.constant(rng.normal(size=s).astype(dtype) * 3) for s in shapes]
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["end-to-end", "one-by-one"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_graph_global_ops_bitwise_equal_eager(dtype):
-    # The graph path runs the core on the tensors end to end (one buffer): the
-    # same elements in the same order, so the same chunks and the same bits.
+def test_graph_global_ops_bitwise_equal_eager(dtype, flat, monkeypatch):
+    # Small tensors go to the core end to end (one buffer): the same elements
+    # in the same order, so the same chunks and the same bits; large ones one
+    # by one (unknown sizes always end to end).
+    monkeypatch.setattr(_tf, "FLAT_MAX_MEAN_BYTES", 1 << 40 if flat else 0)
     ts = _ragged_list(dtype)
     arrays = [t.numpy() for t in ts]
     ref_outs, ref_norm = clipcore.clip_by_global_norm(arrays, 1.0)
