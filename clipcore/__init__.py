@@ -48,9 +48,9 @@ __all__ = ["Plan", "clip_by_global_norm_", "get_include", "global_norm", "show_c
 
 
 def get_include():
-    """Directory holding ``kernels.pxd`` and ``cc_loops.h``, for Cython extensions.
+    """The package's directory, which holds ``kernels.pxd`` for Cython extensions.
 
-    Another extension cimports the kernels with ``from clipcore cimport kernels``
-    and adds this directory to its C include path.
+    Another extension cimports the kernels with ``from clipcore cimport kernels``;
+    Cython finds the .pxd beside the installed package (no C header is needed).
     """
     return os.path.dirname(os.path.abspath(__file__))

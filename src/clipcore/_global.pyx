@@ -13,6 +13,7 @@ cimport numpy as cnp
 
 from clipcore._lists cimport _Buffers, collect, as_threads, as_norm_type, as_tuple
 from clipcore.kernels cimport resolve_threads, tuning_table
+from clipcore._loops cimport cc_use_tuning
 
 import importlib
 
@@ -21,9 +22,6 @@ import numpy as np
 from clipcore._adapt import as_array, as_tensor_array, to_tf, to_torch
 
 cnp.import_array()
-
-cdef extern from "cc_loops.h" nogil:
-    void cc_use_tuning(int *table)
 
 cc_use_tuning(tuning_table())       # the kernels module's choices (cc_loops.h)
 

@@ -16,13 +16,11 @@ from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
 from clipcore.kernels cimport (resolve_threads, Claims, claims_new, run_claimed, note_wait, chunk_fn,
-                               tuning_table, cc_team_rank, cc_team_size, cc_now)
+                               tuning_table)
+from clipcore._loops cimport cc_team_rank, cc_team_size, cc_now, cc_use_tuning
 from clipcore._lists cimport as_tuple, as_real, collect
 
 cnp.import_array()
-
-cdef extern from "cc_loops.h" nogil:
-    void cc_use_tuning(int *table)
 
 cdef extern from "cc_elementwise.h" nogil:
     int CC_SUMSQ

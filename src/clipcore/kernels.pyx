@@ -9,6 +9,10 @@ from cython.parallel cimport parallel
 from libc.math cimport sqrt, pow, ldexp, INFINITY, NAN, isnan
 from libc.stdlib cimport malloc, calloc, free
 
+from clipcore._loops cimport (CC_SUMSQ, CC_SUMABS, CC_MAXABS, CC_SUMPOW, cc_openmp_enabled,
+                              cc_max_threads, cc_num_procs, cc_simd_path, cc_team_rank,
+                              cc_team_size, cc_now)
+
 cdef extern from "cc_loops.h" nogil:
     enum: CC_LANES
     void cc_reduce_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind, double p,

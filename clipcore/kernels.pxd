@@ -2,17 +2,8 @@
 #
 # Another Cython extension uses them with
 #     from clipcore cimport kernels
-# and clipcore.get_include() on its include path (for cc_loops.h).
-
-cdef extern from "cc_loops.h" nogil:
-    int CC_SUMSQ, CC_SUMABS, CC_MAXABS, CC_SUMPOW
-    int cc_openmp_enabled()
-    int cc_max_threads()
-    int cc_num_procs()
-    const char *cc_simd_path()
-    int cc_team_rank()       # inside a parallel region: this thread's rank
-    int cc_team_size()       # and the team's size
-    double cc_now()          # seconds on a monotonic clock
+# (Cython finds this file beside the installed package; no C header is needed:
+# the functions come through the module's C-API capsule).
 
 # Buffer kinds a Segment can hold.
 cdef enum:
