@@ -36,7 +36,7 @@ from clipcore._ops import (clip_by_average_norm, clip_by_global_norm,  # noqa: E
                            clip_by_norm, clip_by_norm_, clip_by_value, clip_by_value_,
                            global_norm, maximum, minimum, norm, relu, relu_)
 
-__version__ = "0.1.0"
+from clipcore._version import __version__  # noqa: E402
 
 _tuning.apply()      # the loop variants for this CPU (cached calibration or table)
 
