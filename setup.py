@@ -17,12 +17,11 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
-from setuptools.command.build_py import build_py
 
+# The private sources (.pyx, their .pxd, the C headers) are in src/clipcore;
+# the public clipcore/kernels.pxd is in the package itself, installed with it.
 NATIVE_DIR = os.path.join("src", "clipcore")
-# Installed with the package so other Cython code can cimport the kernels.
-PUBLIC_NATIVE_FILES = ["kernels.pxd", "cc_loops.h"]
-MODULES = ["kernels", "_lists", "_elementwise", "_global", "_torch"]
+MODULES = ["kernels", "_lists", "_elementwise", "_global", "_torch", "_weighted"]
 
 # The one place for Cython directives.
 CYTHON_DIRECTIVES = {
@@ -98,23 +97,6 @@ class BuildExt(build_ext):
             ext.extra_link_args = ldflags + ext.extra_link_args
         super().build_extensions()
 
-    def copy_extensions_to_source(self):
-        # build_ext --inplace, a development tree: make `from clipcore cimport kernels` work.
-        super().copy_extensions_to_source()
-        for name in PUBLIC_NATIVE_FILES:
-            shutil.copyfile(os.path.join(NATIVE_DIR, name), os.path.join("clipcore", name))
-
-
-class BuildPy(build_py):
-    """Install the public .pxd and header beside the package's Python files."""
-
-    def run(self):
-        super().run()
-        dest = os.path.join(self.build_lib, "clipcore")
-        self.mkpath(dest)
-        for name in PUBLIC_NATIVE_FILES:
-            self.copy_file(os.path.join(NATIVE_DIR, name), os.path.join(dest, name))
-
 
 extensions = [
     Extension(f"clipcore.{name}", [os.path.join(NATIVE_DIR, f"{name}.pyx")],
@@ -123,14 +105,8 @@ extensions = [
     for name in MODULES
 ]
 
-# An in-place build leaves copies of these in clipcore/ (see BuildExt), where
-# Cython finds them before src/: refresh them first, so it never reads a stale one.
-for name in PUBLIC_NATIVE_FILES:
-    if os.path.exists(os.path.join("clipcore", name)):
-        shutil.copyfile(os.path.join(NATIVE_DIR, name), os.path.join("clipcore", name))
-
 setup(
-    ext_modules=cythonize(extensions, include_path=["src"],
+    ext_modules=cythonize(extensions, include_path=["src", "."],
                           compiler_directives=CYTHON_DIRECTIVES),
-    cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
+    cmdclass={"build_ext": BuildExt},
 )

@@ -13,18 +13,10 @@ Environment: ``CLIPCORE_BENCH_THREADS`` (default: what OpenMP may use),
 ``CLIPCORE_BENCH_ROUNDS`` (timed calls per benchmark, default 10).
 """
 import os
-import pathlib
-import sys
 
 import pytest
 
-# Run from a source tree with the in-place build (python setup.py build_ext
-# --inplace), use that build even without PYTHONPATH.
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-if any((ROOT / "clipcore").glob("kernels*.so")) or any((ROOT / "clipcore").glob("kernels*.pyd")):
-    sys.path.insert(0, str(ROOT))
-
-from clipcore import bench, kernels  # noqa: E402
+from clipcore import bench, kernels
 
 THREADS = int(os.environ.get("CLIPCORE_BENCH_THREADS") or kernels.max_threads())
 ROUNDS = int(os.environ.get("CLIPCORE_BENCH_ROUNDS") or 10)

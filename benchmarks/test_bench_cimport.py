@@ -31,6 +31,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from clipcore cimport kernels
 
 cdef extern from "cc_loops.h" nogil:
+    int CC_SUMSQ
     double cc_reduce_one_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind,
                              double p, double scale)
     void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
@@ -62,7 +63,7 @@ def per_call_ns(float[::1] x, long reps, str which):
         t0 = now()
         for r in range(reps):
             if w == 0:
-                sink += sqrt(cc_reduce_one_f32(ptr, n, 1, kernels.CC_SUMSQ, 2.0, 1.0))
+                sink += sqrt(cc_reduce_one_f32(ptr, n, 1, CC_SUMSQ, 2.0, 1.0))
             elif w == 1:
                 sink += kernels.norm_f32(&ptr, &n, 1, 2.0, 1)
             elif w == 2:
@@ -78,15 +79,18 @@ def per_call_ns(float[::1] x, long reps, str which):
 '''
 
 SETUP_PY = r'''
+import os
 import sys
 import clipcore
 from Cython.Build import cythonize
 from setuptools import Extension, setup
-# The flags clipcore's own build uses, so that the inner loop compiles alike.
+# The flags clipcore's own build uses, so that the inner loop compiles alike;
+# the inner loop's header is private, in the source tree's src/clipcore.
 flags = [] if sys.platform == "win32" else ["-O3"]
+private = os.path.join(os.path.dirname(os.path.dirname(clipcore.__file__)), "src", "clipcore")
 setup(name="clipcore_timer",
       ext_modules=cythonize([Extension("clipcore_timer", ["clipcore_timer.pyx"],
-                                       include_dirs=[clipcore.get_include()],
+                                       include_dirs=[private],
                                        extra_compile_args=flags)]),
       script_args=["build_ext", "--inplace", "--build-temp", "build"])
 '''

@@ -35,6 +35,7 @@ from clipcore._config import show_config  # noqa: E402
 from clipcore._ops import (clip_by_average_norm, clip_by_global_norm,  # noqa: E402
                            clip_by_norm, clip_by_norm_, clip_by_value, clip_by_value_,
                            global_norm, maximum, minimum, norm, relu, relu_)
+from clipcore._per_example import adaptive_grad_clip_, per_example_global_norm_clip  # noqa: E402
 
 from clipcore._version import __version__  # noqa: E402
 
@@ -42,13 +43,14 @@ _tuning.apply()      # the loop variants for this CPU (cached calibration or tab
 
 __all__ = ["Plan", "clip_by_global_norm_", "get_include", "global_norm", "show_config",
            "clip_by_average_norm", "clip_by_global_norm", "clip_by_norm", "clip_by_norm_",
-           "clip_by_value", "clip_by_value_", "maximum", "minimum", "norm", "relu", "relu_"]
+           "clip_by_value", "clip_by_value_", "maximum", "minimum", "norm", "relu", "relu_",
+           "per_example_global_norm_clip", "adaptive_grad_clip_"]
 
 
 def get_include():
-    """Directory holding ``kernels.pxd`` and ``cc_loops.h``, for Cython extensions.
+    """The package's directory, which holds ``kernels.pxd`` for Cython extensions.
 
-    Another extension cimports the kernels with ``from clipcore cimport kernels``
-    and adds this directory to its C include path.
+    Another extension cimports the kernels with ``from clipcore cimport kernels``;
+    Cython finds the .pxd beside the installed package (no C header is needed).
     """
     return os.path.dirname(os.path.abspath(__file__))

@@ -18,10 +18,18 @@ only then, so ``import clipcore`` never imports TensorFlow.
   clip_by_value, clip_by_norm, norm, global_norm): ``tf.custom_gradient``
   with TF's gradient formulas, written out from TF's definitions (clip_ops.py,
   math_grad.py, nn_grad.py, linalg_ops.norm) in TF ops. Graph mode always has
-  them; eager mode wraps the call only while a tape may be recording: TF has
-  no public test for that, so TF's internal ``record.could_possibly_record``
-  is used when it exists (else every eager call is wrapped: correct, but about
-  50 us slower per call).
+  them; eager mode records the op on the tapes only while a tape may be
+  recording: TF has no public test for that, so TF's internal
+  ``record.could_possibly_record`` is used when it exists (else every eager
+  call is recorded: correct, but slower), and the op is recorded with TF's
+  internal ``record.record_operation`` (what tf.custom_gradient does eagerly,
+  without its ~200 us of wrapping; tf.custom_gradient where it is missing).
+* **global_norm, clip_by_global_norm in graph mode** pass the tensors end to
+  end (Reshape to vectors, one Concat) as the numpy_function's one input and
+  get one flat output back (Split, Reshape): numpy_function converts every
+  input and output on its own, which cost more than the clipping. The core
+  sees the same elements in the same order, so its results are bitwise the
+  list's.
   clip_by_global_norm and clip_by_average_norm have no gradient (they clip
   gradients; TF's would flow, clipcore's results are constants to a tape).
 """
@@ -40,6 +48,10 @@ try:       # TF's internal test for "some tape is recording" (no public one)
 except ImportError:           # pragma: no cover - other TF versions
     def _may_record():
         return True
+try:       # TF's internal recording of an op with its gradient (tf.custom_gradient's)
+    from tensorflow.python.eager.record import record_operation as _record_op
+except ImportError:           # pragma: no cover - other TF versions
+    _record_op = None
 try:       # TF's internal test for an XLA context (jit_compile=True)
     from tensorflow.python.framework import ops as _tf_ops
     from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext as _in_xla
@@ -127,22 +139,81 @@ def _graph_call(eager, specs, tensors):
     return outs
 
 
-def _run(op, tensors, eager, reference, grad=None, specs=None, single=True):
+def _flatten(tensors):
+    """The tensors' elements end to end, in order, as one vector (a view for one vector)."""
+    parts = [t if t.shape.rank == 1 else tf.reshape(t, [-1]) for t in tensors]
+    return parts[0] if len(parts) == 1 else tf.concat(parts, 0)
+
+
+def _unflatten(flat, tensors):
+    """flat (as _flatten made it) cut back into tensors shaped like `tensors`."""
+    if len(tensors) == 1:
+        parts = [flat]
+    else:
+        sizes = [t.shape.num_elements() for t in tensors]
+        if None in sizes:
+            sizes = tf.stack([tf.size(t) for t in tensors])
+        parts = tf.split(flat, sizes, 0)
+    outs = []
+    for p, t in zip(parts, tensors):
+        if t.shape.rank != 1:
+            p = tf.reshape(p, t.shape if t.shape.is_fully_defined() else tf.shape(t))
+        p.set_shape(t.shape)
+        outs.append(p)
+    return outs
+
+
+# numpy_function converts each input and each output on its own, ~10-20 us
+# apiece; the concatenation copies every byte (~5 GB/s on one core). Tensors
+# end to end are cheaper when they average less than this (or sizes unknown).
+FLAT_MAX_MEAN_BYTES = 128 << 10
+
+
+def _flat_pays(tensors):
+    """One dtype, and small tensors on average (or sizes not known statically)."""
+    if len({t.dtype for t in tensors}) != 1:
+        return False
+    sizes = [t.shape.num_elements() for t in tensors]
+    if None in sizes:
+        return True
+    return sum(sizes) * tensors[0].dtype.size <= FLAT_MAX_MEAN_BYTES * len(tensors)
+
+
+def _run(op, tensors, eager, reference, grad=None, specs=None, single=True, graph=None):
     """The op on tensors: clipcore's kernels (graph or eager), or TF's own op.
 
     eager(*values) runs clipcore eagerly (values are NumPy arrays in graph
     mode, eager tensors in eager mode); reference(*tensors) is TF's own op;
     grad(tensors, result, upstream) gives TF's gradients of the tensors.
-    single: one result (else a list of them).
+    single: one result (else a list of them). graph(*tensors), if given,
+    builds the graph-mode forward in place of one numpy_function of eager.
     """
     why = _off_cpu(tensors)
     if why:
         return _fallback(op, why, reference, tensors)
     differentiable = grad is not None and any(t.dtype.is_floating for t in tensors)
-    if tf.executing_eagerly():
+    if tf.executing_eagerly() and _record_op is not None:
+        res = eager(*tensors)
+        if differentiable and _may_record():
+            # What tf.custom_gradient does eagerly, without its wrapping (~10x
+            # the op's own cost): record the op with TF's gradient on the tapes
+            # (each tape keeps it only if it watches an input).
+            outs = [res] if single else list(res)
+            for i, o in enumerate(outs):
+                if any(o is t for t in tensors):
+                    outs[i] = tf.identity(o)
+            res = outs[0] if single else outs
+
+            def backward(*dys):
+                return list(grad(tensors, res, dys[0] if single else dys))
+            _record_op(f"clipcore.{op}", outs, tensors, backward)
+        return res
+    elif tf.executing_eagerly():
         if not (differentiable and _may_record()):
             return eager(*tensors)
         forward = eager
+    elif graph is not None:
+        forward = graph
     else:
         specs = specs if specs is not None else _static_specs(reference, tensors)
 
@@ -441,8 +512,16 @@ def global_norm(t_list, name=None, *, norm_type=2.0, n_threads=None):
         def reference(*ts):
             flat = tf.concat([tf.reshape(tf.cast(t, dtype), [-1]) for t in ts], 0)
             return tf.norm(flat, ord=norm_type)
+    graph = None
+    if _flat_pays(tensors):
+        # One input (the tensors end to end), one scalar output: numpy_function's
+        # per-tensor conversions cost more than the norm. Same elements in the
+        # same order: the core's chunks and so its bits are the list's.
+        def graph(*ts):
+            return _graph_call(lambda flat: eager(flat), [(tf.TensorShape([]), dtype)],
+                               [_flatten(ts)])[0]
     return _run("global_norm", tensors, eager, reference, grad,
-                specs=[(tf.TensorShape([]), dtype)])
+                specs=[(tf.TensorShape([]), dtype)], graph=graph)
 
 
 def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_threads=None):
@@ -470,16 +549,34 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_thread
             return outs
         return list(outs) + [norm_]
 
+    def eager_flat(flat, *ex):
+        kw = {"clip_norm": clip_norm, "use_norm": use_norm}
+        kw.update(zip(names, ex))
+        outs, norm_ = eager_fn([flat], kw["clip_norm"], kw["use_norm"], n_threads=n_threads)
+        return [outs[0]] if use_norm is not None else [outs[0], norm_]
+
     def reference(*vals):
         lst, kw = args(vals)
         outs, norm_ = tf.clip_by_global_norm(lst, kw["clip_norm"], kw["use_norm"])
         return list(outs) if use_norm is not None else list(outs) + [norm_]
 
+    graph = None
+    if tensors and _flat_pays(tensors):
+        # One flat input and one flat output, cut back with Split and Reshape
+        # (metadata): numpy_function converts each input and output on its own.
+        def graph(*vals):
+            flat = _flatten(vals[:n])
+            fspecs = [(flat.shape, flat.dtype)]
+            if use_norm is None:
+                fspecs.append((tf.TensorShape([]), tensors[0].dtype))
+            res = _graph_call(eager_flat, fspecs, [flat] + list(vals[n:]))
+            return _unflatten(res[0], vals[:n]) + list(res[1:])
+
     specs = [(t.shape, t.dtype) for t in tensors]
     if use_norm is None:
         specs.append((tf.TensorShape([]), _norm_spec(tensors) if tensors else tf.float32))
     res = _run("clip_by_global_norm", tensors + extra, eager, reference, specs=specs,
-               single=False)
+               single=False, graph=graph)
     res = list(res)
     norm_out = use_norm if use_norm is not None else res[n]
     return rebuild(res[:n]), norm_out

@@ -3,12 +3,25 @@
 Drop-in replacements for ``torch.nn.utils.clip_grad_norm_``,
 ``clip_grad_value_``, ``get_total_norm`` and ``clip_grads_with_norm_``, with
 their signatures and PyTorch 2.x semantics. When every gradient is a CPU
-float32/float64 tensor, clipcore reads and scales it in place (no copies) in
-one fused multi-threaded pass; anything else (CUDA or other devices, other
+float32, float64, float16 or bfloat16 tensor (mixed dtypes too), clipcore
+reads and scales it in place (no copies, 16-bit values read at their own
+width) in one fused multi-threaded pass; anything else (CUDA or other devices, other
 dtypes, sparse tensors, gradients that require grad, tensor subclasses,
 norm types torch allows but clipcore does not: 0, negative) goes to torch's
 own function. So the result is never different from torch's in kind, only
 sometimes not faster.
+
+16-bit gradients: torch takes each tensor's norm in its dtype (float32
+arithmetic, rounded to float16/bfloat16), then the norm of those rounded
+norms, rounded again; clipcore accumulates every element's square in float64
+and rounds the total once to the dtype. So the returned norm is the exact
+norm rounded to the dtype, and may differ from torch's by a unit in its last
+place (bfloat16 has 8 significant bits); then the clip coefficient, computed
+from it exactly as torch computes it in that dtype, may differ likewise, and
+each gradient element (widened to float32, times the coefficient, rounded
+once to its dtype, as torch's ``mul_`` does) agrees with torch's to the
+dtype's rounding; for the same total norm it is bitwise torch's. A float16
+norm above 65504 is inf, as torch's.
 
 The one intended difference: norms are accumulated in float64 and range-safe,
 so float32 gradients whose squares overflow float32 (values beyond ~1.8e19 with
@@ -63,11 +76,11 @@ import torch.nn.utils
 import torch.nn.utils.clip_grad
 
 import clipcore
-from clipcore import _lists, _torch as _compiled
+from clipcore import _lists, _per_example, _torch as _compiled
 from clipcore import kernels as _kernels
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm",
-           "patch", "unpatch"]
+           "patch", "unpatch", "clip_and_accumulate_", "adaptive_clip_grad_"]
 
 _NAMES = ("clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_")
 # torch's own functions, captured at import: the fallbacks call these, never the
@@ -81,15 +94,39 @@ _Tensor = torch.Tensor
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)    # subclasses go to torch
 _f32 = torch.float32
 _f64 = torch.float64
+_f16 = torch.float16
+_bf16 = torch.bfloat16
+# The total norm's dtype by segment kind (clipcore._lists.KIND_*), and back.
+_DTYPE_OF_KIND = {_lists.KIND_F32: _f32, _lists.KIND_F64: _f64, _lists.KIND_F16: _f16,
+                  _lists.KIND_BF16: _bf16}
+_KIND_OF_DTYPE = {dtype: kind for kind, dtype in _DTYPE_OF_KIND.items()}
+_KIND_OF_NUMPY = {np.dtype(np.float32): _lists.KIND_F32, np.dtype(np.float64): _lists.KIND_F64,
+                  np.dtype(np.float16): _lists.KIND_F16}
+try:                                   # NumPy views of strided bfloat16 tensors
+    from ml_dtypes import bfloat16 as _np_bfloat16
+except ImportError:                    # pragma: no cover - then torch's path takes them
+    _np_bfloat16 = None
 _strided = torch.strided
 _grad_of = operator.attrgetter("grad")
 
 
 def _memory(tensors, writable):
-    """(addresses, lengths, float64 flags) of plain contiguous CPU float32/float64
-    tensors, "strided" when some are strided, or None for torch's own path
-    (see clipcore._torch.tensor_memory)."""
-    return _compiled.tensor_memory(tensors, writable, _PLAIN_TYPES, _f32, _f64, _strided)
+    """(addresses, lengths, kinds, the total norm's kind) of plain contiguous CPU
+    float32/float64/float16/bfloat16 tensors, "strided" when some are strided,
+    or None for torch's own path (see clipcore._torch.tensor_memory)."""
+    return _compiled.tensor_memory(tensors, writable, _PLAIN_TYPES, _f32, _f64, _f16, _bf16,
+                                   _strided)
+
+
+def _numpy_view(t, writable):
+    """A NumPy view of t's memory (bfloat16 through ml_dtypes' dtype)."""
+    if not writable:
+        t = t.detach()
+    if t.dtype is _bf16:
+        if _np_bfloat16 is None or t.is_neg():
+            raise TypeError("no NumPy view of this bfloat16 tensor")
+        return t.view(torch.int16).numpy().view(_np_bfloat16)
+    return t.numpy()
 
 
 def _strided_views(tensors, writable):
@@ -97,10 +134,19 @@ def _strided_views(tensors, writable):
     views = []
     for t in tensors:
         try:
-            views.append(t.numpy() if writable else t.detach().numpy())
+            views.append(_numpy_view(t, writable))
         except (RuntimeError, TypeError):    # e.g. the negative bit
             return None
     return views
+
+
+def _norm_kind_of(views):
+    """The total norm's kind for NumPy views (as tensor_memory decides it for tensors)."""
+    kinds = {_lists.KIND_BF16 if v.dtype.name == "bfloat16" else _KIND_OF_NUMPY[v.dtype]
+             for v in views}
+    if _lists.KIND_F64 in kinds:
+        return _lists.KIND_F64
+    return kinds.pop() if len(kinds) == 1 else _lists.KIND_F32
 
 
 class _ViewsNorm:
@@ -114,7 +160,7 @@ class _ViewsNorm:
 
 
 def _plan(tensors, writable):
-    """(a Plan over the tensors' memory, whether any is float64), or None for torch's path.
+    """(a Plan over the tensors' memory, the total norm's kind), or None for torch's path.
 
     Nothing is cached: the tensors are checked at every call, so fresh gradient
     tensors (``zero_grad(set_to_none=True)``) cost the same as kept ones. The
@@ -130,14 +176,13 @@ def _plan(tensors, writable):
             views = _strided_views(tensors, writable)
             if views is None:
                 return None
-            has_f64 = any(v.dtype == np.float64 for v in views)
             plan = (clipcore.Plan(views, n_threads=n_threads) if writable
                     else _ViewsNorm(views, n_threads))
-            return plan, has_f64
-        addresses, lengths, is_f64 = memory
-        plan = _lists.plan_over_memory(addresses, lengths, is_f64, writable=writable,
+            return plan, _norm_kind_of(views)
+        addresses, lengths, kinds, norm_kind = memory
+        plan = _lists.plan_over_memory(addresses, lengths, kinds, writable=writable,
                                        framework_threads=n_threads)
-        return plan, any(is_f64)
+        return plan, norm_kind
     except ValueError:     # memory shared, or a view overlapping itself: torch scales
         return None        # it once per tensor (per element view)
 
@@ -153,16 +198,23 @@ def _compiled_grads(parameters):
     return [p.grad for p in parameters if p.grad is not None]
 
 
+def _fast_norm_type(tensors, norm_type):
+    """True when clipcore computes this norm: p > 0, and for the max norm no empty
+    tensor (torch raises there: a maximum over nothing has no identity)."""
+    if norm_type == math.inf:
+        return not any(isinstance(t, _Tensor) and t.numel() == 0 for t in tensors)
+    return norm_type > 0
+
+
 def _as_list(tensors):
     return [tensors] if isinstance(tensors, _Tensor) else list(tensors)
 
 
-def _total_norm_tensor(value, has_f64):
-    """The 0-d tensor torch returns: float64 if any input is float64, else float32."""
-    try:
-        return torch.full((), value, dtype=_f64 if has_f64 else _f32)
-    except RuntimeError:   # beyond float32's range: torch.tensor rounds to inf, as torch would
-        return torch.tensor(value, dtype=_f32)
+def _total_norm_tensor(value, kind):
+    """The 0-d tensor torch returns, of its dtype (float64 if any input is float64,
+    the inputs' 16-bit type if they all have it, else float32): value rounded to it
+    (beyond its range: inf, as torch would give)."""
+    return torch.full((), _compiled.torch_total_norm(value, kind), dtype=_DTYPE_OF_KIND[kind])
 
 
 def _check_finite(total_norm, norm_type, error_if_nonfinite):
@@ -176,13 +228,13 @@ def _check_finite(total_norm, norm_type, error_if_nonfinite):
 def _coefficient(max_norm, total_norm):
     """torch's ``clamp(max_norm / (total_norm + 1e-6), max=1.0)`` as a Python float.
 
-    For float32 and float64 totals clipcore computes it as torch does (see
-    clipcore._torch.torch_coef), a few microseconds cheaper than three tensor
-    operations; other dtypes use torch's.
+    For float32, float64, float16 and bfloat16 totals clipcore computes it as
+    torch does (see clipcore._torch.torch_coef), a few microseconds cheaper
+    than three tensor operations; other dtypes use torch's.
     """
-    dtype = total_norm.dtype
-    if dtype is _f64 or dtype is _f32:
-        return _compiled.torch_clip_coef(total_norm.item(), dtype is _f64, max_norm)
+    kind = _KIND_OF_DTYPE.get(total_norm.dtype)
+    if kind is not None:
+        return _compiled.torch_clip_coef(total_norm.item(), kind, max_norm)
     return torch.clamp(max_norm / (total_norm.detach() + 1e-6), max=1.0).item()
 
 
@@ -222,8 +274,9 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     Returns
     -------
     Tensor
-        A 0-d tensor: float64 if any input is float64, else float32; for no
-        tensors, ``torch.tensor(0.0)``.
+        A 0-d tensor of torch's dtype: float64 if any input is float64, the
+        inputs' float16 or bfloat16 if all have that one, else float32; for
+        no tensors, ``torch.tensor(0.0)``.
 
     Examples
     --------
@@ -237,13 +290,13 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
             bool(error_if_nonfinite), foreach)
     tensors = _as_list(tensors)
     norm_type = float(norm_type)
-    fast = _plan(tensors, False) if norm_type > 0 else None
+    fast = _plan(tensors, False) if _fast_norm_type(tensors, norm_type) else None
     if fast is None:
         return _torch.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
     if not tensors:
         return torch.tensor(0.0)
-    plan, has_f64 = fast
-    total = _total_norm_tensor(plan.global_norm(norm_type=norm_type), has_f64)
+    plan, kind = fast
+    total = _total_norm_tensor(plan.global_norm(norm_type=norm_type), kind)
     _check_finite(total, norm_type, error_if_nonfinite)
     return total
 
@@ -319,8 +372,9 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     Returns
     -------
     Tensor
-        The total norm before clipping, a 0-d tensor (float64 if any gradient
-        is float64, else float32).
+        The total norm before clipping, a 0-d tensor of torch's dtype
+        (float64 if any gradient is float64, the gradients' float16 or
+        bfloat16 if all have that one, else float32).
 
     Raises
     ------
@@ -351,20 +405,20 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
                           stacklevel=2)
     grads = [g for g in map(_grad_of, parameters) if g is not None]
     norm_type = float(norm_type)
-    fast = _plan(grads, True) if norm_type > 0 else None
+    fast = _plan(grads, True) if _fast_norm_type(grads, norm_type) else None
     if fast is None:    # also: gradients sharing memory, which torch scales once per entry
         return _torch.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite,
                                       foreach)
     if not grads:
         return torch.tensor(0.0)
-    plan, has_f64 = fast
+    plan, kind = fast
     max_norm = float(max_norm)
     # The norm and the scaling in one kernel call (nothing is written when
     # error_if_nonfinite is to raise).
-    norm = _compiled.clip_like_torch_(plan, max_norm, norm_type, has_f64, bool(error_if_nonfinite))
-    total = _total_norm_tensor(norm, has_f64)
+    norm = _compiled.clip_like_torch_(plan, max_norm, norm_type, kind, bool(error_if_nonfinite))
+    total = _total_norm_tensor(norm, kind)
     _check_finite(total, norm_type, error_if_nonfinite)
-    _torch_multiplies(grads, _compiled.torch_clip_coef(norm, has_f64, max_norm))
+    _torch_multiplies(grads, _compiled.torch_clip_coef(norm, kind, max_norm))
     return total
 
 
@@ -403,11 +457,218 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
     memory = _memory(grads, True)
     # The clamp, unlike a scaling, is not symmetric in sign: a tensor with the
     # negative bit (memory holding -value) goes to torch too.
-    if (not isinstance(memory, tuple) or any(memory[2])
+    if (not isinstance(memory, tuple) or any(k != _lists.KIND_F32 for k in memory[2])
             or any(map(_Tensor.is_neg, grads))):
         return _torch.clip_grad_value_(parameters, clip_value, foreach)
     _kernels._clip_value_f32_(memory[0], memory[1], -clip_value, clip_value,
                               -torch.get_num_threads())     # < 0: torch's count, backing off
+    return None
+
+
+# --- per-example clipping (Opacus) and adaptive gradient clipping (timm) -----------------
+
+def _fast_tensor(t):
+    """A plain CPU float32/float64 strided tensor that clipcore reads in place."""
+    return (type(t) in _PLAIN_TYPES and t.is_cpu and t.layout is _strided
+            and (t.dtype is _f32 or t.dtype is _f64))
+
+
+def _grad_sample(p):
+    """Opacus's DPOptimizer._get_flat_grad_sample: p.grad_sample as one tensor."""
+    if not hasattr(p, "grad_sample"):
+        raise ValueError("Per sample gradient not found. Are you using GradSampleModule?")
+    gs = p.grad_sample
+    if gs is None:
+        raise ValueError("Per sample gradient is not initialized. Not updated in backward pass?")
+    if isinstance(gs, list):
+        return torch.cat(gs, dim=0)
+    if not isinstance(gs, _Tensor):
+        raise ValueError(f"Unexpected grad_sample type: {type(gs)}")
+    return gs
+
+
+def _opacus_factor(norms, has_f64, max_grad_norm):
+    """Opacus's ``(max_grad_norm / (norms + 1e-6)).clamp(max=1.0)`` in the norms' dtype
+    (torch: reciprocal(norms + 1e-6) * max_grad_norm, as clipcore._torch.torch_coef)."""
+    with np.errstate(all="ignore"):
+        if has_f64:
+            c = 1.0 / (norms + 1e-6) * max_grad_norm
+        else:
+            one, n = np.float32(1.0), norms.astype(np.float32)
+            c = (one / (n + np.float32(1e-6))) * np.float32(max_grad_norm)
+        return np.where(c > 1, c.dtype.type(1), c)       # clamp(max=1): NaN stays NaN
+
+
+def _clip_and_accumulate_torch(params, samples, max_grad_norm):
+    """What Opacus does, in torch ops (devices and dtypes clipcore does not read)."""
+    if len(samples[0]) == 0:
+        factor = torch.zeros((0,), device=samples[0].device)
+    else:
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1)
+        factor = (max_grad_norm / (norms.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
+    for p, g in zip(params, samples):
+        g = g.to(p.dtype)
+        grad = torch.einsum("i,i...", factor.to(g.device).to(p.dtype), g)
+        if getattr(p, "summed_grad", None) is not None:
+            p.summed_grad += grad
+        else:
+            p.summed_grad = grad
+
+
+def clip_and_accumulate_(params, max_grad_norm, *, n_threads=None):
+    """Clip per-sample gradients and add their sum to ``p.summed_grad``, as Opacus does.
+
+    What ``opacus.optimizers.DPOptimizer.clip_and_accumulate`` does with the
+    per-sample gradients ``p.grad_sample`` (shape ``(B, *p.shape)``, or a
+    list of such tensors, concatenated) that Opacus's GradSampleModule
+    leaves: each sample's norm over all parameters, the factor
+    ``(max_grad_norm / (norm_i + 1e-6)).clamp(max=1)`` computed in the norms'
+    dtype as torch computes it, and ``p.summed_grad += einsum("i,i...",
+    factor, grad_sample)`` (``p.summed_grad`` is created when it is absent or
+    None). Parameters that do not require grad are skipped, as Opacus's
+    optimizer skips them. clipcore reads the per-sample gradients twice (the
+    norms, then the weighted sum) with float64 sums, rounded once: results
+    agree with Opacus's to float32 rounding and are the same bits for any
+    thread count. Opacus's ``_processed`` marks are neither checked nor set.
+    Tensors that are not CPU float32/float64 go through torch ops instead.
+
+    Parameters
+    ----------
+    params : iterable of Tensor
+        Parameters carrying ``grad_sample``.
+    max_grad_norm : float
+        The per-sample norm bound.
+    n_threads : int or None
+        Threads to use; None: ``torch.get_num_threads()``.
+
+    Raises
+    ------
+    ValueError
+        A parameter without ``grad_sample`` (Opacus's messages), per-sample
+        gradients of different batch sizes or of the wrong shape, a
+        ``summed_grad`` of the wrong shape. Nothing is written then.
+
+    Examples
+    --------
+    >>> import torch, clipcore.torch
+    >>> p = torch.nn.Parameter(torch.zeros(2))
+    >>> p.grad_sample = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+    >>> clipcore.torch.clip_and_accumulate_([p], 1.0)
+    >>> p.summed_grad
+    tensor([0.9000, 1.2000])
+    """
+    params = [p for p in _as_list(params) if p.requires_grad]
+    if not params:
+        return None
+    samples = [_grad_sample(p) for p in params]
+    for p, g in zip(params, samples):
+        if tuple(g.shape[1:]) != tuple(p.shape):
+            raise ValueError(f"grad_sample of shape {tuple(g.shape)} for a parameter of shape "
+                             f"{tuple(p.shape)}: expected (batch, *p.shape)")
+    summed = [getattr(p, "summed_grad", None) for p in params]
+    if not (all(map(_fast_tensor, samples)) and all(map(_fast_tensor, params))
+            and all(s is None or (_fast_tensor(s) and s.dtype == p.dtype)
+                    for s, p in zip(summed, params))):
+        return _clip_and_accumulate_torch(params, samples, float(max_grad_norm))
+    nt = -torch.get_num_threads() if n_threads is None else _per_example._ew.threads_arg(n_threads)
+    max_grad_norm = float(max_grad_norm)
+    arrays = _per_example._inputs([g.detach() for g in samples], "grad_sample")
+    batch = _per_example._batch_size(arrays, "grad_sample")
+    has_f64 = any(a.dtype == np.float64 for a in arrays)
+    works = [_per_example._rows(a, batch) for a in arrays]
+    # Where a sum exists it is added to; else a new tensor is written.
+    outs = [torch.empty(p.shape, dtype=p.dtype) if s is None else s
+            for p, s in zip(params, summed)]
+    out_arrays = _per_example._outputs(outs, arrays, "summed_grad", "grad_sample")
+    norms = _per_example.per_example_norms(works, batch, nt)
+    factor = _opacus_factor(norms, has_f64, max_grad_norm)
+    for dtype in {a.dtype for a in arrays}:          # the factor in p's dtype, as Opacus
+        ks = [k for k, a in enumerate(arrays) if a.dtype == dtype]
+        for accumulate in (False, True):
+            group = [k for k in ks if (summed[k] is not None) == accumulate]
+            if group:
+                _per_example.weighted_sums([works[k] for k in group],
+                                           factor.astype(dtype).astype(np.float64),
+                                           [out_arrays[k] for k in group], accumulate, nt)
+    for p, s, o in zip(params, summed, outs):
+        if s is None:
+            p.summed_grad = o
+    return None
+
+
+def _adaptive_clip_grad_torch(params, clip_factor, eps, norm_type):
+    """timm's adaptive_clip_grad in torch ops, for tensors clipcore does not read."""
+    for p in params:
+        g = p.grad.detach()
+        pd = p.detach()
+        if pd.ndim <= 1:
+            pn, gn = pd.norm(norm_type), g.norm(norm_type)
+        else:
+            dims = tuple(range(1, pd.ndim))
+            pn = pd.norm(norm_type, dim=dims, keepdim=True)
+            gn = g.norm(norm_type, dim=dims, keepdim=True)
+        max_norm = pn.clamp_(min=eps).mul_(clip_factor)
+        g.copy_(torch.where(gn < max_norm, g, g * (max_norm / gn.clamp(min=1e-6))))
+
+
+def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *,
+                        n_threads=None):
+    """Adaptive gradient clipping in place, unit-wise, as timm's ``adaptive_clip_grad``.
+
+    For each unit of each parameter with a ``.grad`` (PyTorch layout: output
+    units on the first axis, norms over the others; a parameter of at most
+    one dimension is one unit), ``max_norm = clip_factor * max(param_norm,
+    eps)``, and a unit whose grad norm is not below ``max_norm`` is
+    multiplied by ``max_norm / max(grad_norm, 1e-6)``. Norms are accumulated
+    in float64 (1, 2 and inf on clipcore's kernels, other p in NumPy), rounded
+    to the gradients' dtype, in which the factors are computed as timm does;
+    gradients whose units all stay are not written. Tensors that are not CPU
+    float32/float64 go through timm's formula in torch ops.
+
+    Parameters
+    ----------
+    parameters : Tensor or iterable of Tensor
+        Parameters; those whose ``.grad`` is None are skipped.
+    clip_factor : float, default 0.01
+        The maximum ratio of a unit's grad norm to its parameter norm.
+    eps : float, default 1e-3
+        Floor of the parameter norms.
+    norm_type : float, default 2.0
+        p of the unit norms (> 0, inf for the max).
+    n_threads : int or None
+        Threads to use; None: ``torch.get_num_threads()``.
+
+    Raises
+    ------
+    ValueError
+        Gradients that share memory with each other or with a parameter, a
+        non-positive norm_type. Nothing is written then.
+
+    Examples
+    --------
+    >>> import torch, clipcore.torch
+    >>> lin = torch.nn.Linear(2, 2, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = lin.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+    >>> lin.weight.grad = torch.tensor([[0.3, 0.4], [0.0, 0.001]])
+    >>> clipcore.torch.adaptive_clip_grad_(lin.parameters(), 0.02)
+    >>> lin.weight.grad
+    tensor([[0.0600, 0.0800],
+            [0.0000, 0.0010]])
+    """
+    params = [p for p in _as_list(parameters) if p.grad is not None]
+    norm_type = float(norm_type)
+    if not norm_type > 0:
+        raise ValueError(f"norm_type must be > 0 (inf for the max norm), got {norm_type}")
+    if not params:
+        return None
+    grads = [p.grad for p in params]
+    if not (all(map(_fast_tensor, grads)) and all(map(_fast_tensor, params))
+            and not any(g.requires_grad for g in grads)):
+        return _adaptive_clip_grad_torch(params, clip_factor, eps, norm_type)
+    nt = -torch.get_num_threads() if n_threads is None else _per_example._ew.threads_arg(n_threads)
+    _per_example.adaptive_clip(grads, [p.detach() for p in params], clip_factor, eps,
+                               "torch", norm_type, nt)
     return None
 
 

@@ -11,12 +11,23 @@ The suite also runs against an installed wheel, from a copy of tests/ alone
 (CI's wheel stage). A test that needs the repository around tests/ (the
 examples/ and benchmarks/ scripts, .gitignore, setup.py) carries
 `requires_source_tree` and skips there; SOURCE_ROOT says where that tree is.
+
+Hypothesis profiles: "ci", the default (30 examples for each fuzz test, one
+per function), and "long" (``pytest --hypothesis-profile=long``: 20,000 each).
 """
 import importlib.util
 import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                     HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=30, **_COMMON)
+settings.register_profile("long", max_examples=20000, **_COMMON)
+settings.load_profile("ci")
 
 # marker -> the module the marked test imports
 OPTIONAL = {
@@ -28,6 +39,9 @@ OPTIONAL = {
     "requires_cython": "Cython",
     "requires_lightning": "lightning",
     "requires_accelerate": "accelerate",
+    "requires_opacus": "opacus",
+    "requires_jax": "jax",
+    "requires_ml_dtypes": "ml_dtypes",
 }
 
 
@@ -62,3 +76,13 @@ def pytest_runtest_setup(item):
         elif marker.name == "requires_source_tree" and SOURCE_ROOT is None:
             pytest.skip("needs the source tree around tests/ (here tests/ was copied out "
                         "to test an installed clipcore)")
+
+
+@pytest.fixture
+def no_late_backoff():
+    """The default thread policy as on a quiet machine: no back-off left by an
+    earlier late team (another process may have loaded a core meanwhile)."""
+    from clipcore import kernels
+    kernels._note_wait(0.0, 1.0)
+    yield
+    kernels._note_wait(0.0, 1.0)

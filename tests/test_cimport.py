@@ -87,9 +87,9 @@ def strided_norm(float[:] x, double norm_type):
     return kernels.layout_norm(&lay, norm_type, 1)
 
 
-def header_info():
-    """From cc_loops.h, compiled into this extension."""
-    return kernels.cc_simd_path().decode(), kernels.CC_SUMSQ, kernels.CC_MAXABS
+def kinds():
+    """Enums of the .pxd, compiled into this extension (no C header needed)."""
+    return kernels.SEG_F32, kernels.SEG_F64
 '''
 
 SETUP_PY = r'''
@@ -125,8 +125,7 @@ assert u.clip_value(arrays, -0.25, 0.25) == 0
 assert np.array_equal(np.concatenate(arrays), np.clip(ref * 0.5, -0.25, 0.25).astype(np.float32))
 x = np.arange(10, dtype=np.float32)[::-3]
 assert u.strided_norm(x, 2.0) == math.sqrt(float((x.astype(np.float64) ** 2).sum()))
-simd, sumsq, maxabs = u.header_info()
-assert simd and (sumsq, maxabs) == (0, 2)
+assert u.kinds() == (0, 1)
 print("ok", clipcore.__file__)
 '''
 
@@ -150,11 +149,12 @@ def build_and_check(tmp, pythonpath):
     return work
 
 
-def test_get_include_holds_the_public_files():
+def test_the_public_pxd_is_in_the_package_and_needs_no_header():
     inc = Path(clipcore.get_include())
-    assert (inc / "kernels.pxd").is_file() and (inc / "cc_loops.h").is_file()
-    assert "clip_value_f32" in (inc / "kernels.pxd").read_text()
     assert inc == Path(clipcore.__file__).parent
+    pxd = (inc / "kernels.pxd").read_text()
+    assert "clip_value_f32" in pxd and "cdef extern" not in pxd
+    assert not list(inc.glob("*.h"))       # the C headers stay private, in src/
 
 
 @pytest.mark.requires_cython
@@ -191,14 +191,12 @@ def _source_root():
                     reason="clipcore is installed, not a source tree: the test above "
                            "already ran against the installed package")
 def test_cimport_against_a_built_wheel(tmp_path):
-    """The wheel carries kernels.pxd and cc_loops.h; a user extension builds against it."""
+    """The wheel carries kernels.pxd (no header); a user extension builds against it."""
     root = _source_root()
     src = tmp_path / "src_tree"
     ignore = shutil.ignore_patterns("*.so", "*.pyd", "*.c", "build", "dist", "*.egg-info",
                                     "__pycache__", ".git", "tests", "benchmarks", "examples")
     shutil.copytree(root, src, ignore=ignore)
-    for name in ("kernels.pxd", "cc_loops.h"):      # only the copies the build makes
-        (src / "clipcore" / name).unlink(missing_ok=True)
     out = tmp_path / "wheel"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                             "--no-build-isolation", "-q", "-w", str(out), str(src)],
@@ -208,6 +206,7 @@ def test_cimport_against_a_built_wheel(tmp_path):
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-        assert {"clipcore/kernels.pxd", "clipcore/cc_loops.h"} <= names, sorted(names)
+        assert "clipcore/kernels.pxd" in names, sorted(names)
+        assert not [n for n in names if n.endswith(".h")], sorted(names)
         zf.extractall(site)
     build_and_check(tmp_path, [str(site)])

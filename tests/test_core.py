@@ -470,14 +470,13 @@ def test_plan_matches_function(n_threads):
 
 # --- threads, GIL, build --------------------------------------------------------------
 
-def test_small_work_stays_on_one_thread():
-    kernels._note_wait(10e-6, 1e-3)      # a punctual team: end a back-off a busy machine began
+def test_small_work_stays_on_one_thread(no_late_backoff):
+    crossover = kernels.get_tuning()["parallel_min"]     # 655,360 unless calibrated
     assert kernels.threads_for(256, 0) == 1          # a 1 KB list
     assert kernels.threads_for(256, 4) == 1          # even when asked for more
     assert kernels.threads_for(235_146, 4) == 4      # asked: the MNIST MLP on four
-    assert kernels.threads_for(235_146, 0) == 1      # by default: below 2.5 MiB, one
-    assert kernels.threads_for(655_359, 0) == 1
-    assert kernels.threads_for(655_360, 0) == kernels.max_threads()
+    assert kernels.threads_for(max(65_536, crossover - 1), 0) == 1   # by default: below it, one
+    assert kernels.threads_for(max(65_536, crossover), 0) == kernels.max_threads()
     assert kernels.threads_for(10**7, 3) == 3
     assert kernels.threads_for(10**7, 0) == kernels.max_threads()
 
@@ -490,7 +489,7 @@ def test_n_threads_none_follows_omp_num_threads():
 
 
 @pytest.mark.requires_threadpoolctl
-def test_n_threads_none_follows_threadpoolctl():
+def test_n_threads_none_follows_threadpoolctl(no_late_backoff):
     import threadpoolctl
     if not kernels.openmp_enabled():
         pytest.skip("serial build")

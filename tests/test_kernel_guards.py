@@ -107,7 +107,7 @@ def test_forked_child_does_not_hang(how):
 
 # --- bounded teams ---------------------------------------------------------------------
 
-def test_thread_count_is_capped():
+def test_thread_count_is_capped(no_late_backoff):
     procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cap = 4 * (procs if kernels.openmp_enabled() else 1)     # THREADS_PER_PROC per processor
     assert kernels.threads_for(10**8, 1 << 16) == cap

@@ -279,6 +279,41 @@ def test_training_step_in_tf_function():
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
+def _ragged_list(dtype):
+    rng = np.random.default_rng(11)
+    shapes = [(300, 701), (), (0, 3), (5,), (129, 3, 67), (70001,), (1,)]
+    return [tf.constant(rng.normal(size=s).astype(dtype) * 3) for s in shapes]
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["end-to-end", "one-by-one"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_graph_global_ops_bitwise_equal_eager(dtype, flat, monkeypatch):
+    # Small tensors go to the core end to end (one buffer): the same elements
+    # in the same order, so the same chunks and the same bits; large ones one
+    # by one (unknown sizes always end to end).
+    monkeypatch.setattr(_tf, "FLAT_MAX_MEAN_BYTES", 1 << 40 if flat else 0)
+    ts = _ragged_list(dtype)
+    arrays = [t.numpy() for t in ts]
+    ref_outs, ref_norm = clipcore.clip_by_global_norm(arrays, 1.0)
+    ref_gn = clipcore.global_norm(arrays)
+    got_outs, got_norm = tf.function(lambda l: clipcore.clip_by_global_norm(l, 1.0))(ts)
+    assert got_norm.numpy().tobytes() == np.asarray(ref_norm).tobytes()
+    for g, r, t in zip(got_outs, ref_outs, ts):
+        assert g.shape == t.shape and g.dtype == t.dtype
+        assert g.numpy().tobytes() == r.tobytes()
+    gn = tf.function(lambda l: clipcore.global_norm(l))(ts)
+    assert gn.numpy() == dtype(ref_gn)
+    # unknown dimensions and ranks: shapes come back from the tensors at run time
+    loose = [tf.TensorSpec([None] * t.shape.rank, t.dtype) for t in ts[:-1]] + [
+        tf.TensorSpec(None, ts[-1].dtype)]
+    fn = tf.function(lambda *l: clipcore.clip_by_global_norm(list(l), 1.0),
+                     input_signature=loose)
+    got_outs, got_norm = fn(*ts)
+    assert got_norm.numpy() == ref_norm
+    for g, r in zip(got_outs, ref_outs):
+        assert g.shape == r.shape and g.numpy().tobytes() == r.tobytes()
+
+
 # ---------------------------------------------------------------- fallback
 
 def test_jit_compile_falls_back_with_one_warning():

@@ -177,8 +177,7 @@ def grad_requiring_grad():
 FALLBACKS = {   # (gradients, norm_type) that clipcore hands to torch (no CUDA needed), and
     # the counts of clipcore_norm_, clip_grad_norm, get_total_norm: clipcore's tensor check
     # is skipped for norm_type 0, and get_total_norm reads a grad requiring grad itself
-    "bfloat16": (lambda: params_with_grads(torch.bfloat16), 2.0, {"clipcore": 3, "torch": 3}),
-    "float16": (lambda: params_with_grads(torch.float16), 2.0, {"clipcore": 3, "torch": 3}),
+    # (float16 and bfloat16 gradients take clipcore's path now: tests/test_half.py)
     "grad requires grad": (grad_requiring_grad, 2.0, {"clipcore": 3, "torch": 2}),
     "norm_type 0": (params_with_grads, 0.0, {"torch": 3}),
 }
@@ -420,7 +419,7 @@ def test_compile_fullgraph_matches_eager(fn):
 
 def test_compile_default_backend_through_patched_torch_and_fallback_dtypes():
     torch._dynamo.reset()
-    for bf16 in (False, True):           # a bfloat16 grad: the op hands all to torch
+    for bf16 in (False, True):           # a bfloat16 grad in a float32 list: a mixed list
 
         def make():
             ps = params_with_grads()
@@ -429,8 +428,8 @@ def test_compile_default_backend_through_patched_torch_and_fallback_dtypes():
             return ps
         ps, ref = make(), make()
         expected = ct.clip_grad_norm_(ref, 0.5)                           # eager
-        if bf16:                         # clipcore's eager call is torch's then
-            assert torch.equal(expected, TORCH["clip_grad_norm_"](make(), 0.5))
+        if bf16:   # torch rounds the bfloat16 tensor's own norm to bfloat16 first: 2^-8
+            assert torch.allclose(expected, TORCH["clip_grad_norm_"](make(), 0.5), rtol=4e-3)
         with ct.patch():
             got = torch.compile(compiled_through_torch, fullgraph=True)(ps)   # inductor
         assert got.dtype == expected.dtype == torch.float32 and torch.equal(got, expected)

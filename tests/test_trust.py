@@ -324,3 +324,70 @@ def test_torch_float64_norm_is_finite_where_torchs_overflows(value, p):
     norm = clipcore.torch.clip_grad_norm_([param], 1.0, norm_type=p, error_if_nonfinite=True)
     assert norm.item() == pytest.approx(value * 2 ** (1 / p), rel=1e-12)
     np.testing.assert_allclose(param.grad.numpy(), 2 ** (-1 / p), rtol=1e-6)
+
+
+# --- float16 buffers scaled by a small factor ---------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float16, ">f4", ">f8"])
+def test_slow_path_buffers_are_scaled_with_an_unrounded_factor(dtype):
+    # The factor 1e-6 was cast to float16 (1.013e-6, a subnormal) before the multiply:
+    # 1000 became 0.001013 instead of 0.001.
+    a = np.array([1000.0, -500.0], dtype)
+    for clip in (lambda: clipcore.clip_by_global_norm_([a], 1e-3 * np.sqrt(1.25)),
+                 lambda: clipcore.Plan([a]).clip_by_global_norm_(1e-3 * np.sqrt(1.25))):
+        a[...] = [1000.0, -500.0]
+        clip()
+        np.testing.assert_allclose(a.astype(np.float64), [1e-3, -5e-4],
+                                   rtol=np.finfo(np.dtype(dtype)).eps)
+
+
+# --- clipcore.torch: the tensors after a strided gradient -----------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bool", "float16", "int32"])
+def test_gradients_after_a_strided_one_are_checked_too(dtype):
+    # The check stopped at the first non-contiguous gradient: a later bool gradient
+    # reached clipcore's Plan (TypeError where torch raises RuntimeError) and a later
+    # float16 one was clipped by clipcore instead of torch.
+    torch = torch_or_skip()
+    import clipcore.torch as cct
+
+    def params():
+        a = torch.nn.Parameter(torch.zeros(3))
+        a.grad = torch.arange(6.0)[::2]
+        dt = getattr(torch, dtype)
+        b = torch.nn.Parameter(torch.zeros(2, dtype=dt), requires_grad=dt.is_floating_point)
+        b.grad = torch.tensor([3.0, -4.0]).to(dt)
+        return [a, b]
+
+    mine, theirs = params(), params()
+    try:
+        want = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    except RuntimeError as exc:
+        with pytest.raises(RuntimeError, match=str(exc)[:30]):
+            cct.clip_grad_norm_(mine, 1.0)
+        return
+    got = cct.clip_grad_norm_(mine, 1.0)
+    assert got.dtype == want.dtype and got.item() == pytest.approx(want.item(), rel=1e-3)
+    for p, q in zip(mine, theirs):
+        np.testing.assert_allclose(p.grad.float().numpy(), q.grad.float().numpy(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("fn", ["get_total_norm", "clip_grad_norm_"])
+def test_max_norm_over_an_empty_tensor_raises_as_in_torch(fn):
+    # clipcore.torch returned 0 (or scaled nothing) where torch raises: a maximum over
+    # no elements has no identity.
+    torch = torch_or_skip()
+    import clipcore.torch as cct
+    p = torch.nn.Parameter(torch.zeros(0))
+    p.grad = torch.zeros(0)
+    q = torch.nn.Parameter(torch.zeros(2))
+    q.grad = torch.tensor([3.0, -4.0])
+    arg = [p.grad, q.grad] if fn == "get_total_norm" else [p, q]
+    with pytest.raises(RuntimeError) as want:
+        getattr(torch.nn.utils, fn)(arg, 1.0 if fn == "clip_grad_norm_" else float("inf"),
+                                    *(["inf"] if fn == "clip_grad_norm_" else []))
+    with pytest.raises(RuntimeError, match="empty tensor"):
+        getattr(cct, fn)(arg, *([1.0, float("inf")] if fn == "clip_grad_norm_" else
+                                [float("inf")]))
+    assert q.grad.tolist() == [3.0, -4.0]
+    assert "empty tensor" in str(want.value)

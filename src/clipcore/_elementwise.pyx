@@ -19,14 +19,11 @@ from libc.stdlib cimport malloc, calloc, free
 cimport numpy as cnp
 
 from clipcore.kernels cimport (resolve_threads, Claims, claims_new, run_claimed, note_wait,
-                               tuning_table, chunk_size, chunk_count, cc_team_rank,
-                               cc_team_size, cc_now)
+                               tuning_table, chunk_size, chunk_count)
+from clipcore._loops cimport cc_team_rank, cc_team_size, cc_now, cc_use_tuning
 from clipcore._lists cimport as_threads
 
 cnp.import_array()
-
-cdef extern from "cc_loops.h" nogil:
-    void cc_use_tuning(int *table)
 
 cc_use_tuning(tuning_table())       # the kernels module's choices (cc_loops.h)
 

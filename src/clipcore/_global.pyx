@@ -13,6 +13,7 @@ cimport numpy as cnp
 
 from clipcore._lists cimport _Buffers, collect, as_threads, as_norm_type, as_tuple
 from clipcore.kernels cimport resolve_threads, tuning_table
+from clipcore._loops cimport cc_use_tuning
 
 import importlib
 
@@ -21,9 +22,6 @@ import numpy as np
 from clipcore._adapt import as_array, as_tensor_array, to_tf, to_torch
 
 cnp.import_array()
-
-cdef extern from "cc_loops.h" nogil:
-    void cc_use_tuning(int *table)
 
 cc_use_tuning(tuning_table())       # the kernels module's choices (cc_loops.h)
 
@@ -250,20 +248,6 @@ cdef object norm_dtype(list arrays):
     return first.dtype
 
 
-cdef list readable(list arrays):
-    """The arrays for the core's norm: bfloat16 ones (no NumPy float kind) as float32."""
-    cdef list out = None
-    cdef Py_ssize_t i
-    for i in range(len(arrays)):
-        a = arrays[i]
-        if (a is not None and cnp.PyArray_ISUSERDEF(<cnp.ndarray>a)
-                and a.dtype.name == "bfloat16"):
-            if out is None:
-                out = list(arrays)
-            out[i] = a.astype(np.float32)
-    return arrays if out is None else out
-
-
 cdef object wrap_norm(object value, str fw):
     if fw == "tf":
         return importlib.import_module("tensorflow").constant(value)
@@ -315,7 +299,7 @@ def global_norm(t_list, name=None, *, norm_type=2.0, n_threads=None):
     cdef int nt = as_threads(n_threads)
     cdef list items = list(as_tuple(t_list, "t_list"))
     arrays, wraps, fw = prepare(items)
-    value = collect(readable(arrays), False, "t_list").norm(p, nt)
+    value = collect(arrays, False, "t_list").norm(p, nt)
     if fw == "tf":
         return wrap_norm(norm_dtype(arrays).type(value), fw)
     return value
@@ -396,8 +380,9 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_thread
     cdef _Buffers buffers
     arrays, wraps, fw = prepare(items)
     c = scalar_of(clip_norm, "clip_norm")
-    # Validates every entry (floating point) whether or not the norm is needed.
-    buffers = collect(readable(arrays), False, "t_list")
+    # Validates every entry (floating point) whether or not the norm is needed;
+    # float16 and bfloat16 entries are read at their own width.
+    buffers = collect(arrays, False, "t_list")
     if use_norm is None:
         dtype = norm_dtype(arrays)
         un = dtype.type(buffers.norm(2.0, nt))

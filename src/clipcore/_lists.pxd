@@ -49,6 +49,7 @@ cdef class Plan:
     cdef int n_threads
     cdef _Buffers live(self)
 
+cdef void extent_of(Extent *e, cnp.ndarray arr, Py_ssize_t pos) noexcept
 cdef tuple as_tuple(object t_list, str name)
 cdef _Buffers collect(object t_list, bint in_place, str name)
 cdef double as_real(object value, str name) except? -1.0

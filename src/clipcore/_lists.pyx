@@ -10,8 +10,9 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy
 from cpython.object cimport PyObject
 
-from clipcore.kernels cimport (Segment, Layout, SEG_F32, SEG_F64, SEG_F64_COPY, clip_rule,
-                               layout_scale, layout_clip)
+from clipcore.kernels cimport (Segment, Layout, SEG_F32, SEG_F64, SEG_F64_COPY, SEG_F16,
+                               SEG_BF16, clip_rule, layout_scale, layout_clip,
+                               segment_itemsize)
 
 import collections.abc
 import numpy as np
@@ -21,6 +22,12 @@ from clipcore._convert import buffer_view, fingerprint
 cnp.import_array()
 
 cdef type ndarray = np.ndarray
+
+# The segment kinds, for plan_over_memory's callers.
+KIND_F32 = SEG_F32
+KIND_F64 = SEG_F64
+KIND_F16 = SEG_F16
+KIND_BF16 = SEG_BF16
 
 
 cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
@@ -171,6 +178,66 @@ def check_writable_layout(cnp.ndarray arr not None, str name):
                          f"more than once") from None
 
 
+cdef void extent_of(Extent *e, cnp.ndarray arr, Py_ssize_t pos) noexcept:
+    """The bytes a non-empty arr spans, as an Extent at position pos."""
+    cdef Py_ssize_t d, ext
+    e.lo = e.hi = <char *>cnp.PyArray_DATA(arr)
+    for d in range(cnp.PyArray_NDIM(arr)):
+        ext = (cnp.PyArray_DIM(arr, d) - 1) * cnp.PyArray_STRIDE(arr, d)
+        if ext < 0:
+            e.lo += ext
+        else:
+            e.hi += ext
+    e.hi += cnp.PyArray_ITEMSIZE(arr)
+    e.pos = pos
+    e.dense = e.hi - e.lo == cnp.PyArray_NBYTES(arr)
+
+
+def check_apart(outs, ins, str out_name, str in_name):
+    """Raise ValueError naming the first outs[i] that shares memory with an ins[j].
+
+    outs and ins are lists of ndarrays (None entries and empty arrays are
+    skipped); sharing within one list is not looked at (the callers check
+    their outputs with the in-place rules). Extents are sorted; only an output
+    and an input whose extents meet are compared, element by element
+    (np.shares_memory), so interleaved strided views may be disjoint.
+    """
+    cdef Py_ssize_t n_out = len(outs), n = n_out + len(ins), count = 0, j, k, a, b
+    cdef Extent *exts = <Extent *>malloc((n + 1) * sizeof(Extent))
+    cdef char *max_hi
+    cdef list arrays = list(outs) + list(ins)
+    if exts == NULL:
+        raise MemoryError()
+    try:
+        for j in range(n):
+            arr = arrays[j]
+            if arr is not None and cnp.PyArray_SIZE(<cnp.ndarray>arr) > 0:
+                extent_of(&exts[count], <cnp.ndarray>arr, j)
+                count += 1
+        sort_extents(exts, count)
+        j = 0
+        while j < count:
+            k = j + 1
+            max_hi = exts[j].hi
+            while k < count and exts[k].lo < max_hi:
+                if exts[k].hi > max_hi:
+                    max_hi = exts[k].hi
+                k += 1
+            for b in range(j + 1, k):          # a group of chained extents
+                for a in range(j, b):
+                    if ((exts[a].pos < n_out) != (exts[b].pos < n_out)
+                            and exts[a].hi > exts[b].lo
+                            and np.shares_memory(arrays[exts[a].pos], arrays[exts[b].pos])):
+                        i_out = min(exts[a].pos, exts[b].pos)
+                        i_in = max(exts[a].pos, exts[b].pos) - n_out
+                        raise ValueError(f"{out_name}[{i_out}] shares memory with "
+                                         f"{in_name}[{i_in}]: writing it would change "
+                                         f"an input before it is read")
+            j = k
+    finally:
+        free(exts)
+
+
 cdef int check_group(Extent *exts, Py_ssize_t count, list arrays, str name) except -1:
     """Raise if any two of a group of chained overlapping extents share memory."""
     cdef Py_ssize_t i, j, total = 0
@@ -239,6 +306,13 @@ cdef double tf_rule(double norm, const void *ctx) noexcept nogil:
     if norm <= r.clip_norm:
         return 1.0
     return r.clip_norm / norm
+
+
+cdef bint is_bfloat16(cnp.ndarray arr) except -1:
+    """arr holds bfloat16 (ml_dtypes' type, or any user-defined type of that name
+    and size: NumPy has no bfloat16 of its own, nor a float kind for it)."""
+    return (cnp.PyArray_ISUSERDEF(arr) and cnp.PyArray_ITEMSIZE(arr) == 2
+            and (<object>arr).dtype.name == "bfloat16")
 
 
 cdef class _Buffers:
@@ -332,10 +406,18 @@ cdef class _Buffers:
     cdef int add(self, cnp.ndarray arr, Py_ssize_t index, str name, bint in_place) except -1:
         cdef int type_num = cnp.PyArray_TYPE(arr)
         cdef Py_ssize_t n = 1
-        cdef int kind, d
+        cdef int kind = -1, d
         for d in range(cnp.PyArray_NDIM(arr)):
             n *= cnp.PyArray_DIM(arr, d)
-        if not cnp.PyArray_ISFLOAT(arr):
+        if type_num == cnp.NPY_FLOAT:
+            kind = SEG_F32
+        elif type_num == cnp.NPY_DOUBLE:
+            kind = SEG_F64
+        elif type_num == cnp.NPY_FLOAT16:
+            kind = SEG_F16
+        elif is_bfloat16(arr):
+            kind = SEG_BF16
+        elif not cnp.PyArray_ISFLOAT(arr):
             raise TypeError(f"{name}[{index}]: expected a floating-point array or buffer, "
                             f"got an array of {(<object>arr).dtype}")
         if in_place and not cnp.PyArray_ISWRITEABLE(arr):
@@ -349,16 +431,14 @@ cdef class _Buffers:
         if self.exts != NULL:
             check_not_self_overlapping(arr, index, name)
             self.add_extent(arr, index)
-        if ((type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE)
-                or not cnp.PyArray_ISNOTSWAPPED(arr) or not cnp.PyArray_ISALIGNED(arr)):
-            # float16, long double, byte-swapped or unaligned: the kernels read a
-            # float64 copy (refreshed before every norm) and NumPy scales the
-            # original in place.
+        if kind < 0 or not cnp.PyArray_ISNOTSWAPPED(arr) or not cnp.PyArray_ISALIGNED(arr):
+            # long double, byte-swapped or unaligned: the kernels read a float64
+            # copy (refreshed before every norm) and NumPy scales the original
+            # in place (scale_generic).
             copy = np.empty((<object>arr).shape, dtype=np.float64)
             self.generic.append((index, arr, copy))
             self.push(<char *>cnp.PyArray_DATA(copy), n, 1, SEG_F64_COPY)
             return 0
-        kind = SEG_F32 if type_num == cnp.NPY_FLOAT else SEG_F64
         if cnp.PyArray_IS_C_CONTIGUOUS(arr) or cnp.PyArray_IS_F_CONTIGUOUS(arr):
             self.push(<char *>cnp.PyArray_DATA(arr), n, 1, kind)
         else:
@@ -367,18 +447,7 @@ cdef class _Buffers:
 
     cdef void add_extent(self, cnp.ndarray arr, Py_ssize_t index) noexcept:
         """Record the bytes arr spans, for the overlap check (here, while arr is in cache)."""
-        cdef Extent *e = &self.exts[self.n_exts]
-        cdef Py_ssize_t d, ext
-        e.lo = e.hi = <char *>cnp.PyArray_DATA(arr)
-        for d in range(cnp.PyArray_NDIM(arr)):
-            ext = (cnp.PyArray_DIM(arr, d) - 1) * cnp.PyArray_STRIDE(arr, d)
-            if ext < 0:
-                e.lo += ext
-            else:
-                e.hi += ext
-        e.hi += cnp.PyArray_ITEMSIZE(arr)
-        e.pos = index
-        e.dense = e.hi - e.lo == cnp.PyArray_NBYTES(arr)
+        extent_of(&self.exts[self.n_exts], arr, index)
         self.n_exts += 1
 
     cdef int pin(self, tuple seq) except -1:
@@ -439,9 +508,16 @@ cdef class _Buffers:
         return self.clip_with(NULL, NULL, norm_type, n_threads)
 
     cdef int scale_generic(self, double factor) except -1:
-        """NumPy scales the buffers the kernels only read a float64 copy of."""
+        """NumPy scales the buffers the kernels only read a float64 copy of.
+
+        16-bit ones by the float32 factor, as the kernels scale them; the others
+        by a float64 scalar, so that the product is taken in float64 (or long
+        double) and rounded once (a Python float would be cast to the buffer's
+        dtype first, and a small factor lose its digits).
+        """
+        cdef object f32 = np.float32(factor), f64 = np.float64(factor)
         for _, arr, copy in self.generic:
-            np.multiply(arr, factor, out=arr, casting="unsafe")
+            np.multiply(arr, f32 if arr.dtype.itemsize == 2 else f64, out=arr, casting="unsafe")
         return 0
 
     cdef int scale(self, double factor, int n_threads) except -1:
@@ -706,22 +782,24 @@ cdef class Plan:
         return self.live().clip(c, use_norm, p, bool(error_if_nonfinite), self.n_threads)
 
 
-def plan_over_memory(addresses, lengths, is_float64, *, bint writable, int framework_threads):
-    """A Plan over contiguous float32/float64 buffers given by address and length.
+def plan_over_memory(addresses, lengths, kinds, *, bint writable, int framework_threads):
+    """A Plan over contiguous buffers given by address, length and kind.
 
-    For adapters that check the buffers themselves (clipcore.torch): no
-    reference is taken, so the caller keeps the memory alive while using the
-    Plan. With writable, buffers that share memory raise ValueError (they
-    would be scaled twice); for reading, sharing is fine. framework_threads:
-    the framework's own thread count, used as n_threads is, except that late
-    teams back it off as they do the default policy.
+    kinds[i] is the buffer's element type as a segment kind (KIND_F32,
+    KIND_F64, KIND_F16, KIND_BF16). For adapters that check the buffers
+    themselves (clipcore.torch): no reference is taken, so the caller keeps
+    the memory alive while using the Plan. With writable, buffers that share
+    memory raise ValueError (they would be scaled twice); for reading,
+    sharing is fine. framework_threads: the framework's own thread count,
+    used as n_threads is, except that late teams back it off as they do the
+    default policy.
     """
     cdef Py_ssize_t count = len(addresses), i, n_ext = 0, length
     cdef Plan plan = Plan.__new__(Plan)
     cdef _Buffers buf = _Buffers.__new__(_Buffers)
     cdef Extent *exts = NULL
     cdef char *data
-    cdef int itemsize
+    cdef int itemsize, kind
     if writable:
         exts = <Extent *>malloc((count + 1) * sizeof(Extent))
         if exts == NULL:
@@ -732,8 +810,11 @@ def plan_over_memory(addresses, lengths, is_float64, *, bint writable, int frame
             if length == 0:
                 continue
             data = <char *><size_t>addresses[i]
-            itemsize = 8 if is_float64[i] else 4
-            buf.push(data, length, 1, SEG_F64 if itemsize == 8 else SEG_F32)
+            kind = kinds[i]
+            if kind != SEG_F32 and kind != SEG_F64 and kind != SEG_F16 and kind != SEG_BF16:
+                raise ValueError(f"kinds[{i}]: not a buffer kind: {kind!r}")
+            itemsize = segment_itemsize(kind)
+            buf.push(data, length, 1, kind)
             if writable:
                 exts[n_ext].lo = data
                 exts[n_ext].hi = data + length * itemsize

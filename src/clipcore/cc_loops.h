@@ -18,6 +18,8 @@
 #define CLIPCORE_CC_LOOPS_H
 
 #include <stddef.h>
+#include <stdint.h>
+#include <string.h>
 #include <math.h>
 #include <float.h>
 
@@ -178,6 +180,55 @@ static inline const char *cc_simd_path(void) {
 #endif
 
 
+/* 16-bit floats: float16 (IEEE binary16) and bfloat16 (the top half of a
+ * float32), held as uint16_t bits. Both widen to float32 exactly; a float32
+ * narrows to them rounded to nearest, ties to even (RNE), as F16C's
+ * vcvtps2ph and torch's conversions do: overflow gives inf, results below the
+ * smallest normal become subnormal or zero, and a NaN stays a quiet NaN
+ * keeping its sign and the top of its payload. Plain C on the bits, written
+ * without branches so that the generic loops still vectorize; the
+ * hand-written AVX-512 loops use F16C and integer shifts for the same bits. */
+static inline float cc_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t cc_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static inline float cc_bf16_to_f32(uint16_t h) { return cc_bits_f32((uint32_t)h << 16); }
+
+static inline uint16_t cc_f32_to_bf16(float f) {
+    const uint32_t u = cc_f32_bits(f);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  /* the bias trick */
+    const uint32_t quiet = (u >> 16) | 0x40u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
+}
+
+/* float16 -> float32: exponent rebiased; a subnormal (exponent 0) scaled
+ * exactly by a float32 subtraction of the magic 2^-14; inf/NaN get the
+ * float32 all-ones exponent. */
+static inline float cc_f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t em = (uint32_t)(h & 0x7fffu) << 13;     /* exponent and mantissa */
+    const uint32_t exp = em & 0x0f800000u;
+    const uint32_t normal = em + ((127u - 15u) << 23);
+    const uint32_t special = normal + ((128u - 16u) << 23);
+    const float sub = cc_bits_f32(em + (113u << 23)) - cc_bits_f32(113u << 23);
+    const uint32_t mag = exp == 0x0f800000u ? special : exp == 0 ? cc_f32_bits(sub) : normal;
+    return cc_bits_f32(mag | sign);
+}
+
+/* float32 -> float16, RNE. Small values: adding 0.5 (as float32) leaves the
+ * float16 subnormal's bits, rounded by the float32 adder, in the low bits;
+ * normal ones: rebias and round the 13 dropped bits to even. */
+static inline uint16_t cc_f32_to_f16(float f) {
+    const uint32_t u = cc_f32_bits(f);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    const uint32_t a = u & 0x7fffffffu;
+    const uint32_t nan = 0x7e00u | ((a >> 13) & 0x3ffu);
+    const uint32_t big = a > 0x7f800000u ? nan : 0x7c00u;
+    const uint32_t sub = cc_f32_bits(cc_bits_f32(a) + cc_bits_f32(126u << 23)) - (126u << 23);
+    const uint32_t norm = (a + ((uint32_t)(15 - 127) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+    const uint32_t mag = a >= ((127u + 16u) << 23) ? big : a < (113u << 23) ? sub : norm;
+    return (uint16_t)(mag | sign);
+}
+
 #define CC_LANES 64
 
 /* Reduction kinds; the chunk driver combines sums by addition, maxima by max. */
@@ -204,8 +255,11 @@ static inline double cc_combine_lanes(double *acc, int is_max) {
  * latency. For the general power p, |x| is divided by scale (the max |x|
  * over all buffers, found in a first pass) so sum |x|^p cannot overflow;
  * divided, not multiplied by 1 / scale, which is inf for a subnormal scale.
- * NaN is sticky in a max lane: v > NaN is false. */
-#define CC_DEFINE_REDUCE(NAME, T)                                              \
+ * NaN is sticky in a max lane: v > NaN is false. Elements of storage type T
+ * are read as LOAD(element), of type V (float for float32 and the 16-bit
+ * types, whose float32 values are exact: a 16-bit element adds exactly what
+ * its float32 upcast adds, to the same lane). */
+#define CC_DEFINE_REDUCE(NAME, T, V, LOAD)                                     \
 CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
                                      int kind, double p, double scale,         \
                                      double *restrict acc) {                   \
@@ -217,22 +271,22 @@ CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
             for (; i < nv; i += CC_LANES) {                                    \
                 CC_PREFETCH_AHEAD(x + i, sizeof *x * CC_LANES)                 \
                 for (int k = 0; k < CC_LANES; k++) {                           \
-                    double v = (double)x[i + k]; acc[k] += v * v; } }          \
+                    double v = (double)LOAD(x[i + k]); acc[k] += v * v; } }    \
             break;                                                             \
         case CC_SUMABS:                                                        \
             for (; i < nv; i += CC_LANES)                                      \
                 for (int k = 0; k < CC_LANES; k++)                             \
-                    acc[k] += fabs((double)x[i + k]);                          \
+                    acc[k] += fabs((double)LOAD(x[i + k]));                    \
             break;                                                             \
         case CC_MAXABS: {                                                      \
-            /* In T: max is exact in any type, and float32 gets twice the     \
+            /* In V: max is exact in any type, and float32 gets twice the      \
              * lanes per instruction. A NaN is kept apart (nan[k]) so that    \
              * each lane is one packed max and one compare-and-blend.        */\
-            T m[CC_LANES] = {0}, nan[CC_LANES] = {0};                          \
+            V m[CC_LANES] = {0}, nan[CC_LANES] = {0};                          \
             for (; i < nv; i += CC_LANES)                                      \
                 for (int k = 0; k < CC_LANES; k++) {                           \
-                    T a = x[i + k];                                            \
-                    T v = a < 0 ? -a : a;                                      \
+                    V a = LOAD(x[i + k]);                                      \
+                    V v = a < 0 ? -a : a;                                      \
                     m[k] = v > m[k] ? v : m[k];                                \
                     nan[k] = v != v ? v : nan[k]; }                            \
             for (int k = 0; k < CC_LANES; k++)                                 \
@@ -242,12 +296,12 @@ CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
         default:                                                               \
             for (; i < nv; i += CC_LANES)                                      \
                 for (int k = 0; k < CC_LANES; k++)                             \
-                    acc[k] += pow(fabs((double)x[i + k]) / scale, p);          \
+                    acc[k] += pow(fabs((double)LOAD(x[i + k])) / scale, p);    \
         }                                                                      \
     }                                                                          \
     /* Tail (and strided buffers), lane by lane. */                            \
     for (; i < n; i++) {                                                       \
-        double v = fabs((double)x[i * stride]);                                \
+        double v = fabs((double)LOAD(x[i * stride]));                          \
         double *a = &acc[i % CC_LANES];                                        \
         switch (kind) {                                                        \
         case CC_SUMSQ: *a += v * v; break;                                     \
@@ -289,67 +343,130 @@ CC_AVX512 static inline __mmask16 cc_mask16(ptrdiff_t left) {
         const ptrdiff_t left = CC_LANES; CC_EACH8(STEP) }                      \
     if (i < n) { const ptrdiff_t left = n - i; CC_EACH8(STEP) }
 #define CC_LOAD8(j) cc_mask8(left - 8 * j), x + i + 8 * j
-#define CC_SUMSQ_STEP(j) { const __m512d v = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(CC_LOAD8(j))); \
-                           a##j = _mm512_fmadd_pd(v, v, a##j); }
-#define CC_SUMABS_STEP(j) { const __m512d v = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(CC_LOAD8(j))); \
-                            a##j = _mm512_add_pd(a##j, _mm512_abs_pd(v)); }
-/* Max-abs keeps 64 float lanes as 4 registers of 16 (m0 holds lanes 0-15). */
+/* Eight elements (the arguments: mask, address) as float32: loaded, or widened from the
+ * 16-bit types (F16C's vcvtph2ps; bfloat16 shifted into the top half). */
+#define CC_PS8_F32(...) _mm256_maskz_loadu_ps(__VA_ARGS__)
+#define CC_PS8_F16(...) _mm256_cvtph_ps(_mm_maskz_loadu_epi16(__VA_ARGS__))
+#define CC_PS8_BF16(...) _mm256_castsi256_ps(_mm256_slli_epi32(                \
+        _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(__VA_ARGS__)), 16))
+#define CC_SUMSQ_STEP(PS8, j) { const __m512d v = _mm512_cvtps_pd(PS8(CC_LOAD8(j))); \
+                                a##j = _mm512_fmadd_pd(v, v, a##j); }
+#define CC_SUMABS_STEP(PS8, j) { const __m512d v = _mm512_cvtps_pd(PS8(CC_LOAD8(j))); \
+                                 a##j = _mm512_add_pd(a##j, _mm512_abs_pd(v)); }
+#define CC_SUMSQ_F32(j) CC_SUMSQ_STEP(CC_PS8_F32, j)
+#define CC_SUMABS_F32(j) CC_SUMABS_STEP(CC_PS8_F32, j)
+#define CC_SUMSQ_F16(j) CC_SUMSQ_STEP(CC_PS8_F16, j)
+#define CC_SUMABS_F16(j) CC_SUMABS_STEP(CC_PS8_F16, j)
+#define CC_SUMSQ_BF16(j) CC_SUMSQ_STEP(CC_PS8_BF16, j)
+#define CC_SUMABS_BF16(j) CC_SUMABS_STEP(CC_PS8_BF16, j)
+/* Max-abs keeps 64 float lanes as 4 registers of 16 (m0 holds lanes 0-15);
+ * the 16-bit types as 2 registers of 32 16-bit lanes (the same bit order). */
 #define CC_MAXABS_STEP(q) m##q = _mm512_max_epu32(m##q, _mm512_and_si512(abs_bits, \
         _mm512_maskz_loadu_epi32(cc_mask16(left - 16 * q), x + i + 16 * q)));
+#define CC_MAXABS16_STEP(q) m##q = _mm512_max_epu16(m##q, _mm512_and_si512(abs_bits, \
+        _mm512_maskz_loadu_epi16(cc_mask32(left - 32 * q), x + i + 32 * q)));
 #define CC_EACH4(M) M(0) M(1) M(2) M(3)
+#define CC_EACH2(M) M(0) M(1)
 
-CC_AVX512 CC_UNUSED static void cc_reduce_f32_avx512(const float *x, ptrdiff_t n, int kind,
+CC_AVX512 static inline __mmask32 cc_mask32(ptrdiff_t left) {
+    return left >= 32 ? 0xffffffffu : left > 0 ? (__mmask32)((1u << left) - 1) : 0;
+}
+
+/* A max does not depend on the order or lanes it is taken in: the piece's
+ * maximum goes to lane 0. */
+CC_AVX512 CC_UNUSED static void cc_maxabs_f32_avx512(const float *x, ptrdiff_t n,
                                                      double *restrict acc) {
     ptrdiff_t i = 0;
-    if (kind == CC_MAXABS) {
-        /* A max does not depend on the order or lanes it is taken in: the
-         * piece's maximum goes to lane 0. */
-        const __m512i abs_bits = _mm512_set1_epi32(0x7fffffff);
-        __m512i m0 = _mm512_setzero_si512(), m1 = m0, m2 = m0, m3 = m0;
-        union { unsigned int bits; float value; } top;
-        for (; i + CC_LANES <= n; i += CC_LANES) {
-            CC_PREFETCH_AHEAD(x + i, sizeof *x * CC_LANES)
-            const ptrdiff_t left = CC_LANES; CC_EACH4(CC_MAXABS_STEP) }
-        if (i < n) { const ptrdiff_t left = n - i; CC_EACH4(CC_MAXABS_STEP) }
-        top.bits = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_max_epu32(m0, m1),
-                                                            _mm512_max_epu32(m2, m3)));
-        acc[0] = cc_max_nan(acc[0], (double)top.value);
-        return;
-    }
-#define CC_LOAD_ACC(j) __m512d a##j = _mm512_loadu_pd(acc + 8 * j);
-    CC_EACH8(CC_LOAD_ACC)
-    if (kind == CC_SUMSQ) {
-        CC_AVX512_BLOCKS(CC_SUMSQ_STEP)
-    } else {
-        CC_AVX512_BLOCKS(CC_SUMABS_STEP)
-    }
-#define CC_STORE_ACC(j) _mm512_storeu_pd(acc + 8 * j, a##j);
-    CC_EACH8(CC_STORE_ACC)
+    const __m512i abs_bits = _mm512_set1_epi32(0x7fffffff);
+    __m512i m0 = _mm512_setzero_si512(), m1 = m0, m2 = m0, m3 = m0;
+    for (; i + CC_LANES <= n; i += CC_LANES) {
+        CC_PREFETCH_AHEAD(x + i, sizeof *x * CC_LANES)
+        const ptrdiff_t left = CC_LANES; CC_EACH4(CC_MAXABS_STEP) }
+    if (i < n) { const ptrdiff_t left = n - i; CC_EACH4(CC_MAXABS_STEP) }
+    acc[0] = cc_max_nan(acc[0], (double)cc_bits_f32((uint32_t)_mm512_reduce_max_epu32(
+        _mm512_max_epu32(_mm512_max_epu32(m0, m1), _mm512_max_epu32(m2, m3)))));
 }
+
+/* The same over 16-bit bits; TO_F32 widens the largest. */
+#define CC_DEFINE_MAXABS16_AVX512(NAME, TO_F32)                                \
+CC_AVX512 CC_UNUSED static void NAME(const uint16_t *x, ptrdiff_t n,           \
+                                     double *restrict acc) {                   \
+    ptrdiff_t i = 0;                                                           \
+    const __m512i abs_bits = _mm512_set1_epi16(0x7fff);                        \
+    __m512i m0 = _mm512_setzero_si512(), m1 = m0;                              \
+    for (; i + CC_LANES <= n; i += CC_LANES) {                                 \
+        CC_PREFETCH_AHEAD(x + i, sizeof *x * CC_LANES)                         \
+        const ptrdiff_t left = CC_LANES; CC_EACH2(CC_MAXABS16_STEP) }          \
+    if (i < n) { const ptrdiff_t left = n - i; CC_EACH2(CC_MAXABS16_STEP) }    \
+    m0 = _mm512_max_epu16(m0, m1);                                             \
+    const uint32_t top = (uint32_t)_mm512_reduce_max_epu32(_mm512_max_epu32(   \
+        _mm512_cvtepu16_epi32(_mm512_castsi512_si256(m0)),                     \
+        _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(m0, 1))));             \
+    acc[0] = cc_max_nan(acc[0], (double)TO_F32((uint16_t)top));                \
+}
+CC_DEFINE_MAXABS16_AVX512(cc_maxabs_f16_avx512, cc_f16_to_f32)
+CC_DEFINE_MAXABS16_AVX512(cc_maxabs_bf16_avx512, cc_bf16_to_f32)
+
+/* The sums for elements of type T, read by SUMSQ(j) and SUMABS(j) steps. */
+#define CC_DEFINE_REDUCE_AVX512(NAME, T, MAXABS, SUMSQ, SUMABS)                \
+CC_AVX512 CC_UNUSED static void NAME(const T *x, ptrdiff_t n, int kind,        \
+                                     double *restrict acc) {                   \
+    ptrdiff_t i = 0;                                                           \
+    if (kind == CC_MAXABS) { MAXABS(x, n, acc); return; }                      \
+    CC_EACH8(CC_LOAD_ACC)                                                      \
+    if (kind == CC_SUMSQ) {                                                    \
+        CC_AVX512_BLOCKS(SUMSQ)                                                \
+    } else {                                                                   \
+        CC_AVX512_BLOCKS(SUMABS)                                               \
+    }                                                                          \
+    CC_EACH8(CC_STORE_ACC)                                                     \
+}
+#define CC_LOAD_ACC(j) __m512d a##j = _mm512_loadu_pd(acc + 8 * j);
+#define CC_STORE_ACC(j) _mm512_storeu_pd(acc + 8 * j, a##j);
+CC_DEFINE_REDUCE_AVX512(cc_reduce_f32_avx512, float, cc_maxabs_f32_avx512,
+                        CC_SUMSQ_F32, CC_SUMABS_F32)
+CC_DEFINE_REDUCE_AVX512(cc_reduce_f16_avx512, uint16_t, cc_maxabs_f16_avx512,
+                        CC_SUMSQ_F16, CC_SUMABS_F16)
+CC_DEFINE_REDUCE_AVX512(cc_reduce_bf16_avx512, uint16_t, cc_maxabs_bf16_avx512,
+                        CC_SUMSQ_BF16, CC_SUMABS_BF16)
 #undef CC_EACH8
 #undef CC_EACH4
+#undef CC_EACH2
 #undef CC_AVX512_BLOCKS
 #undef CC_LOAD8
 #undef CC_SUMSQ_STEP
 #undef CC_SUMABS_STEP
 #undef CC_MAXABS_STEP
+#undef CC_MAXABS16_STEP
 #undef CC_LOAD_ACC
 #undef CC_STORE_ACC
 #endif
 
-CC_DEFINE_REDUCE(cc_reduce_f32_generic, float)
-CC_DEFINE_REDUCE(cc_reduce_f64, double)
-
-CC_UNUSED static void cc_reduce_f32(const float *x, ptrdiff_t n, ptrdiff_t stride, int kind,
-                                    double p, double scale, double *restrict acc) {
+/* Under the AVX-512 paths: `if (COND && the CPU has them) { CALL; return; }`. */
 #ifdef CC_AVX512_PATHS
-    if (stride == 1 && kind != CC_SUMPOW && cc_avx512_usable()) {
-        cc_reduce_f32_avx512(x, n, kind, acc);
-        return;
-    }
+#define CC_TWIN(COND, CALL) if ((COND) && cc_avx512_usable()) { CALL; return; }
+#else
+#define CC_TWIN(COND, CALL)
 #endif
-    cc_reduce_f32_generic(x, n, stride, kind, p, scale, acc);
+
+#define CC_AS_IS(v) (v)
+CC_DEFINE_REDUCE(cc_reduce_f32_generic, float, float, CC_AS_IS)
+CC_DEFINE_REDUCE(cc_reduce_f64, double, double, CC_AS_IS)
+CC_DEFINE_REDUCE(cc_reduce_f16_generic, uint16_t, float, cc_f16_to_f32)
+CC_DEFINE_REDUCE(cc_reduce_bf16_generic, uint16_t, float, cc_bf16_to_f32)
+
+/* The reductions the engine calls: the AVX-512 form where it applies, else
+ * the generic loop (the same lanes, the same bits). */
+#define CC_DEFINE_REDUCE_DISPATCH(NAME, T, TWIN, GENERIC)                      \
+CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride, int kind, \
+                           double p, double scale, double *restrict acc) {     \
+    CC_TWIN(stride == 1 && kind != CC_SUMPOW, TWIN(x, n, kind, acc))           \
+    GENERIC(x, n, stride, kind, p, scale, acc);                                \
 }
+CC_DEFINE_REDUCE_DISPATCH(cc_reduce_f32, float, cc_reduce_f32_avx512, cc_reduce_f32_generic)
+CC_DEFINE_REDUCE_DISPATCH(cc_reduce_f16, uint16_t, cc_reduce_f16_avx512, cc_reduce_f16_generic)
+CC_DEFINE_REDUCE_DISPATCH(cc_reduce_bf16, uint16_t, cc_reduce_bf16_avx512,
+                          cc_reduce_bf16_generic)
 
 /* The reduction of one buffer on its own (fresh lanes, combined). */
 #define CC_DEFINE_REDUCE_ONE(NAME, REDUCE, T)                                  \
@@ -415,6 +532,84 @@ CC_CLONES CC_UNUSED static void cc_scale_f64(double *x, ptrdiff_t n, ptrdiff_t s
     if (stride == 1) CC_FOR_PREFETCHED(double, x, n, x[i] *= s)
     else { for (ptrdiff_t i = 0; i < n; i++) x[i * stride] *= s; }
 }
+
+/* The 16-bit types are multiplied as torch multiplies them (and NumPy, a
+ * float16 array by a float32 scalar): widened to float32, times the float32
+ * scale, rounded once to the type (RNE). */
+#ifdef CC_AVX512_PATHS
+#define CC_WIDEN16_F16(v) _mm512_cvtph_ps(v)
+#define CC_NARROW16_F16(v) _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define CC_WIDEN16_BF16(v) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16))
+/* cc_f32_to_bf16 on 16 lanes. (Not AVX512-BF16's vcvtneps2bf16: it flushes
+ * subnormals to zero.) */
+CC_AVX512 static inline __m256i cc_narrow16_bf16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v), hi = _mm512_srli_epi32(u, 16);
+    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                          _mm512_and_si512(hi, _mm512_set1_epi32(1)));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    const __m512i quiet = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                                                         rounded, quiet));
+}
+#define CC_NARROW16_BF16(v) cc_narrow16_bf16(v)
+/* Four vectors of 16 per block after a prefetch; the tail with masked loads
+ * and stores (the same conversions, so the same bits). */
+#define CC_DEFINE_SCALE16_AVX512(NAME, WIDEN, NARROW)                          \
+CC_AVX512 CC_UNUSED static void NAME(uint16_t *x, ptrdiff_t n, float s) {      \
+    const __m512 vs = _mm512_set1_ps(s);                                       \
+    ptrdiff_t i = 0;                                                           \
+    for (; i + 64 <= n; i += 64) {                                             \
+        CC_PREFETCH_AHEAD(x + i, 128)                                          \
+        for (int q = 0; q < 64; q += 16) {                                     \
+            __m256i *p = (__m256i *)(x + i + q);                               \
+            _mm256_storeu_si256(p, NARROW(_mm512_mul_ps(WIDEN(_mm256_loadu_si256(p)), vs))); } } \
+    for (; i < n; i += 16) {                                                   \
+        const __mmask16 m = cc_mask16(n - i);                                  \
+        _mm256_mask_storeu_epi16(x + i, m, NARROW(_mm512_mul_ps(               \
+            WIDEN(_mm256_maskz_loadu_epi16(m, x + i)), vs))); }                \
+}
+CC_DEFINE_SCALE16_AVX512(cc_scale_f16_avx512, CC_WIDEN16_F16, CC_NARROW16_F16)
+/* bfloat16, 32 at a time without moving any across lanes: the even elements
+ * are the low halves of the 32-bit lanes (shifted up: their float32 values),
+ * the odd ones the high halves (masked: theirs); each product is rounded in
+ * its lane by the bias trick (NaN: quieted), and the two results are merged
+ * back by 16-bit blend. The tail is the 16-wide loop's. */
+CC_AVX512 static inline __m512i cc_round16_bf16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+    return _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), u,
+                                _mm512_set1_epi32(0x00400000));   /* high half: quiet NaN */
+}
+CC_DEFINE_SCALE16_AVX512(cc_scale_bf16_avx512_16, CC_WIDEN16_BF16, CC_NARROW16_BF16)
+CC_AVX512 CC_UNUSED static void cc_scale_bf16_avx512(uint16_t *x, ptrdiff_t n, float s) {
+    const __m512 vs = _mm512_set1_ps(s);
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    ptrdiff_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        CC_PREFETCH_AHEAD(x + i, 128)
+        for (int q = 0; q < 64; q += 32) {
+            const __m512i w = _mm512_loadu_si512(x + i + q);
+            const __m512i even = cc_round16_bf16(_mm512_mul_ps(
+                _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), vs));
+            const __m512i odd = cc_round16_bf16(_mm512_mul_ps(
+                _mm512_castsi512_ps(_mm512_and_si512(w, high)), vs));
+            _mm512_storeu_si512(x + i + q, _mm512_mask_blend_epi16(
+                (__mmask32)0xaaaaaaaau, _mm512_srli_epi32(even, 16), odd)); } }
+    if (i < n) cc_scale_bf16_avx512_16(x + i, n - i, s);
+}
+#endif
+
+#define CC_DEFINE_SCALE16(NAME, WIDEN, NARROW, TWIN)                           \
+CC_CLONES CC_UNUSED static void NAME(uint16_t *x, ptrdiff_t n, ptrdiff_t stride, double s) { \
+    const float sf = (float)s;                                                 \
+    CC_TWIN(stride == 1, TWIN(x, n, sf))                                       \
+    if (stride == 1) CC_FOR_PREFETCHED(uint16_t, x, n, x[i] = NARROW(WIDEN(x[i]) * sf)) \
+    else { for (ptrdiff_t i = 0; i < n; i++)                                   \
+               x[i * stride] = NARROW(WIDEN(x[i * stride]) * sf); }             \
+}
+CC_DEFINE_SCALE16(cc_scale_f16, cc_f16_to_f32, cc_f32_to_f16, cc_scale_f16_avx512)
+CC_DEFINE_SCALE16(cc_scale_bf16, cc_bf16_to_f32, cc_f32_to_bf16, cc_scale_bf16_avx512)
 
 /* Bandwidth probes for the benchmarks' ceiling: the simplest streaming loops
  * (one read pass; one read-write pass) over a contiguous float32 buffer,

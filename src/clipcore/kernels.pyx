@@ -1,4 +1,4 @@
-"""Fused norm and rescale kernels over lists of float32/float64 buffers.
+"""Fused norm and rescale kernels over lists of float32/float64/float16/bfloat16 buffers.
 
 All elements of all buffers form one sequence that is cut into fixed-size
 chunks; chunk boundaries depend only on the total size, so each chunk's
@@ -8,6 +8,10 @@ combined in chunk order: the result is bitwise identical for any thread count.
 from cython.parallel cimport parallel
 from libc.math cimport sqrt, pow, ldexp, INFINITY, NAN, isnan
 from libc.stdlib cimport malloc, calloc, free
+
+from clipcore._loops cimport (CC_SUMSQ, CC_SUMABS, CC_MAXABS, CC_SUMPOW, cc_openmp_enabled,
+                              cc_max_threads, cc_num_procs, cc_simd_path, cc_team_rank,
+                              cc_team_size, cc_now)
 
 cdef extern from "cc_loops.h" nogil:
     enum: CC_LANES
@@ -19,6 +23,12 @@ cdef extern from "cc_loops.h" nogil:
     double cc_max_nan(double a, double b)
     void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
     void cc_scale_f64(double *x, Py_ssize_t n, Py_ssize_t stride, double s)
+    void cc_reduce_f16(const unsigned short *x, Py_ssize_t n, Py_ssize_t stride, int kind,
+                       double p, double scale, double *acc)
+    void cc_reduce_bf16(const unsigned short *x, Py_ssize_t n, Py_ssize_t stride, int kind,
+                        double p, double scale, double *acc)
+    void cc_scale_f16(unsigned short *x, Py_ssize_t n, Py_ssize_t stride, double s)
+    void cc_scale_bf16(unsigned short *x, Py_ssize_t n, Py_ssize_t stride, double s)
     float cc_probe_read_f32(const float *x, Py_ssize_t n)
     void cc_team_barrier()
     int cc_exchange(int *x, int v)
@@ -131,7 +141,8 @@ cdef inline Py_ssize_t find_segment(const Layout *lay, Py_ssize_t pos) noexcept 
 # One pass over a layout: every chunk, each cut into its segments' pieces.
 cdef enum:
     PASS_REDUCE = 0    # reduction of chunk c (kind, p, and scale: |x| / scale for CC_SUMPOW)
-    PASS_SCALE = 1     # x *= factor (SEG_F64_COPY segments are left alone)
+    PASS_SCALE = 1     # x *= factor (SEG_F64_COPY segments are left alone; 16-bit ones
+                       # by the factor as float32, rounded once to their type)
     PASS_CLAMP = 2     # x = min(max(x, lo), hi): float32 segments, contiguous
     PASS_READ = 3      # plain float32 sum of chunk c: the benchmarks' read probe
 
@@ -161,10 +172,16 @@ cdef double pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize
         seg = &lay.segs[s]
         off = lo - lay.starts[s]
         take = seg.n - off if seg.n - off < hi - lo else hi - lo
-        x = seg.data + off * seg.stride * (4 if seg.kind == SEG_F32 else 8)
+        x = seg.data + off * seg.stride * segment_itemsize(seg.kind)
         if ps.what == PASS_REDUCE:
             if seg.kind == SEG_F32:
                 cc_reduce_f32(<const float *>x, take, seg.stride, ps.kind, ps.p, ps.scale, acc)
+            elif seg.kind == SEG_F16:
+                cc_reduce_f16(<const unsigned short *>x, take, seg.stride, ps.kind, ps.p,
+                              ps.scale, acc)
+            elif seg.kind == SEG_BF16:
+                cc_reduce_bf16(<const unsigned short *>x, take, seg.stride, ps.kind, ps.p,
+                               ps.scale, acc)
             else:
                 cc_reduce_f64(<const double *>x, take, seg.stride, ps.kind, ps.p, ps.scale, acc)
         elif ps.what == PASS_SCALE:
@@ -172,6 +189,10 @@ cdef double pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize
                 cc_scale_f32(<float *>x, take, seg.stride, ps.factor)
             elif seg.kind == SEG_F64:
                 cc_scale_f64(<double *>x, take, seg.stride, ps.factor)
+            elif seg.kind == SEG_F16:
+                cc_scale_f16(<unsigned short *>x, take, seg.stride, ps.factor)
+            elif seg.kind == SEG_BF16:
+                cc_scale_bf16(<unsigned short *>x, take, seg.stride, ps.factor)
         elif ps.what == PASS_CLAMP:
             cc_clamp_f32(<float *>x, take, ps.lo, ps.hi)
         else:
@@ -396,13 +417,14 @@ cdef double team_reduce(const Layout *lay, int kind, double p, double scale,
 cdef bint has_f64(const Layout *lay) noexcept nogil:
     cdef Py_ssize_t s
     for s in range(lay.n_segs):
-        if lay.segs[s].kind != SEG_F32:
+        if lay.segs[s].kind == SEG_F64 or lay.segs[s].kind == SEG_F64_COPY:
             return True
     return False
 
 
 # A float64 square overflows for |x| > 2^511 and loses digits below 2^-537; a
-# float32 one never does. Below SUMSQ_TINY, squares that underflowed may matter.
+# float32 one (or a 16-bit one's) never does. Below SUMSQ_TINY, squares that
+# underflowed may matter.
 cdef double SUMSQ_TINY = ldexp(1.0, -960)
 
 

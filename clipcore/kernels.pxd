@@ -2,25 +2,21 @@
 #
 # Another Cython extension uses them with
 #     from clipcore cimport kernels
-# and clipcore.get_include() on its include path (for cc_loops.h).
-
-cdef extern from "cc_loops.h" nogil:
-    int CC_SUMSQ, CC_SUMABS, CC_MAXABS, CC_SUMPOW
-    int cc_openmp_enabled()
-    int cc_max_threads()
-    int cc_num_procs()
-    const char *cc_simd_path()
-    int cc_team_rank()       # inside a parallel region: this thread's rank
-    int cc_team_size()       # and the team's size
-    double cc_now()          # seconds on a monotonic clock
+# (Cython finds this file beside the installed package; no C header is needed:
+# the functions come through the module's C-API capsule).
 
 # Buffer kinds a Segment can hold.
 cdef enum:
     SEG_F32 = 0        # float32, scaled in place
     SEG_F64 = 1        # float64, scaled in place
     SEG_F64_COPY = 2   # float64 copy of a buffer of another dtype: read, never scaled
+    SEG_F16 = 3        # float16 (IEEE binary16), read as float32, scaled in float32 (RNE)
+    SEG_BF16 = 4       # bfloat16, the same
 
 # One run of equally spaced elements of one buffer.
+cdef inline int segment_itemsize(int kind) noexcept nogil:
+    return 4 if kind == SEG_F32 else 2 if kind == SEG_F16 or kind == SEG_BF16 else 8
+
 ctypedef struct Segment:
     char *data            # first element
     Py_ssize_t n          # number of elements (> 0)

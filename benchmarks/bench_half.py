@@ -1,0 +1,86 @@
+"""16-bit (and float64) GPT-2 gradients: clipcore.torch.clip_grad_norm_ against torch's.
+
+    python benchmarks/bench_half.py [--reps 7] [--threads 1,2] [--dtypes bfloat16,float16,float64]
+
+For each dtype, GPT-2 small's 148 gradient tensors (clipcore.workloads'
+shapes, 124,439,808 values) are clipped by clipcore.torch.clip_grad_norm_ and
+by torch.nn.utils.clip_grad_norm_, on the same tensors, restored from a copy
+before every call (so every call clips: a read pass and a read-write pass),
+and compared with the bandwidth ceiling for the same bytes:
+clipcore.kernels.bandwidth_probe's read pass plus read-write pass over a
+float32 buffer of as many bytes (half as many elements for the 16-bit
+types, twice as many for float64). Medians of --reps calls, at each thread
+count of --threads (torch.set_num_threads; clipcore.torch follows torch's
+count). Targets: clipcore >= 0.9 of the ceiling, and ahead of torch. Not run
+by the tests.
+"""
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import clipcore
+import clipcore.torch as cct
+from clipcore import kernels, workloads
+
+
+def gradients(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in workloads.shapes("gpt2"):
+        p = torch.nn.Parameter(torch.empty(shape, dtype=dtype))
+        p.grad = torch.randn(shape, generator=gen).to(dtype)
+        params.append(p)
+    return params
+
+
+def time_clip(fn, params, saved, max_norm, reps):
+    out = []
+    for _ in range(reps + 1):                     # the first call warms up
+        for p, s in zip(params, saved):
+            p.grad.copy_(s)
+        t0 = time.perf_counter()
+        fn(params, max_norm)
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out[1:])
+
+
+def ceiling(n_bytes, n_threads, reps):
+    buf = np.ones(n_bytes // 4, np.float32)
+    times = [sum(kernels.bandwidth_probe(buf, n_threads)) for _ in range(reps + 1)]
+    return statistics.median(times[1:])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--dtypes", default="bfloat16,float16,float64")
+    args = ap.parse_args()
+    print(f"clipcore {clipcore.__version__ if hasattr(clipcore, '__version__') else ''} "
+          f"simd {kernels.simd_path()}, torch {torch.__version__}; medians of {args.reps}, ms")
+    print(f"{'dtype':9} {'thr':>3} {'MB':>6} {'ceiling':>8} {'clipcore':>9} {'torch':>8} "
+          f"{'cc/ceil':>8} {'torch/cc':>8}")
+    for name in args.dtypes.split(","):
+        dtype = getattr(torch, name)
+        params = gradients(dtype)
+        saved = [p.grad.clone() for p in params]
+        n_bytes = sum(p.grad.numel() for p in params) * params[0].grad.element_size()
+        norm = float(torch.nn.utils.get_total_norm([p.grad.float() for p in params]))
+        max_norm = 0.5 * norm                        # every call clips
+        for n_threads in map(int, args.threads.split(",")):
+            torch.set_num_threads(n_threads)
+            ceil = ceiling(n_bytes, n_threads, args.reps)
+            ours = time_clip(cct.clip_grad_norm_, params, saved, max_norm, args.reps)
+            theirs = time_clip(torch.nn.utils.clip_grad_norm_, params, saved, max_norm,
+                               args.reps)
+            print(f"{name:9} {n_threads:>3} {n_bytes / 1e6:>6.0f} {ceil * 1e3:>8.1f} "
+                  f"{ours * 1e3:>9.1f} {theirs * 1e3:>8.1f} {ceil / ours:>8.2f} "
+                  f"{theirs / ours:>8.2f}", flush=True)
+        del params, saved
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""Per-example clipping (DP-SGD) and adaptive gradient clipping (AGC) over lists of arrays.
+
+Arguments are validated and converted here, every one before anything is
+written; the kernels are the per-axis engine's reductions (clipcore._ops'
+_reduce and _l2 over clipcore._elementwise) and the weighted sum over the
+batch axis (clipcore._weighted). clipcore.torch's clip_and_accumulate_ and
+adaptive_clip_grad_ run on the helpers here.
+"""
+import numpy as np
+
+from clipcore import _elementwise as _ew
+from clipcore import _weighted as _w
+from clipcore._convert import buffer_view
+from clipcore._lists import check_apart
+from clipcore._ops import _elementwise, _l2, _reduce
+
+__all__ = ["per_example_global_norm_clip", "adaptive_grad_clip_"]
+
+_F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+# A float64 sum of squares outside [2^-960, inf) may have lost the norm (as in _ops).
+_SUMSQ_SAFE_MIN = 2.0 ** -960
+
+
+# ------------------------------------------------------------------ arguments
+
+def _nonneg(value, name):
+    v = _w.real_arg(value, name)
+    if not v >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return v
+
+
+def _check_dtype(arr, name):
+    if arr.dtype.kind != "f" or arr.dtype.itemsize > 8:
+        raise TypeError(f"{name}: expected a float16, float32 or float64 array, got an "
+                        f"array of {arr.dtype}")
+
+
+def _inputs(seq, name):
+    """Read-only float arrays of a tuple of array-likes (None refused)."""
+    arrays = []
+    for k, obj in enumerate(seq):
+        if obj is None:
+            raise TypeError(f"{name}[{k}]: expected an array, got None")
+        arr = obj if type(obj) is np.ndarray else buffer_view(obj, f"{name}[{k}]",
+                                                                  writable=False)
+        _check_dtype(arr, f"{name}[{k}]")
+        arrays.append(arr)
+    return arrays
+
+
+def _work(arr):
+    """arr as the kernels read it: float32/float64, aligned, native byte order
+    (float16 becomes a float32 copy, the others a native copy)."""
+    if arr.dtype == _F16:
+        return arr.astype(_F32)
+    if not (arr.dtype.isnative and arr.flags.aligned):
+        return np.array(arr, dtype=arr.dtype.newbyteorder("="))
+    return arr
+
+
+def _batch_size(arrays, name):
+    """The common leading axis length of arrays (ValueError naming the first that differs)."""
+    batch = None
+    for k, arr in enumerate(arrays):
+        if arr.ndim == 0:
+            raise ValueError(f"{name}[{k}]: expected a batch axis first, got a 0-d array")
+        if batch is None:
+            batch = arr.shape[0]
+        elif arr.shape[0] != batch:
+            raise ValueError(f"{name}[{k}]: batch size {arr.shape[0]}, but {name}[0] has "
+                             f"{batch} (every array must share the leading batch axis)")
+    return batch or 0
+
+
+def _outputs(out, arrays, name="out", in_name="grads"):
+    """The validated out= arrays for sums over arrays' batch axes."""
+    seq = _w.list_arg(out, name)
+    if len(seq) != len(arrays):
+        raise ValueError(f"{name} has {len(seq)} arrays, {in_name} has {len(arrays)}")
+    for k, obj in enumerate(seq):
+        if obj is None:
+            raise TypeError(f"{name}[{k}]: expected an array, got None")
+    outs = list(_w.writable_list(seq, name))
+    for k, (o, x) in enumerate(zip(outs, arrays)):
+        if o.shape != x.shape[1:]:
+            raise ValueError(f"{name}[{k}]: expected shape {x.shape[1:]}, got {o.shape}")
+        if o.dtype != x.dtype:
+            raise TypeError(f"{name}[{k}]: expected dtype {x.dtype}, got {o.dtype}")
+    check_apart(outs, arrays, name, in_name)
+    return outs
+
+
+# ------------------------------------------------------------ per-example clip
+
+def _rows(x, batch):
+    """x as a 2-d (batch, n) view, or a C-ordered copy when no view exists."""
+    n = x.size // batch if batch else int(np.prod(x.shape[1:]))
+    try:
+        return np.reshape(x, (batch, n), copy=False)
+    except ValueError:
+        return np.ascontiguousarray(x).reshape(batch, n)
+
+
+def per_example_norms(works, batch, nt):
+    """Float64 2-norms of each example over all arrays ((batch, n) views), range-safe.
+
+    One read pass (clipcore._weighted.row_sumsq: the weighted sum's tiles,
+    claimed as it claims them, so a late thread holds up no one); per-array
+    norms again, range-safe, only for examples whose float64 sum left the range."""
+    total = _w.row_sumsq(works, batch, nt)
+    norms = np.sqrt(total)
+    suspect = (total == np.inf) | ((total < _SUMSQ_SAFE_MIN) & (total > 0))
+    if suspect.any() and any(x.dtype == _F64 for x in works):
+        # Squares left float64's range: combine per-array norms (each range-safe)
+        # scaled by the largest.
+        per = np.stack([_l2(x, (1,), nt).reshape(batch) if x.shape[1] else np.zeros(batch)
+                        for x in works], axis=1)
+        with np.errstate(all="ignore"):
+            m = per.max(axis=1)
+            ok = suspect & (m > 0) & (m < np.inf)
+            safe = np.where(ok, m, 1.0)
+            redo = safe * np.sqrt(np.sum(np.square(per / safe[:, None]), axis=1))
+        norms = np.where(ok, redo, norms)
+    return norms
+
+
+def weighted_sums(works, weights, outs, accumulate, nt):
+    """outs[k] (= or +=) sum_i weights[i] * works[k][i]; outs as validated by _outputs."""
+    xs, os_, back = [], [], []
+    for x, o in zip(works, outs):
+        if x.shape[1] == 0:
+            continue
+        try:
+            o1 = np.reshape(o, (-1,), copy=False) if o.dtype == x.dtype else None
+        except ValueError:
+            o1 = None
+        if o1 is None or not (o1.dtype.isnative and o1.flags.aligned):
+            o1 = o.astype(x.dtype).reshape(-1) if accumulate else np.empty(x.shape[1], x.dtype)
+            back.append((o, o1))
+        xs.append(x)
+        os_.append(o1)
+    if len(weights) == 0:
+        for o in outs:
+            if not accumulate:
+                o[...] = 0
+        return
+    _w.weighted_sum(xs, np.ascontiguousarray(weights, dtype=np.float64), os_,
+                    bool(accumulate), nt)
+    for o, o1 in back:
+        np.copyto(o, o1.reshape(o.shape), casting="unsafe")
+
+
+def per_example_global_norm_clip(grads, l2_norm_clip, *, out=None, n_threads=None):
+    """Clip each example's gradient to a global L2 norm, then sum over the batch.
+
+    optax's ``per_example_global_norm_clip`` (DP-SGD's clipping, Abadi et
+    al. 2016): example i's norm is taken over all arrays,
+    ``norm_i = sqrt(sum_k sum(grads[k][i] ** 2))``, its multiplier is
+    ``min(l2_norm_clip / norm_i, 1)`` (1 for a zero norm), and
+    ``summed[k] = sum_i multiplier_i * grads[k][i]``. Norms, multipliers and
+    sums are computed in float64 (norms range-safe, as the core's are) and
+    the sums rounded once to the arrays' dtype; the results are the same
+    bits for any ``n_threads``.
+
+    NaN and inf: an example whose norm is NaN or inf (a NaN or inf element)
+    gets the multiplier NaN, so every element of every sum becomes NaN: one
+    bad example poisons the step, loudly. (optax 0.2.8 turns a NaN multiplier
+    into 1 and an inf norm's into 0, so its sums are NaN only where the bad
+    example's elements are.) An inf norm counts as clipped (when
+    ``l2_norm_clip`` is finite), a NaN norm does not, as in optax.
+
+    Parameters
+    ----------
+    grads : list or tuple of arrays
+        Per-example gradients sharing the leading batch axis B: float16,
+        float32 or float64 NumPy arrays, or anything clipcore reads (PyTorch
+        CPU tensors, buffer-protocol objects). float16 is read through a
+        float32 copy (its sums are rounded to float16); views the kernel
+        cannot read as (B, n) rows, byte-swapped or unaligned arrays through
+        a copy too. Nothing is modified.
+    l2_norm_clip : float
+        The maximum per-example norm, >= 0 (inf: no clipping; 0: every
+        example with a nonzero norm gets the multiplier 0).
+    out : list or tuple of arrays, optional
+        Where to write the sums: writable arrays of ``grads[k].shape[1:]``
+        and ``grads[k].dtype``, sharing memory with no other ``out`` entry
+        and no ``grads`` entry.
+    n_threads : int or None
+        Threads to use; None uses what OpenMP may use.
+
+    Returns
+    -------
+    summed : list of arrays
+        ``summed[k]`` has shape ``grads[k].shape[1:]`` and grads[k]'s dtype
+        (NumPy arrays; the ``out`` objects when given). An empty batch gives zeros.
+    num_clipped : int
+        The number of examples whose norm exceeded ``l2_norm_clip``.
+
+    Raises
+    ------
+    TypeError
+        grads (or out) is not a list or tuple, an entry is not a float16/32/64
+        array (integers, None), an ``out`` entry has the wrong dtype.
+    ValueError
+        An entry has no batch axis or another batch size, ``l2_norm_clip``
+        is negative or NaN, an ``out`` entry has the wrong shape, is
+        read-only, or shares memory with another entry or with grads.
+        Everything is checked before anything is written.
+
+    Examples
+    --------
+    >>> import numpy as np, clipcore
+    >>> grads = [np.array([[0, 0, 0], [0, 3, 4], [4, 0, 3], [3, 4, 0]], np.float32)]
+    >>> clipcore.per_example_global_norm_clip(grads, 1.25)
+    ([array([1.75, 1.75, 1.75], dtype=float32)], 3)
+    >>> clipcore.per_example_global_norm_clip(grads, np.inf)
+    ([array([7., 7., 7.], dtype=float32)], 0)
+    """
+    nt = _ew.threads_arg(n_threads)
+    clip = _nonneg(l2_norm_clip, "l2_norm_clip")
+    arrays = _inputs(_w.list_arg(grads, "grads"), "grads")
+    batch = _batch_size(arrays, "grads")
+    if out is None:
+        outs = None
+    else:
+        outs = _outputs(out, arrays)
+    works = [_rows(_work(x), batch) for x in arrays]
+    norms = per_example_norms(works, batch, nt)
+    with np.errstate(all="ignore"):
+        mult = np.where(norms > clip, clip / norms, 1.0)
+        mult[~np.isfinite(norms)] = np.nan
+    num_clipped = int(np.count_nonzero(norms > clip))
+    if outs is None:
+        outs = [np.empty(x.shape[1:], x.dtype) for x in arrays]
+        result = outs
+    else:
+        result = list(_w.list_arg(out, "out"))
+    weighted_sums(works, mult, outs, False, nt)
+    return result, num_clipped
+
+
+# ------------------------------------------------------------------------- AGC
+
+def _optax_axes(shape, name):
+    """optax.unitwise_norm's reduction axes (JAX layout: units on the last axis)."""
+    nd = len(shape)
+    if sum(n != 1 for n in shape) <= 1:         # jnp.squeeze(x).ndim <= 1: the whole array
+        return tuple(range(nd))
+    if nd in (2, 3):
+        return (0,)
+    if nd == 4:
+        return (0, 1, 2)
+    if nd == 5:
+        return (0, 1, 2, 3)
+    raise ValueError(f"{name}: expected a parameter of 1 to 5 dimensions (optax's "
+                     f"unitwise_norm), got shape {shape}")
+
+
+def _torch_axes(shape, name):
+    """timm's unitwise_norm (PyTorch layout: output units on the first axis)."""
+    return tuple(range(len(shape))) if len(shape) <= 1 else tuple(range(1, len(shape)))
+
+
+def _unit_norms(x, axes, norm_type, nt):
+    """Float64 norm_type-norms of x (float32/float64, aligned native) over axes, keepdims."""
+    if norm_type == 2.0:
+        return _l2(x, axes, nt)
+    if norm_type == 1.0:
+        return _reduce(x, axes, _ew.REDUCE_SUMABS, nt)
+    if norm_type == np.inf:
+        return _reduce(x, axes, _ew.REDUCE_MAXABS, nt)
+    with np.errstate(all="ignore"):
+        return np.sum(np.abs(x.astype(np.float64)) ** norm_type, axis=axes,
+                      keepdims=True) ** (1.0 / norm_type)
+
+
+def adaptive_clip(grads, params, clipping, eps, layout, norm_type, nt):
+    """AGC in place over lists (see adaptive_grad_clip_); layout 'optax' or 'torch'."""
+    clipping = _w.real_arg(clipping, "clipping")
+    eps = _w.real_arg(eps, "eps")
+    gseq = _w.list_arg(grads, "grads")
+    pseq = _w.list_arg(params, "params")
+    if len(gseq) != len(pseq):
+        raise ValueError(f"grads has {len(gseq)} arrays, params has {len(pseq)}")
+    garr = list(_w.writable_list(gseq, "grads"))
+    parr = [None if g is None else p for g, p in zip(garr, pseq)]
+    for k, p in enumerate(parr):
+        if garr[k] is not None and p is None:
+            raise TypeError(f"params[{k}]: expected an array, got None")
+    todo = [k for k, g in enumerate(garr) if g is not None]
+    read = _inputs([parr[k] for k in todo], "params")
+    for k, p in zip(todo, read):
+        parr[k] = p
+    units = _optax_axes if layout == "optax" else _torch_axes
+    axes = {}
+    for k in todo:
+        g, p = garr[k], parr[k]
+        _check_dtype(g, f"grads[{k}]")
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{k}] has shape {g.shape}, params[{k}] has {p.shape}")
+        axes[k] = units(g.shape, f"params[{k}]")
+    check_apart([garr[k] for k in todo], [parr[k] for k in todo], "grads", "params")
+    for k in todo:
+        g, p = garr[k], parr[k]
+        if g.size == 0:
+            continue
+        gw, pw = _work(g), _work(p)
+        t = gw.dtype.type             # the factors in the arrays' dtype, as the frameworks
+        with np.errstate(all="ignore"):
+            pn = _unit_norms(pw, axes[k], norm_type, nt).astype(t)
+            gn = _unit_norms(gw, axes[k], norm_type, nt).astype(t)
+            max_norm = np.maximum(pn, t(eps)) * t(clipping)
+            f = np.where(gn < max_norm, t(1), max_norm / np.maximum(gn, t(1e-6)))
+        if not (f == 1).all():
+            _elementwise(_ew.OP_MUL, [g, f.astype(g.dtype) if g.dtype != gw.dtype else f],
+                         g, nt)
+    return grads
+
+
+def adaptive_grad_clip_(grads, params, clipping, eps=1e-3, *, n_threads=None):
+    """Adaptive gradient clipping in place, unit-wise, as optax's ``adaptive_grad_clip``.
+
+    For each unit (Brock et al. 2021, NFNets), with norms taken per unit of
+    ``params[k]`` and ``grads[k]`` alike: ``max_norm = clipping *
+    max(param_norm, eps)``; a unit whose grad norm is not below ``max_norm``
+    is multiplied by ``max_norm / max(grad_norm, 1e-6)``, the others are left
+    as they are. Units follow optax's ``unitwise_norm`` (JAX layout, output
+    units on the last axis): an array with at most one axis longer than 1 is
+    one unit; 2-d and 3-d arrays are reduced over axis 0, 4-d (HWIO
+    convolution kernels) over axes 0-2, 5-d over axes 0-3. Norms are
+    accumulated in float64, then rounded to the arrays' dtype, in which the
+    factors are computed as optax computes them. A NaN in a unit makes that
+    unit NaN; an inf grad norm makes the unit's finite elements 0.
+
+    Parameters
+    ----------
+    grads : list or tuple of arrays
+        Writable float16/32/64 arrays (or PyTorch CPU tensors...), modified
+        in place; None entries are skipped. No two may share memory.
+    params : list or tuple of arrays
+        The parameters, one per grads entry with its shape; read only, and
+        sharing no memory with grads.
+    clipping : float
+        The maximum ratio of a unit's grad norm to its parameter norm.
+    eps : float, default 1e-3
+        Floor of the parameter norms (zero-initialised parameters).
+    n_threads : int or None
+        Threads to use; None uses what OpenMP may use.
+
+    Returns
+    -------
+    list or tuple
+        ``grads`` itself.
+
+    Raises
+    ------
+    TypeError
+        Not lists, non-float arrays, a None param for a gradient.
+    ValueError
+        Lists of different lengths, a grads entry of another shape than its
+        param, more than 5 dimensions, read-only or overlapping grads.
+        Everything is checked before anything is written.
+
+    Examples
+    --------
+    >>> import numpy as np, clipcore
+    >>> w = np.array([[3.0, 0.0], [4.0, 1.0]], np.float32)      # 2 units: columns
+    >>> g = np.array([[0.3, 0.0], [0.4, 0.001]], np.float32)
+    >>> _ = clipcore.adaptive_grad_clip_([g], [w], 0.02)
+    >>> g
+    array([[0.06 , 0.   ],
+           [0.08 , 0.001]], dtype=float32)
+    """
+    return adaptive_clip(grads, params, clipping, eps, "optax", 2.0,
+                         _ew.threads_arg(n_threads))

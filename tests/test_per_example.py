@@ -1,0 +1,447 @@
+"""Per-example clipping (optax, Opacus) and adaptive gradient clipping (optax, timm)."""
+import numpy as np
+import pytest
+
+import clipcore
+
+DTYPES = [np.float32, np.float64]
+THREADS = [1, 2, 7]
+
+
+def _grads(batch, shapes, dtype, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((batch,) + s) * scale).astype(dtype) for s in shapes]
+
+
+def _ref_per_example(grads, clip):
+    """optax's formula in float64 NumPy: multipliers min(clip / norm, 1), zero norm 1."""
+    b = grads[0].shape[0]
+    norms = np.sqrt(sum(np.sum(g.astype(np.float64).reshape(b, -1) ** 2, axis=1)
+                        for g in grads))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mult = np.where(norms > clip, clip / norms, 1.0)
+    sums = [np.tensordot(mult, g.astype(np.float64), axes=1) for g in grads]
+    return sums, int(np.sum(norms > clip)), norms
+
+
+def _snapshot(arrays):
+    return [a.tobytes() for a in arrays]
+
+
+# ------------------------------------------------------ per_example_global_norm_clip
+
+SHAPES = [(3, 4), (5,), (2, 3, 2), ()]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("clip", [0.0, 0.5, 2.0, 5.0, np.inf])
+@pytest.mark.parametrize("batch", [1, 6, 33])
+def test_values_match_reference(dtype, clip, batch):
+    grads = _grads(batch, SHAPES, dtype)
+    before = _snapshot(grads)
+    sums, n = clipcore.per_example_global_norm_clip(grads, clip)
+    ref, n_ref, _ = _ref_per_example(grads, clip)
+    assert n == n_ref and isinstance(n, int)
+    tol = 2e-6 if dtype == np.float32 else 1e-13
+    for s, r, g in zip(sums, ref, grads):
+        assert s.dtype == dtype and s.shape == g.shape[1:]
+        np.testing.assert_allclose(s, r, rtol=tol, atol=tol * batch)
+    assert _snapshot(grads) == before
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bitwise_across_threads(dtype):
+    grads = _grads(37, [(300, 700), (31,), (5000,)], dtype, seed=1)
+    results = [clipcore.per_example_global_norm_clip(grads, 3.0, n_threads=nt)
+               for nt in THREADS]
+    for sums, n in results[1:]:
+        assert n == results[0][1]
+        for a, b in zip(sums, results[0][0]):
+            assert a.tobytes() == b.tobytes()
+
+
+def test_empty_batch_and_empty_list():
+    grads = [np.zeros((0, 3, 2), np.float32), np.zeros((0,), np.float64)]
+    sums, n = clipcore.per_example_global_norm_clip(grads, 1.0)
+    assert n == 0
+    assert sums[0].shape == (3, 2) and not sums[0].any() and sums[0].dtype == np.float32
+    assert sums[1].shape == () and sums[1] == 0
+    assert clipcore.per_example_global_norm_clip([], 1.0) == ([], 0)
+
+
+def test_zero_norm_and_zero_clip():
+    g = [np.array([[0.0, 0.0], [3.0, 4.0]])]
+    sums, n = clipcore.per_example_global_norm_clip(g, 0.0)
+    assert n == 1 and (sums[0] == 0).all()
+    sums, n = clipcore.per_example_global_norm_clip(g, 10.0)
+    assert n == 0 and sums[0].tolist() == [3.0, 4.0]
+
+
+def test_nan_and_inf_norms_poison_the_sums():
+    g = [np.array([[1.0, 0.0], [np.nan, 0.0], [0.0, 1.0]], np.float32)]
+    sums, n = clipcore.per_example_global_norm_clip(g, 0.5)
+    assert np.isnan(sums[0]).all() and n == 2          # the NaN example is not counted
+    g = [np.array([[1.0, 0.0], [np.inf, 0.0]])]
+    sums, n = clipcore.per_example_global_norm_clip(g, 0.5)
+    assert np.isnan(sums[0]).all() and n == 2          # inf > 0.5: counted
+
+
+def test_float64_norms_are_range_safe():
+    g = [np.array([[1e200, 1e200], [1e-200, 0.0]]), np.array([[1e200], [0.0]])]
+    sums, n = clipcore.per_example_global_norm_clip(g, 1.0)
+    norm0 = 1e200 * np.sqrt(3.0)
+    np.testing.assert_allclose(sums[0], [1e200 / norm0 + 1e-200, 1e200 / norm0], rtol=1e-14)
+    assert n == 1
+
+
+def test_float16_runs_on_a_float32_copy():
+    g = _grads(8, [(4, 3), (2,)], np.float16)
+    sums, n = clipcore.per_example_global_norm_clip(g, 1.0)
+    ref, n_ref, _ = _ref_per_example([x.astype(np.float32) for x in g], 1.0)
+    assert n == n_ref
+    for s, r in zip(sums, ref):
+        assert s.dtype == np.float16
+        np.testing.assert_allclose(s.astype(np.float64), r, rtol=2e-3, atol=2e-3)
+
+
+def test_strided_and_transposed_inputs():
+    base = _grads(10, [(6, 8)], np.float64, seed=3)[0]
+    views = [base[:, ::2, 1::3], np.asfortranarray(base), base.transpose(0, 2, 1)]
+    sums, n = clipcore.per_example_global_norm_clip(views, 1.5)
+    ref, n_ref, _ = _ref_per_example([np.ascontiguousarray(v) for v in views], 1.5)
+    assert n == n_ref
+    for s, r in zip(sums, ref):
+        np.testing.assert_allclose(s, r, rtol=1e-13, atol=1e-13)
+
+
+def test_out_is_written_and_returned():
+    g = _grads(5, [(3, 4), (7,)], np.float32)
+    big = np.full((3, 8), -1.0, np.float32)
+    out = [big[:, ::2], np.empty(7, np.float32)]          # a strided out, too
+    sums, n = clipcore.per_example_global_norm_clip(g, 1.0, out=out)
+    assert sums[0] is out[0] and sums[1] is out[1]
+    ref, _, _ = _ref_per_example(g, 1.0)
+    for s, r in zip(out, ref):
+        np.testing.assert_allclose(s, r, rtol=2e-6, atol=1e-6)
+    assert (big[:, 1::2] == -1).all()
+
+
+def _bad_out_cases():
+    g = _grads(4, [(3,), (2, 2)], np.float32)
+    ro = np.zeros(3, np.float32)
+    ro.flags.writeable = False
+    shared = np.zeros(7, np.float32)
+    return g, [
+        ("not a list", "nope", TypeError, "out must be a list"),
+        ("count", [np.zeros(3, np.float32)], ValueError, "out has 1 arrays"),
+        ("shape", [np.zeros(4, np.float32), np.zeros((2, 2), np.float32)], ValueError,
+         r"out\[0\]: expected shape \(3,\)"),
+        ("dtype", [np.zeros(3), np.zeros((2, 2), np.float32)], TypeError,
+         r"out\[0\]: expected dtype float32"),
+        ("int", [np.zeros(3, np.int32), np.zeros((2, 2), np.float32)], TypeError, r"out\[0\]"),
+        ("read-only", [ro, np.zeros((2, 2), np.float32)], ValueError,
+         r"out\[0\]: expected a writable"),
+        ("each other", [shared[:3], shared[2:6].reshape(2, 2)], ValueError,
+         r"out\[0\] and out\[1\] share memory"),
+        ("inputs", [g[0][1], np.zeros((2, 2), np.float32)], ValueError,
+         r"out\[0\] shares memory with grads\[0\]"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_bad_out_modifies_nothing(case):
+    g, cases = _bad_out_cases()
+    _, out, exc, match = cases[case]
+    before = _snapshot(g)
+    outs_before = _snapshot(out) if isinstance(out, list) else None
+    with pytest.raises(exc, match=match):
+        clipcore.per_example_global_norm_clip(g, 0.1, out=out)
+    assert _snapshot(g) == before
+    if outs_before is not None:
+        assert _snapshot(out) == outs_before
+
+
+@pytest.mark.parametrize("grads, exc, match", [
+    (np.zeros((3, 2), np.float32), TypeError, "grads must be a list"),
+    ("abc", TypeError, "grads must be a list"),
+    ([np.zeros((3, 2)), np.zeros((4,))], ValueError, r"grads\[1\]: batch size 4"),
+    ([np.zeros((3, 2), np.int64)], TypeError, r"grads\[0\]: expected a float16"),
+    ([np.zeros((3,)), None], TypeError, r"grads\[1\]"),
+    ([np.float64(1.0)], ValueError, r"grads\[0\]: expected a batch axis"),
+])
+def test_bad_grads(grads, exc, match):
+    with pytest.raises(exc, match=match):
+        clipcore.per_example_global_norm_clip(grads, 1.0)
+
+
+@pytest.mark.parametrize("clip, exc", [(-1.0, ValueError), (np.nan, ValueError),
+                                       ("1", TypeError), (None, TypeError)])
+def test_bad_clip(clip, exc):
+    with pytest.raises(exc, match="l2_norm_clip"):
+        clipcore.per_example_global_norm_clip([np.ones((2, 2))], clip)
+
+
+@pytest.mark.parametrize("n_threads, exc", [(0, ValueError), (1.5, TypeError)])
+def test_bad_threads(n_threads, exc):
+    with pytest.raises(exc, match="n_threads"):
+        clipcore.per_example_global_norm_clip([np.ones((2, 2))], 1.0, n_threads=n_threads)
+
+
+@pytest.mark.requires_jax
+@pytest.mark.parametrize("clip", [0.0, 0.7, 3.0, np.inf])
+def test_matches_optax(clip):
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+    grads = _grads(9, [(4, 5), (5,), (2, 2, 3)], np.float32, seed=4)
+    sums, n = clipcore.per_example_global_norm_clip(grads, clip)
+    osums, on = optax.per_example_global_norm_clip([jnp.asarray(g) for g in grads], clip)
+    assert n == int(on)
+    for s, o in zip(sums, osums):
+        np.testing.assert_allclose(s, np.asarray(o), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------- torch: Opacus
+
+def _opacus_models():
+    import torch
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 10))
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 2 * 2, 10))
+    return {"mlp": mlp, "cnn": cnn}
+
+
+def _opacus_step(model, batch, max_grad_norm, seed=0):
+    """(params, Opacus's summed_grad) after a backward pass through GradSampleModule."""
+    import torch
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    gsm = GradSampleModule(model)
+    opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.1), noise_multiplier=0.0,
+                      max_grad_norm=max_grad_norm, expected_batch_size=batch)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, 4, 4, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    torch.nn.functional.cross_entropy(gsm(x), y).backward()
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    samples = [p.grad_sample.clone() for p in params]
+    opt.clip_and_accumulate()
+    expected = [p.summed_grad.clone() for p in params]
+    for p, s in zip(params, samples):
+        p.summed_grad = None
+        p.grad_sample = s
+    return params, expected
+
+
+@pytest.mark.requires_opacus
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("max_grad_norm", [0.05, 1.0, 100.0])
+def test_clip_and_accumulate_matches_opacus(name, max_grad_norm):
+    import clipcore.torch
+    params, expected = _opacus_step(_opacus_models()[name], 16, max_grad_norm)
+    clipcore.torch.clip_and_accumulate_(params, max_grad_norm)
+    for p, e in zip(params, expected):
+        assert p.summed_grad.dtype == e.dtype and p.summed_grad.shape == e.shape
+        np.testing.assert_allclose(p.summed_grad.numpy(), e.numpy(), rtol=1e-5, atol=1e-7)
+    # A second call adds to summed_grad, as Opacus's does.
+    clipcore.torch.clip_and_accumulate_(params, max_grad_norm)
+    for p, e in zip(params, expected):
+        np.testing.assert_allclose(p.summed_grad.numpy(), 2 * e.numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.requires_torch
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_clip_and_accumulate_numpy_formula_and_threads(dtype):
+    import torch
+    import clipcore.torch
+    grads = _grads(40, [(30, 50), (50,), (4000,)], getattr(np, dtype), seed=5)
+    results = []
+    for nt in THREADS:
+        params = [torch.nn.Parameter(torch.zeros(g.shape[1:], dtype=getattr(torch, dtype)))
+                  for g in grads]
+        for p, g in zip(params, grads):
+            p.grad_sample = torch.from_numpy(g.copy())
+        clipcore.torch.clip_and_accumulate_(params, 2.0, n_threads=nt)
+        results.append([p.summed_grad.numpy().tobytes() for p in params])
+    assert all(r == results[0] for r in results)
+    _, _, norms = _ref_per_example(grads, 2.0)
+    factor = np.minimum(2.0 / (norms + 1e-6), 1.0)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    for p, g in zip(params, grads):
+        np.testing.assert_allclose(p.summed_grad.numpy(), np.tensordot(factor, g, axes=1),
+                                   rtol=tol, atol=tol)
+
+
+@pytest.mark.requires_torch
+def test_clip_and_accumulate_errors_and_fallback():
+    import torch
+    import clipcore.torch
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="Per sample gradient not found"):
+        clipcore.torch.clip_and_accumulate_([p], 1.0)
+    p.grad_sample = torch.ones(4, 2)
+    with pytest.raises(ValueError, match="grad_sample of shape"):
+        clipcore.torch.clip_and_accumulate_([p], 1.0)
+    q = torch.nn.Parameter(torch.zeros(3))
+    p.grad_sample, q.grad_sample = torch.ones(4, 3), torch.ones(5, 3)
+    p.summed_grad = torch.full((3,), 7.0)
+    with pytest.raises(ValueError, match=r"grad_sample\[1\]: batch size 5"):
+        clipcore.torch.clip_and_accumulate_([p, q], 1.0)
+    assert (p.summed_grad == 7).all() and getattr(q, "summed_grad", None) is None
+    # A list of per-batch grad samples is concatenated; bfloat16 goes to torch's ops.
+    r = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    r.grad_sample = [torch.ones(2, 2, dtype=torch.bfloat16), torch.ones(1, 2, dtype=torch.bfloat16)]
+    clipcore.torch.clip_and_accumulate_([r], 100.0)
+    assert r.summed_grad.tolist() == [3.0, 3.0]
+    # Empty batch.
+    s = torch.nn.Parameter(torch.zeros(2))
+    s.grad_sample = torch.zeros(0, 2)
+    clipcore.torch.clip_and_accumulate_([s], 1.0)
+    assert s.summed_grad.tolist() == [0.0, 0.0]
+
+
+# ------------------------------------------------------------------------- AGC
+
+def _ref_agc(g, p, clipping, eps, axes, norm_type=2.0):
+    """The AGC formula (timm's and optax's) with the factor in the arrays' dtype."""
+    t = g.dtype.type
+    def unit(x):
+        x = np.abs(x.astype(np.float64))
+        if norm_type == np.inf:
+            return x.max(axis=axes, keepdims=True)
+        return np.sum(x ** norm_type, axis=axes, keepdims=True) ** (1 / norm_type)
+    pn, gn = unit(p).astype(t), unit(g).astype(t)
+    max_norm = np.maximum(pn, t(eps)) * t(clipping)
+    with np.errstate(all="ignore"):
+        return np.where(gn < max_norm, g, g * (max_norm / np.maximum(gn, t(1e-6))))
+
+
+OPTAX_SHAPES = [((7,), (0,)), ((1, 9), (0, 1)), ((6, 5), (0,)), ((4, 3, 5), (0,)),
+                ((3, 3, 4, 6), (0, 1, 2)), ((2, 2, 2, 3, 4), (0, 1, 2, 3)), ((), ())]
+
+
+def _agc_pair(shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    p = np.asarray(rng.standard_normal(shape)).astype(dtype)
+    g = np.asarray(rng.standard_normal(shape) * rng.choice([1e-4, 1.0], size=shape)).astype(dtype)
+    return g, p
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axes", OPTAX_SHAPES)
+def test_adaptive_grad_clip_reference(dtype, shape, axes):
+    g, p = _agc_pair(shape, dtype, 6)
+    expected = _ref_agc(g, p, 0.05, 1e-3, axes)
+    p_before = p.tobytes()
+    out = clipcore.adaptive_grad_clip_([g], [p], 0.05)
+    assert out[0] is g and p.tobytes() == p_before
+    np.testing.assert_allclose(g, expected, rtol=2e-6 if dtype == np.float32 else 1e-14)
+
+
+@pytest.mark.requires_jax
+@pytest.mark.parametrize("shape, axes", OPTAX_SHAPES)
+def test_adaptive_grad_clip_matches_optax(shape, axes):
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+    g, p = _agc_pair(shape, np.float32, 7)
+    tx = optax.adaptive_grad_clip(0.05)
+    upd, _ = tx.update([jnp.asarray(g)], tx.init([jnp.asarray(p)]), [jnp.asarray(p)])
+    clipcore.adaptive_grad_clip_([g], [p], 0.05)
+    np.testing.assert_allclose(g, np.asarray(upd[0]), rtol=1e-5, atol=1e-8)
+
+
+def test_adaptive_grad_clip_bitwise_across_threads():
+    g0, p = _agc_pair((64, 4096), np.float32, 8)
+    results = []
+    for nt in THREADS:
+        g = g0.copy()
+        clipcore.adaptive_grad_clip_([g], [p], 0.01, n_threads=nt)
+        results.append(g.tobytes())
+    assert len(set(results)) == 1 and results[0] != g0.tobytes()
+
+
+def test_adaptive_grad_clip_nan_and_none():
+    g = np.array([[np.nan, 1.0], [1.0, 1.0]], np.float32)
+    p = np.ones((2, 2), np.float32)
+    clipcore.adaptive_grad_clip_([g, None], [p, None], 0.01)
+    assert np.isnan(g[:, 0]).all() and np.allclose(g[:, 1], 0.01 * np.sqrt(2) / np.sqrt(2))
+
+
+def _agc_bad_cases():
+    g = [np.ones((3, 2), np.float32), np.ones(4, np.float32)]
+    p = [np.ones((3, 2), np.float32), np.ones(4, np.float32)]
+    ro = np.ones(4, np.float32)
+    ro.flags.writeable = False
+    return [
+        ([g[0]], p, ValueError, "grads has 1 arrays, params has 2"),
+        ([g[0], np.ones(5, np.float32)], p, ValueError, r"grads\[1\] has shape \(5,\)"),
+        ([g[0], ro], p, ValueError, r"grads\[1\]: expected a writable"),
+        ([g[0], np.ones(4, np.int32)], p, TypeError, r"grads\[1\]"),
+        (g, [p[0], np.ones(4, np.int64)], TypeError, r"params\[1\]"),
+        (g, [p[0], None], TypeError, r"params\[1\]"),
+        ([g[0], g[0][:2, :].reshape(4)], p, ValueError, r"grads\[0\] and grads\[1\] share"),
+        (g, [p[0], g[1]], ValueError, r"grads\[1\] shares memory with params\[1\]"),
+        ([g[0], np.ones((2, 2, 1, 1, 1, 2), np.float32)],
+         [p[0], np.ones((2, 2, 1, 1, 1, 2), np.float32)], ValueError,
+         r"params\[1\]: expected a parameter of 1 to 5"),
+        ("g", p, TypeError, "grads must be a list"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_adaptive_grad_clip_bad_input_modifies_nothing(case):
+    grads, params, exc, match = _agc_bad_cases()[case]
+    arrays = [a for a in list(grads) + list(params) if isinstance(a, np.ndarray)]
+    # Small params: every grad would be clipped if anything ran.
+    before = _snapshot(arrays)
+    with pytest.raises(exc, match=match):
+        clipcore.adaptive_grad_clip_(grads, params, 1e-4)
+    assert _snapshot(arrays) == before
+
+
+@pytest.mark.requires_torch
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, np.inf, 3.0])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_adaptive_clip_grad_torch_matches_timm_formula(norm_type, dtype):
+    import torch
+    import clipcore.torch
+    shapes = [(8, 3, 3, 3), (8,), (10, 16), (1, 5), (5, 1), ()]
+    rng = np.random.default_rng(9)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.from_numpy(np.asarray(rng.standard_normal(s)))
+                               .to(getattr(torch, dtype)))
+        p.grad = torch.from_numpy(np.asarray(rng.standard_normal(s)
+                                             * rng.choice([1e-3, 0.2], size=s))).to(p.dtype)
+        params.append(p)
+    expected = []
+    for p in params:       # timm's adaptive_clip_grad, in torch ops
+        pd, gd = p.detach(), p.grad.detach()
+        dims = None if pd.ndim <= 1 else tuple(range(1, pd.ndim))
+        if dims is None:
+            pn, gn = pd.norm(norm_type), gd.norm(norm_type)
+        else:
+            pn, gn = pd.norm(norm_type, dim=dims, keepdim=True), gd.norm(norm_type, dim=dims,
+                                                                        keepdim=True)
+        max_norm = pn.clamp(min=1e-3).mul(0.05)
+        expected.append(torch.where(gn < max_norm, gd, gd * (max_norm / gn.clamp(min=1e-6))))
+    before = [p.grad.clone() for p in params]
+    clipcore.torch.adaptive_clip_grad_(params, 0.05, norm_type=norm_type)
+    assert any(not torch.equal(b, p.grad) for b, p in zip(before, params))
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    for p, e in zip(params, expected):
+        np.testing.assert_allclose(p.grad.numpy(), e.numpy(), rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.requires_torch
+def test_adaptive_clip_grad_torch_fallback_and_skips():
+    import torch
+    import clipcore.torch
+    p = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
+    p.grad = torch.ones(4, 4, dtype=torch.bfloat16)
+    q = torch.nn.Parameter(torch.ones(3))           # no grad: skipped
+    clipcore.torch.adaptive_clip_grad_([p, q], 0.01)
+    np.testing.assert_allclose(p.grad.float().numpy(), 0.01, rtol=1e-2)
+    with pytest.raises(ValueError, match="norm_type"):
+        clipcore.torch.adaptive_clip_grad_([p], 0.01, norm_type=0)
