@@ -37,7 +37,7 @@ from clipcore._ops import (clip_by_average_norm, clip_by_global_norm,  # noqa: E
                            global_norm, maximum, minimum, norm, relu, relu_)
 from clipcore._per_example import adaptive_grad_clip_, per_example_global_norm_clip  # noqa: E402
 
-__version__ = "0.1.0"
+from clipcore._version import __version__  # noqa: E402
 
 _tuning.apply()      # the loop variants for this CPU (cached calibration or table)
 

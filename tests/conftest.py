@@ -7,11 +7,17 @@ them all, and then nothing here skips). A test module that needs one at import
 starts with `pytest.importorskip(...)` instead. CI sets
 CLIPCORE_REQUIRE_TEST_DEPS=1: then a missing one stops the run instead.
 
+The suite also runs against an installed wheel, from a copy of tests/ alone
+(CI's wheel stage). A test that needs the repository around tests/ (the
+examples/ and benchmarks/ scripts, .gitignore, setup.py) carries
+`requires_source_tree` and skips there; SOURCE_ROOT says where that tree is.
+
 Hypothesis profiles: "ci", the default (30 examples for each fuzz test, one
 per function), and "long" (``pytest --hypothesis-profile=long``: 20,000 each).
 """
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -39,9 +45,23 @@ OPTIONAL = {
 }
 
 
+
+def _source_root():
+    """The repository that holds these tests, or None for a copy of tests/ alone."""
+    root = Path(__file__).resolve().parent.parent
+    wanted = ("setup.py", "src/clipcore/kernels.pyx", "examples", "benchmarks", ".gitignore")
+    return root if all((root / name).exists() for name in wanted) else None
+
+
+SOURCE_ROOT = _source_root()
+
+
 def pytest_configure(config):
     for marker, module in OPTIONAL.items():
         config.addinivalue_line("markers", f"{marker}: needs {module}; skipped without it")
+    config.addinivalue_line("markers", "requires_source_tree: needs the repository around "
+                                       "tests/ (examples/, benchmarks/, setup.py); skipped "
+                                       "when tests/ was copied out to test an installed wheel")
     if os.environ.get("CLIPCORE_REQUIRE_TEST_DEPS") == "1":
         missing = [m for m in OPTIONAL.values() if importlib.util.find_spec(m) is None]
         if missing:
@@ -53,6 +73,9 @@ def pytest_runtest_setup(item):
     for marker in item.iter_markers():
         if marker.name in OPTIONAL:
             pytest.importorskip(OPTIONAL[marker.name])
+        elif marker.name == "requires_source_tree" and SOURCE_ROOT is None:
+            pytest.skip("needs the source tree around tests/ (here tests/ was copied out "
+                        "to test an installed clipcore)")
 
 
 @pytest.fixture

@@ -66,6 +66,7 @@ def test_workload_selection():
         "clip_by_value", "relu", "clip_by_norm"]
 
 
+@pytest.mark.requires_source_tree
 def test_default_out_dir_is_named_and_ignored_by_git():
     name = bench.default_out_dir()
     assert name.startswith("bench-results-")

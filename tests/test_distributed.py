@@ -66,6 +66,7 @@ def test_torch_gloo(n):
 
 
 @pytest.mark.requires_mpi
+@pytest.mark.requires_source_tree
 def test_example_distributed_mpi():
     out = run([mpiexec(), "-n", "2", sys.executable,
                os.path.join(ROOT, "examples", "distributed_mpi.py")])
@@ -112,6 +113,7 @@ def test_group_none_needs_torch_default_group():
 
 
 @pytest.mark.requires_mpi
+@pytest.mark.requires_source_tree
 def test_benchmark_script_runs():
     # Figures are the benchmark's business; this only keeps the script working.
     out = run([mpiexec(), "-n", "2", sys.executable,

@@ -9,6 +9,8 @@ import pytest
 
 import clipcore
 
+pytestmark = pytest.mark.requires_source_tree
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

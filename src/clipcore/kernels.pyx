@@ -639,7 +639,7 @@ cdef void copy_probe_chunk(const void *ctx, Py_ssize_t c) noexcept nogil:
 
 def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::1] out=None,
                     bint square=False):
-    """A read pass, then a read-write pass (x *= 1) over buf, for the benchmarks' ceiling.
+    """A read pass, then a read-write pass (``x *= 1``) over buf, for the benchmarks' ceiling.
 
     Returns (seconds_read, seconds_read_write), timed inside the kernel;
     with read=False only the read-write pass runs and seconds_read is None.
