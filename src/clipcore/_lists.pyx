@@ -204,7 +204,6 @@ def check_apart(outs, ins, str out_name, str in_name):
     """
     cdef Py_ssize_t n_out = len(outs), n = n_out + len(ins), count = 0, j, k, a, b
     cdef Extent *exts = <Extent *>malloc((n + 1) * sizeof(Extent))
-    cdef char *max_hi
     cdef list arrays = list(outs) + list(ins)
     if exts == NULL:
         raise MemoryError()
@@ -217,12 +216,7 @@ def check_apart(outs, ins, str out_name, str in_name):
         sort_extents(exts, count)
         j = 0
         while j < count:
-            k = j + 1
-            max_hi = exts[j].hi
-            while k < count and exts[k].lo < max_hi:
-                if exts[k].hi > max_hi:
-                    max_hi = exts[k].hi
-                k += 1
+            k = group_end(exts, j, count)
             for b in range(j + 1, k):          # a group of chained extents
                 for a in range(j, b):
                     if ((exts[a].pos < n_out) != (exts[b].pos < n_out)
@@ -261,6 +255,17 @@ cdef int check_group(Extent *exts, Py_ssize_t count, list arrays, str name) exce
     return 0
 
 
+cdef Py_ssize_t group_end(const Extent *exts, Py_ssize_t j, Py_ssize_t count) noexcept:
+    """One past the last of the sorted extents from j on that chain-overlap exts[j]."""
+    cdef Py_ssize_t k = j + 1
+    cdef char *max_hi = exts[j].hi
+    while k < count and exts[k].lo < max_hi:
+        if exts[k].hi > max_hi:
+            max_hi = exts[k].hi
+        k += 1
+    return k
+
+
 cdef int report_overlap(Extent *exts, Py_ssize_t count, list arrays, str name) except -1:
     """Raise ValueError naming the first two buffers that share memory.
 
@@ -269,7 +274,6 @@ cdef int report_overlap(Extent *exts, Py_ssize_t count, list arrays, str name) e
     disjoint). Without arrays the buffers are contiguous.
     """
     cdef Py_ssize_t j, k
-    cdef char *max_hi
     cdef bint is_sorted = True
     for j in range(1, count):
         if exts[j].lo < exts[j - 1].lo:
@@ -279,12 +283,7 @@ cdef int report_overlap(Extent *exts, Py_ssize_t count, list arrays, str name) e
         sort_extents(exts, count)
     j = 0
     while j < count:
-        k = j + 1
-        max_hi = exts[j].hi
-        while k < count and exts[k].lo < max_hi:
-            if exts[k].hi > max_hi:
-                max_hi = exts[k].hi
-            k += 1
+        k = group_end(exts, j, count)
         if k - j > 1:
             check_group(exts + j, k - j, arrays, name)
         j = k
