@@ -105,20 +105,10 @@ def bench_per_example(name, shapes, batch, reps):
 
 
 def timm_adaptive_clip_grad(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0):
-    """timm.utils.agc.adaptive_clip_grad's loop, written out in torch ops."""
-    for p in parameters:
-        if p.grad is None:
-            continue
-        p_data, g_data = p.detach(), p.grad.detach()
-        if p_data.ndim <= 1:
-            pn, gn = p_data.norm(norm_type), g_data.norm(norm_type)
-        else:
-            dims = tuple(range(1, p_data.ndim))
-            pn = p_data.norm(norm_type, dim=dims, keepdim=True)
-            gn = g_data.norm(norm_type, dim=dims, keepdim=True)
-        max_norm = pn.clamp_(min=eps).mul_(clip_factor)
-        clipped = g_data * (max_norm / gn.clamp(min=1e-6))
-        p.grad.detach().copy_(torch.where(gn < max_norm, g_data, clipped))
+    """timm.utils.agc.adaptive_clip_grad's loop in torch ops: clipcore.torch's own
+    form of it for the tensors its kernels do not read."""
+    clipcore.torch._adaptive_clip_grad_torch([p for p in parameters if p.grad is not None],
+                                             clip_factor, eps, norm_type)
 
 
 def bench_agc(workload, reps):
