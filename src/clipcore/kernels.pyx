@@ -709,9 +709,6 @@ def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::
     return (t1 - t0) if read else None, t2 - t1
 
 
-TUNING_KNOBS = ("prefetch", "scale_backward", "twins")
-
-
 def get_tuning():
     """The streaming loops' run-time choices and the default policy's crossover."""
     cdef int *t = cc_own_tuning()
