@@ -139,7 +139,7 @@ cdef int ws_run(WsJob *j, chunk_fn fn, int nt) noexcept nogil:
     """fn over every tile, on nt threads claiming tiles; -1 when out of memory."""
     cdef Claims *cl = NULL
     cdef Py_ssize_t t
-    cdef double t_start, t_free = 0.0
+    cdef double t_start, t_end, t_free = 0.0
     cdef double *free_at = &t_free
     if nt > j.n_tiles:
         nt = <int>j.n_tiles
@@ -160,7 +160,8 @@ cdef int ws_run(WsJob *j, chunk_fn fn, int nt) noexcept nogil:
             run_claimed(cl, j.n_tiles, fn, j, cc_team_rank(), cc_team_size())
             if cc_team_rank() == 0:
                 free_at[0] = cc_now()
-        note_wait(cc_now() - t_free, cc_now() - t_start)
+        t_end = cc_now()
+        note_wait(t_end - t_free, t_end - t_start)
     free(cl)
     free(j.scratch)
     return 0
