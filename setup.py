@@ -21,7 +21,7 @@ from setuptools.command.build_ext import build_ext
 # The private sources (.pyx, their .pxd, the C headers) are in src/clipcore;
 # the public clipcore/kernels.pxd is in the package itself, installed with it.
 NATIVE_DIR = os.path.join("src", "clipcore")
-MODULES = ["kernels", "_lists", "_elementwise", "_global", "_torch", "_weighted"]
+MODULES = ["kernels", "_lists", "_elementwise", "_global", "_torch", "_weighted", "_unitwise"]
 
 # The one place for Cython directives.
 CYTHON_DIRECTIVES = {

@@ -9,6 +9,7 @@ adaptive_clip_grad_ run on the helpers here.
 import numpy as np
 
 from clipcore import _elementwise as _ew
+from clipcore import _unitwise as _uw
 from clipcore import _weighted as _w
 from clipcore._convert import buffer_view
 from clipcore._lists import check_apart
@@ -275,6 +276,66 @@ def _unit_norms(x, axes, norm_type, nt):
                       keepdims=True) ** (1.0 / norm_type)
 
 
+_UNIT_KINDS = {2.0: _uw.REDUCE_SUMSQ, 1.0: _uw.REDUCE_SUMABS, np.inf: _uw.REDUCE_MAXABS}
+
+
+def _unit_view(g, p, axes, norm_type):
+    """(g2, p2, by_cols): 2-d views of g and p for the fused AGC kernels (units
+    on the rows or the columns), or None when they need the per-array path
+    (float16, mixed dtypes, non-contiguous or misaligned arrays, other p-norms)."""
+    if (norm_type not in _UNIT_KINDS or g.size == 0 or g.dtype != p.dtype
+            or g.dtype not in (_F32, _F64) or not g.dtype.isnative
+            or not (g.flags.c_contiguous and p.flags.c_contiguous
+                    and g.flags.aligned and p.flags.aligned)):
+        return None
+    nd, m = g.ndim, len(axes)
+    if m == nd:                                    # the whole array is one unit
+        shape, by_cols = (1, g.size), False
+    elif axes == tuple(range(nd - m, nd)):         # units first, reduced over the rest
+        shape, by_cols = (g.size // int(np.prod(g.shape[nd - m:])), -1), False
+    elif axes == tuple(range(m)):                  # units last, reduced over the rest
+        shape, by_cols = (int(np.prod(g.shape[:m])), -1), True
+    else:
+        return None
+    return g.reshape(shape), p.reshape(shape), by_cols
+
+
+def _fused_adaptive_clip(grads, params, axes, clipping, eps, norm_type, nt):
+    """AGC over the arrays _unit_view accepts: one pass for the grads' and the
+    params' unit norms, one for the scaling."""
+    if not grads:
+        return
+    views = [_unit_view(g, p, a, norm_type) for g, p, a in zip(grads, params, axes)]
+    g2, p2, by_cols = [v[0] for v in views], [v[1] for v in views], tuple(v[2] for v in views)
+    gsum, psum = _uw.unit_reduce(g2, p2, by_cols, _UNIT_KINDS[norm_type], nt)
+    counts = [v.shape[1] if c else v.shape[0] for v, c in zip(g2, by_cols)]
+    ends = np.cumsum(counts)
+    gn, pn = np.split(gsum, ends[:-1]), np.split(psum, ends[:-1])
+    if norm_type == 2.0:
+        for k, (g, p, a) in enumerate(zip(grads, params, axes)):
+            gn[k], pn[k] = np.sqrt(gn[k]), np.sqrt(pn[k])
+            if g.dtype == _F64 and not (_range_safe(gn[k]) and _range_safe(pn[k])):
+                gn[k] = _unit_norms(g, a, 2.0, nt).ravel()
+                pn[k] = _unit_norms(p, a, 2.0, nt).ravel()
+    factors = [_agc_factor(g_, p_, g.dtype.type, clipping, eps) for g_, p_, g in zip(gn, pn, grads)]
+    if not all((f == 1).all() for f in factors):
+        _uw.unit_scale(g2, factors, by_cols, nt)
+
+
+def _range_safe(l2):
+    """False when a float64 sum of squares may have left float64's range (as _ops._l2)."""
+    with np.errstate(all="ignore"):
+        return not ((l2 == np.inf) | (l2 < np.sqrt(_SUMSQ_SAFE_MIN))).any()
+
+
+def _agc_factor(gn, pn, t, clipping, eps):
+    """Per unit: 1 below the bound, else bound / grad norm; in the arrays' dtype t."""
+    with np.errstate(all="ignore"):
+        gn, pn = gn.astype(t), pn.astype(t)
+        max_norm = np.maximum(pn, t(eps)) * t(clipping)
+        return np.where(gn < max_norm, t(1), max_norm / np.maximum(gn, t(1e-6)))
+
+
 def adaptive_clip(grads, params, clipping, eps, layout, norm_type, nt):
     """AGC in place over lists (see adaptive_grad_clip_); layout 'optax' or 'torch'."""
     clipping = _w.real_arg(clipping, "clipping")
@@ -301,17 +362,18 @@ def adaptive_clip(grads, params, clipping, eps, layout, norm_type, nt):
             raise ValueError(f"grads[{k}] has shape {g.shape}, params[{k}] has {p.shape}")
         axes[k] = units(g.shape, f"params[{k}]")
     check_apart([garr[k] for k in todo], [parr[k] for k in todo], "grads", "params")
-    for k in todo:
+    fused = [k for k in todo if _unit_view(garr[k], parr[k], axes[k], norm_type) is not None]
+    _fused_adaptive_clip([garr[k] for k in fused], [parr[k] for k in fused],
+                         [axes[k] for k in fused], clipping, eps, norm_type, nt)
+    for k in sorted(set(todo) - set(fused)):
         g, p = garr[k], parr[k]
         if g.size == 0:
             continue
         gw, pw = _work(g), _work(p)
         t = gw.dtype.type             # the factors in the arrays' dtype, as the frameworks
         with np.errstate(all="ignore"):
-            pn = _unit_norms(pw, axes[k], norm_type, nt).astype(t)
-            gn = _unit_norms(gw, axes[k], norm_type, nt).astype(t)
-            max_norm = np.maximum(pn, t(eps)) * t(clipping)
-            f = np.where(gn < max_norm, t(1), max_norm / np.maximum(gn, t(1e-6)))
+            f = _agc_factor(_unit_norms(gw, axes[k], norm_type, nt),
+                            _unit_norms(pw, axes[k], norm_type, nt), t, clipping, eps)
         if not (f == 1).all():
             _elementwise(_ew.OP_MUL, [g, f.astype(g.dtype) if g.dtype != gw.dtype else f],
                          g, nt)

@@ -361,6 +361,73 @@ def test_adaptive_grad_clip_bitwise_across_threads():
     assert len(set(results)) == 1 and results[0] != g0.tobytes()
 
 
+def _agc_list():
+    """A list that mixes what the fused kernels take (rows, columns, whole arrays,
+    float32 and float64) with what they leave to the per-array path (float16, a
+    transposed view, float32 grads of float64 params)."""
+    rng = np.random.default_rng(10)
+    shapes = [(40, 300), (3, 3, 8, 700), (2000,), (5, 4, 300), (1, 9), (6, 5)]
+    dtypes = [np.float32, np.float64, np.float32, np.float32, np.float64, np.float16]
+    grads = [np.asarray(rng.standard_normal(s) * rng.choice([1e-3, 1.0], size=s)).astype(d)
+             for s, d in zip(shapes, dtypes)]
+    params = [np.asarray(rng.standard_normal(s)).astype(d) for s, d in zip(shapes, dtypes)]
+    grads.append(np.asarray(rng.standard_normal((300, 40)), np.float32).T)
+    params.append(np.asarray(rng.standard_normal((40, 300)), np.float32))
+    grads.append(np.asarray(rng.standard_normal((30, 20)) * 1e-3, np.float32))
+    params.append(np.asarray(rng.standard_normal((30, 20)), np.float64))
+    return grads, params
+
+
+@pytest.mark.parametrize("layout", ["optax", "torch"])
+def test_adaptive_clip_of_a_mixed_list(layout):
+    from clipcore import _per_example
+    units = _per_example._optax_axes if layout == "optax" else _per_example._torch_axes
+    grads0, params = _agc_list()
+    results = []
+    for nt in THREADS:
+        grads = [g.copy(order="K") for g in grads0]
+        grads[6] = grads0[6].T.copy().T           # keep the transposed layout
+        _per_example.adaptive_clip(grads, params, 0.05, 1e-3, layout, 2.0, nt)
+        results.append(b"".join(g.tobytes() for g in grads))
+    assert len(set(results)) == 1
+    for g0, g, p in zip(grads0, grads, params):
+        t = np.float32 if g0.dtype == np.float16 else g0.dtype    # float16 is clipped in float32
+        expected = _ref_agc(g0.astype(t), p.astype(t), 0.05, 1e-3, units(g0.shape, "p"))
+        rtol = {2: 1e-3, 4: 2e-6, 8: 1e-14}[g0.dtype.itemsize]
+        atol = 1e-7 if g0.dtype == np.float16 else 0     # float16's subnormal spacing
+        np.testing.assert_allclose(g, expected, rtol=rtol, atol=atol)
+    assert any(not np.array_equal(g, g0) for g, g0 in zip(grads, grads0))
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_adaptive_grad_clip_float64_out_of_squares_range(scale):
+    g0, p0 = _agc_pair((6, 50), np.float64, 11)
+    g, p = g0 * scale, p0 * scale
+    clipcore.adaptive_grad_clip_([g], [p], 0.05)
+    # The formula is scale-free: clipping the scaled arrays is scaling the clipped ones.
+    np.testing.assert_allclose(g / scale, _ref_agc(g0, p0, 0.05, 1e-3 / scale, (0,)),
+                               rtol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["REDUCE_SUMSQ", "REDUCE_SUMABS", "REDUCE_MAXABS"])
+def test_unit_reduce_rows_and_columns(kind):
+    from clipcore import _unitwise
+    rng = np.random.default_rng(12)
+    arrays = [rng.standard_normal(s).astype(d) for s, d in
+              [((7, 1000), np.float32), ((3000, 5), np.float64), ((1, 10), np.float32),
+               ((9, 600), np.float64)]]
+    by_cols = (False, True, False, True)
+    gn, pn = _unitwise.unit_reduce(arrays, [2 * a for a in arrays], by_cols,
+                                   getattr(_unitwise, kind), 2)
+    ref = {"REDUCE_SUMSQ": lambda x, ax: np.sum(np.square(x.astype(np.float64)), axis=ax),
+           "REDUCE_SUMABS": lambda x, ax: np.sum(np.abs(x.astype(np.float64)), axis=ax),
+           "REDUCE_MAXABS": lambda x, ax: np.max(np.abs(x.astype(np.float64)), axis=ax)}[kind]
+    expected = np.concatenate([ref(a, 0 if c else 1) for a, c in zip(arrays, by_cols)])
+    factor = {"REDUCE_SUMSQ": 4.0}.get(kind, 2.0)
+    np.testing.assert_allclose(gn, expected, rtol=1e-12)
+    np.testing.assert_allclose(pn, factor * expected, rtol=1e-12)
+
+
 def test_adaptive_grad_clip_nan_and_none():
     g = np.array([[np.nan, 1.0], [1.0, 1.0]], np.float32)
     p = np.ones((2, 2), np.float32)

@@ -1,0 +1,247 @@
+"""Unit-wise norms and scaling over a list of arrays: the kernels of adaptive gradient clipping.
+
+Each grad and its parameter are 2-d views with the same strides whose units
+are the rows (PyTorch's layout: output units first) or the columns (JAX's:
+units last). One team pass reads every grad and parameter once and writes
+each unit's float64 reduction of both; a second pass multiplies the units
+whose factor is not 1. Work items hold whole units (blocks of rows, tiles of
+columns), so each unit's sum is one thread's, in one order: the same bits
+for any thread count.
+"""
+from cython.parallel cimport parallel
+from libc.stdlib cimport malloc, free
+cimport numpy as cnp
+
+from clipcore.kernels cimport (resolve_threads, Claims, claims_new, run_claimed, note_wait,
+                               chunk_fn, tuning_table)
+from clipcore._loops cimport cc_team_rank, cc_team_size, cc_now, cc_use_tuning
+
+cnp.import_array()
+
+cdef extern from "cc_elementwise.h" nogil:
+    int CC_SUMSQ, CC_SUMABS, CC_MAXABS
+    double cc_reduce_one_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind,
+                             double p, double scale)
+    double cc_reduce_one_f64(const double *x, Py_ssize_t n, Py_ssize_t stride, int kind,
+                             double p, double scale)
+    void cc_cols_reduce_f32(const float *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t nb,
+                            Py_ssize_t sb, int kind, double *acc)
+    void cc_cols_reduce_f64(const double *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t nb,
+                            Py_ssize_t sb, int kind, double *acc)
+    void cc_cols_scale_f32(const float *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t sb,
+                           const float *f, Py_ssize_t nb, float *o, Py_ssize_t osr,
+                           Py_ssize_t osb)
+    void cc_cols_scale_f64(const double *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t sb,
+                           const double *f, Py_ssize_t nb, double *o, Py_ssize_t osr,
+                           Py_ssize_t osb)
+    void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
+    void cc_scale_f64(double *x, Py_ssize_t n, Py_ssize_t stride, double s)
+
+cc_use_tuning(tuning_table())       # the kernels module's choices
+
+REDUCE_SUMSQ, REDUCE_SUMABS, REDUCE_MAXABS = CC_SUMSQ, CC_SUMABS, CC_MAXABS
+
+cdef enum:
+    ITEM_ELEMENTS = 65536   # about this many elements of a grad per work item
+    COLS_TILE = 256         # columns per item when units are columns: whole cache lines
+
+ctypedef struct UnitPart:
+    char *g                 # grad[0, 0]
+    char *p                 # param[0, 0] (NULL in the scale pass)
+    char *f                 # the units' factors, in the arrays' dtype (scale pass)
+    Py_ssize_t R, C         # rows, columns
+    Py_ssize_t sr, sc       # strides in elements, the same for grad and param
+    Py_ssize_t per_item     # rows (units on rows) or columns (units on columns) per item
+    Py_ssize_t first        # index of the part's first item
+    Py_ssize_t unit0        # index of its first unit in the norms
+    bint by_cols
+    bint f64
+
+ctypedef struct UnitJob:
+    UnitPart *parts
+    Py_ssize_t n_parts, n_items
+    int kind
+    double *gn              # per unit: the grads' reductions
+    double *pn              # and the params'
+
+
+cdef inline const UnitPart *part_of(const UnitJob *j, Py_ssize_t item) noexcept nogil:
+    """The part holding item (binary search over the parts' first items)."""
+    cdef Py_ssize_t lo = 0, hi = j.n_parts - 1, mid
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if j.parts[mid].first <= item:
+            lo = mid
+        else:
+            hi = mid - 1
+    return &j.parts[lo]
+
+
+cdef inline double reduce_run(const char *x, Py_ssize_t n, Py_ssize_t s, bint f64,
+                              int kind) noexcept nogil:
+    if f64:
+        return cc_reduce_one_f64(<const double *>x, n, s, kind, 1.0, 1.0)
+    return cc_reduce_one_f32(<const float *>x, n, s, kind, 1.0, 1.0)
+
+
+cdef void reduce_item(const void *ctx, Py_ssize_t item) noexcept nogil:
+    cdef const UnitJob *j = <const UnitJob *>ctx
+    cdef const UnitPart *q = part_of(j, item)
+    cdef Py_ssize_t i0 = (item - q.first) * q.per_item, i, n, b
+    cdef Py_ssize_t size = 8 if q.f64 else 4
+    cdef double *gacc
+    cdef double *pacc
+    if not q.by_cols:
+        n = min(q.per_item, q.R - i0)
+        for i in range(i0, i0 + n):
+            j.gn[q.unit0 + i] = reduce_run(q.g + i * q.sr * size, q.C, q.sc, q.f64, j.kind)
+            j.pn[q.unit0 + i] = reduce_run(q.p + i * q.sr * size, q.C, q.sc, q.f64, j.kind)
+        return
+    n = min(q.per_item, q.C - i0)
+    gacc = j.gn + q.unit0 + i0
+    pacc = j.pn + q.unit0 + i0
+    for b in range(n):
+        gacc[b] = 0.0
+        pacc[b] = 0.0
+    if q.f64:
+        cc_cols_reduce_f64(<double *>(q.g + i0 * q.sc * size), q.R, q.sr, n, q.sc, j.kind, gacc)
+        cc_cols_reduce_f64(<double *>(q.p + i0 * q.sc * size), q.R, q.sr, n, q.sc, j.kind, pacc)
+    else:
+        cc_cols_reduce_f32(<float *>(q.g + i0 * q.sc * size), q.R, q.sr, n, q.sc, j.kind, gacc)
+        cc_cols_reduce_f32(<float *>(q.p + i0 * q.sc * size), q.R, q.sr, n, q.sc, j.kind, pacc)
+
+
+cdef void scale_item(const void *ctx, Py_ssize_t item) noexcept nogil:
+    cdef const UnitJob *j = <const UnitJob *>ctx
+    cdef const UnitPart *q = part_of(j, item)
+    cdef Py_ssize_t i0 = (item - q.first) * q.per_item, i, n, b
+    cdef Py_ssize_t size = 8 if q.f64 else 4
+    cdef double s
+    cdef char *g
+    if not q.by_cols:
+        for i in range(i0, min(i0 + q.per_item, q.R)):
+            s = (<double *>q.f)[i] if q.f64 else (<float *>q.f)[i]
+            if s == 1.0:
+                continue
+            if q.f64:
+                cc_scale_f64(<double *>(q.g + i * q.sr * size), q.C, q.sc, s)
+            else:
+                cc_scale_f32(<float *>(q.g + i * q.sr * size), q.C, q.sc, s)
+        return
+    n = min(q.per_item, q.C - i0)
+    for b in range(i0, i0 + n):          # write the tile only if one of its factors is not 1
+        s = (<double *>q.f)[b] if q.f64 else (<float *>q.f)[b]
+        if s != 1.0:
+            break
+    else:
+        return
+    g = q.g + i0 * q.sc * size
+    if q.f64:
+        cc_cols_scale_f64(<double *>g, q.R, q.sr, q.sc, <double *>q.f + i0, n, <double *>g,
+                          q.sr, q.sc)
+    else:
+        cc_cols_scale_f32(<float *>g, q.R, q.sr, q.sc, <float *>q.f + i0, n, <float *>g,
+                          q.sr, q.sc)
+
+
+cdef void run_job(UnitJob *j, chunk_fn fn, int nt) noexcept nogil:
+    """fn over every item, on nt threads claiming items (one thread when the
+    claims cannot be allocated)."""
+    cdef Claims *cl = claims_new(j.n_items) if nt > 1 and j.n_items > 1 else NULL
+    cdef Py_ssize_t i
+    cdef double t_start, t_end, t_free = 0.0
+    cdef double *free_at = &t_free        # written by thread 0 inside the region
+    if cl == NULL:
+        for i in range(j.n_items):
+            fn(j, i)
+        return
+    t_start = cc_now()
+    with parallel(num_threads=nt):
+        run_claimed(cl, j.n_items, fn, j, cc_team_rank(), cc_team_size())
+        if cc_team_rank() == 0:
+            free_at[0] = cc_now()
+    t_end = cc_now()
+    note_wait(t_end - t_free, t_end - t_start)
+    free(cl)
+
+
+cdef Py_ssize_t set_parts(UnitJob *j, list grads, list params, list factors,
+                          tuple by_cols) except -1:
+    """j's parts, one per (grad, param or factors) pair; returns the grads' elements."""
+    cdef Py_ssize_t k, size, units = 0, items = 0, total = 0
+    cdef cnp.ndarray g, p
+    cdef UnitPart *q
+    for k in range(j.n_parts):
+        g = <cnp.ndarray>grads[k]
+        q = &j.parts[k]
+        size = cnp.PyArray_ITEMSIZE(g)
+        q.g = <char *>cnp.PyArray_DATA(g)
+        q.p = <char *>cnp.PyArray_DATA(<cnp.ndarray>params[k]) if params is not None else NULL
+        q.f = <char *>cnp.PyArray_DATA(<cnp.ndarray>factors[k]) if factors is not None else NULL
+        q.R = cnp.PyArray_DIM(g, 0)
+        q.C = cnp.PyArray_DIM(g, 1)
+        q.sr = cnp.PyArray_STRIDE(g, 0) // size
+        q.sc = cnp.PyArray_STRIDE(g, 1) // size
+        q.f64 = size == 8
+        q.by_cols = by_cols[k]
+        if q.by_cols:
+            q.per_item = COLS_TILE
+            n_items = (q.C + COLS_TILE - 1) // COLS_TILE
+        else:
+            q.per_item = max(1, ITEM_ELEMENTS // max(1, q.C))
+            n_items = (q.R + q.per_item - 1) // q.per_item
+        q.first = items
+        q.unit0 = units
+        items += n_items
+        units += q.C if q.by_cols else q.R
+        total += q.R * q.C
+    j.n_items = items
+    return total
+
+
+def unit_reduce(list grads, list params, tuple by_cols, int kind, int n_threads):
+    """Per-unit float64 reductions (kind: REDUCE_*) of grads and params, in one pass.
+
+    grads[k] and params[k]: 2-d aligned native float32/float64 arrays of one
+    shape and strides, no dimension of length 0; by_cols[k]: their units are
+    columns (else rows). Returns (grad_norms, param_norms), each one float64
+    array of all the units in list order (the caller takes roots and
+    checks ranges).
+    """
+    cdef UnitJob j
+    cdef Py_ssize_t total, units = 0, k
+    for k in range(len(grads)):
+        units += (<cnp.ndarray>grads[k]).shape[1 if by_cols[k] else 0]
+    gn = cnp.PyArray_EMPTY(1, [units], cnp.NPY_DOUBLE, 0)
+    pn = cnp.PyArray_EMPTY(1, [units], cnp.NPY_DOUBLE, 0)
+    j.n_parts = len(grads)
+    j.kind = kind
+    j.gn = <double *>cnp.PyArray_DATA(gn)
+    j.pn = <double *>cnp.PyArray_DATA(pn)
+    j.parts = <UnitPart *>malloc((j.n_parts + 1) * sizeof(UnitPart))
+    if j.parts == NULL:
+        raise MemoryError()
+    try:
+        total = set_parts(&j, grads, params, None, by_cols)
+        with nogil:
+            run_job(&j, reduce_item, resolve_threads(total, n_threads))
+    finally:
+        free(j.parts)
+    return gn, pn
+
+
+def unit_scale(list grads, list factors, tuple by_cols, int n_threads):
+    """grads[k]'s units times factors[k] (1-d, the grad's dtype, one per unit),
+    in place; units whose factor is 1 are not written."""
+    cdef UnitJob j
+    cdef Py_ssize_t total
+    j.n_parts = len(grads)
+    j.parts = <UnitPart *>malloc((j.n_parts + 1) * sizeof(UnitPart))
+    if j.parts == NULL:
+        raise MemoryError()
+    try:
+        total = set_parts(&j, grads, None, factors, by_cols)
+        with nogil:
+            run_job(&j, scale_item, resolve_threads(total, n_threads))
+    finally:
+        free(j.parts)
