@@ -318,7 +318,7 @@ def test_ratios_are_taken_within_each_round():
     table = bench.format_table(dict(r, machine=quiet))
     assert "2.00x (2.00-2.00), Plan 4.00x (4.00-4.00)" in table
     assert "50% (50-50)" in table and "2.00-4.00 s" in table
-    assert "in 5 rounds of 3 or fewer calls" in table
+    assert "in 5 rounds (3+3+3+3+3 calls)" in table
     assert "warning" not in table
     busy = dict(quiet, other_load=0.9)
     assert "other processes kept 0.90 CPUs busy" in bench.format_table(dict(r, machine=busy))

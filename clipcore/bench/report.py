@@ -26,6 +26,7 @@ def _fmt_time_range(lo, hi):
 
 def _fmt_num(x):
     """x with 3 significant digits, 4 from 1000 up (2.30, 29.4, 102, 1234)."""
+    x = float(f"{x:.3g}")           # 99.96 -> 100, not 100.0
     digits = 2 - math.floor(math.log10(abs(x))) if x else 2
     return f"{x:.{max(0, digits)}f}"
 
@@ -66,9 +67,9 @@ def format_table(results):
              f"{CONTEND_NOTE if results.get('contend') else ''}, "
              f"OpenMP {'on' if m['openmp'] else 'off'}, SIMD {m['simd']}",
              f"median and range of {results['repeat']} timed calls per row, in {len(rounds)} "
-             f"round{'s' if len(rounds) > 1 else ''} of {max(rounds)} or fewer calls per "
-             f"implementation, each on data restored from a backup (warm-up "
-             f"{results['warmup']}); numpy {m['numpy']}, python {m['python']}"]
+             f"round{'s' if len(rounds) > 1 else ''} ({'+'.join(map(str, rounds))} calls), "
+             f"each call on data restored from a backup (warm-up {results['warmup']}); "
+             f"numpy {m['numpy']}, python {m['python']}"]
     for fam in impls.PEERS[1:]:
         f = results["families"].get(fam, {})
         if f.get("status") == "ok":
