@@ -39,9 +39,8 @@ import numpy as np
 import tensorflow as tf
 
 from clipcore import _ops
-from clipcore import _global
 from clipcore._adapt import as_tensor_array
-from clipcore._convert import framework
+from clipcore._lists import as_norm_type, framework
 
 try:       # TF's internal test for "some tape is recording" (no public one)
     from tensorflow.python.eager.record import could_possibly_record as _may_record
@@ -492,11 +491,11 @@ def _global_norm_grad(ts, n, dn):
 
 
 def global_norm(t_list, name=None, *, norm_type=2.0, n_threads=None):
-    _global.global_norm([], norm_type=norm_type)           # the core's checks, first
+    as_norm_type(norm_type)                                # the core's check, first
     tensors, _ = _entries(t_list)
     if not tensors:
         return tf.constant(0.0)
-    eager_fn = _global.global_norm
+    eager_fn = _ops.global_norm.__wrapped__
     dtype = _norm_spec(tensors)
 
     def eager(*vals):
@@ -534,8 +533,9 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_thread
             extra.append(_tensor(value, nm))
             names.append(nm)
     if not tensors and not extra:
-        return _global.clip_by_global_norm(items, clip_norm, use_norm, n_threads=n_threads)
-    eager_fn = _global.clip_by_global_norm
+        return _ops.clip_by_global_norm.__wrapped__(items, clip_norm, use_norm,
+                                                    n_threads=n_threads)
+    eager_fn = _ops.clip_by_global_norm.__wrapped__
 
     def args(vals):
         kw = {"clip_norm": clip_norm, "use_norm": use_norm}
