@@ -8,8 +8,8 @@ and scales in one fused pass that reads each input once and writes its output
 once; the scale is computed as TensorFlow computes it, in the norm's dtype, so
 that outputs equal TensorFlow's for the same norm.
 """
+cimport cython
 from cython.parallel cimport prange
-from cpython.ref cimport Py_REFCNT
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
@@ -41,43 +41,80 @@ ctypedef struct Pair:
 # ------------------------------------------------------------ output memory
 #
 # Fresh memory from the OS costs a page fault and a zero-fill per page: for
-# ResNet-50's 100 MB of outputs that is more than the clipping itself.
-# TensorFlow's allocator hands the memory of dropped tensors to the next op;
-# clipcore does the same, boundedly: it keeps the blocks of its last POOL_SLOTS
-# large results (8 MB to 256 MB) and carves a new result from one of them only
-# when no array refers to it any more (its reference count shows that).
+# large results, more than the clipping itself. TensorFlow's allocator hands
+# the memory of dropped tensors to the next op; clipcore does the same,
+# boundedly. The results of one call are carved from one block, owned by a
+# _Block that is their base (and so of every view of them); when the last of
+# them dies, the _Block gives the block back to the pool. The pool keeps the
+# POOL_SLOTS most recently freed blocks of POOL_MIN_BYTES or more, at most
+# POOL_MAX_BYTES in all: room for two result sets of a GPT-2-sized model, so
+# that a loop holding the last results while it makes the next ones
+# alternates between two blocks. A block is in the pool only while nothing
+# uses it: no reference count is looked at, and a lock guards the pool (so it
+# holds under free-threaded CPython too).
 
 cdef enum:
     POOL_MIN_BYTES = 8 << 20
     POOL_SLOTS = 2
     ALIGN = 64
-cdef Py_ssize_t POOL_MAX_BYTES = 256 << 20   # larger results are never kept
+cdef Py_ssize_t POOL_MAX_BYTES = 1 << 30
 
-cdef list _blocks = []
+cdef list _free = []                 # free uint8 blocks, the most recently freed first
+cdef cython.pymutex _pool_lock
 
 
-cdef object take_block(Py_ssize_t nbytes):
-    """A uint8 array of nbytes that nothing else refers to: reused, or new."""
+@cython.final
+@cython.no_gc                        # it refers to a uint8 array, which refers to nothing
+cdef class _Block:
+    """The memory of one call's results (their base); back to the pool when they die."""
+    cdef object memory
+
+    def __dealloc__(self):
+        if self.memory is not None:
+            give_back(self.memory)
+
+
+cdef int give_back(object memory) except -1:
+    """Put a block nothing uses any more in the pool (or let it go)."""
+    cdef Py_ssize_t total = 0, keep = 0
+    cdef list dropped
+    if cnp.PyArray_NBYTES(<cnp.ndarray>memory) > POOL_MAX_BYTES:
+        return 0
+    with _pool_lock:
+        _free.insert(0, memory)
+        while keep < len(_free) and keep < POOL_SLOTS:
+            total += cnp.PyArray_NBYTES(<cnp.ndarray>_free[keep])
+            if total > POOL_MAX_BYTES:
+                break
+            keep += 1
+        dropped = _free[keep:]
+        del _free[keep:]
+    return 0                         # the dropped blocks are freed here, unlocked
+
+
+cdef _Block take_block(Py_ssize_t nbytes):
+    """A _Block of nbytes (and ALIGN to spare): a free one of that size, or new."""
     cdef Py_ssize_t i
-    for i in range(len(_blocks)):
-        block = _blocks[i]
-        # References: the list's and `block`'s; any view of it adds one.
-        if cnp.PyArray_NBYTES(<cnp.ndarray>block) == nbytes + ALIGN and Py_REFCNT(block) == 2:
-            del _blocks[i]
-            _blocks.insert(0, block)
-            return block
-    block = np.empty(nbytes + ALIGN, np.uint8)
-    if nbytes <= POOL_MAX_BYTES:
-        _blocks.insert(0, block)
-        del _blocks[POOL_SLOTS:]
+    cdef _Block block
+    memory = None
+    with _pool_lock:
+        for i in range(len(_free)):
+            if cnp.PyArray_NBYTES(<cnp.ndarray>_free[i]) == nbytes + ALIGN:
+                memory = _free.pop(i)
+                break
+    if memory is None:
+        memory = np.empty(nbytes + ALIGN, np.uint8)
+    block = _Block.__new__(_Block)
+    block.memory = memory
     return block
 
 
-cdef object carve(object block, Py_ssize_t offset, cnp.ndarray like, int type_num, bint fortran):
+cdef object carve(_Block block, Py_ssize_t offset, cnp.ndarray like, int type_num,
+                  bint fortran):
     """An array shaped like `like`, of type_num, in block's memory at offset."""
     cdef cnp.ndarray out = cnp.PyArray_New(
         <type>np.ndarray, cnp.PyArray_NDIM(like), cnp.PyArray_DIMS(like), type_num, NULL,
-        <char *>cnp.PyArray_DATA(<cnp.ndarray>block) + offset, 0,
+        <char *>cnp.PyArray_DATA(<cnp.ndarray>block.memory) + offset, 0,
         cnp.NPY_ARRAY_FARRAY if fortran else cnp.NPY_ARRAY_CARRAY, None)
     cnp.set_array_base(out, block)
     return out
@@ -87,10 +124,11 @@ def empty_like_many(list arrays, list type_nums):
     """New arrays shaped like `arrays` (C order, or F order for F-only-contiguous ones).
 
     When they hold POOL_MIN_BYTES or more together they are carved from one
-    block, reused from an earlier call when it is free (see above).
+    block, from the pool when it has a free one of that size (see above).
     """
     cdef Py_ssize_t i, n = len(arrays), total = 0, off = 0, nbytes
     cdef cnp.ndarray arr
+    cdef _Block block
     cdef list sizes = [0] * n
     for i in range(n):
         arr = <cnp.ndarray>arrays[i]
@@ -105,7 +143,7 @@ def empty_like_many(list arrays, list type_nums):
                                         type_nums[i], fortran_only(arr))
         return outs
     block = take_block(total)
-    off = <Py_ssize_t>(<size_t>cnp.PyArray_DATA(<cnp.ndarray>block) % ALIGN)
+    off = <Py_ssize_t>(<size_t>cnp.PyArray_DATA(<cnp.ndarray>block.memory) % ALIGN)
     off = (ALIGN - off) % ALIGN                 # the first output starts aligned
     for i in range(n):
         arr = <cnp.ndarray>arrays[i]
