@@ -34,17 +34,17 @@ coefficient is computed from it exactly as torch does,
 ``min(max_norm / (total_norm + 1e-6), 1)``.
 
 Each call checks every tensor (type, device, dtype, layout, contiguity) and
-reads its address and size: a few hundred nanoseconds per tensor, the same
-for fresh gradient tensors every step (``zero_grad(set_to_none=True)``, the
+reads its address and size, in compiled code: the same cost for fresh
+gradient tensors every step (``zero_grad(set_to_none=True)``, the
 default) as for kept ones. Nothing is cached and no tensor is kept alive.
 
 ``foreach`` is accepted for compatibility; the fast path ignores it and
-torch's path receives it. Threads: ``torch.get_num_threads()``, from 65,536
-elements on, as torch's own ops. Gradients come from torch's multi-threaded
-backward pass, so they sit in every core's cache and torch's OpenMP threads
-(the same runtime as clipcore's) are still awake: a second thread pays even
-on the 235,146 values of the lesson's MLP, where plain clipcore calls stay
-on one thread. Differences that do not change values: the fast
+torch's path receives it. Threads: ``torch.get_num_threads()`` for work
+large enough to share (the kernels' ``PARALLEL_MIN``), as torch's own ops.
+Gradients come from torch's multi-threaded backward pass, so they sit in
+every core's cache and torch's OpenMP threads (the same runtime as
+clipcore's) are still awake: a second thread pays even on lists as small as
+the lesson's MLP, where plain clipcore calls stay on one thread. Differences that do not change values: the fast
 path does not bump autograd's version counter of the gradients, and it
 scales inference-mode tensors that torch would refuse to modify outside
 inference mode.
@@ -220,8 +220,8 @@ def _coefficient(max_norm, total_norm):
     """torch's ``clamp(max_norm / (total_norm + 1e-6), max=1.0)`` as a Python float.
 
     For float32, float64, float16 and bfloat16 totals clipcore computes it as
-    torch does (see clipcore._torch.torch_coef), a few microseconds cheaper
-    than three tensor operations; other dtypes use torch's.
+    torch does (see clipcore._torch.torch_coef), cheaper than three tensor
+    operations; other dtypes use torch's.
     """
     kind = _KIND_OF_DTYPE.get(total_norm.dtype)
     if kind is not None:

@@ -38,8 +38,8 @@ cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
     """Sort extents by lo: LSD radix sort on lo - min(lo), 11 bits per pass,
     from the lowest bit that varies (buffers are aligned: their low bits are 0).
 
-    Thousands of extents are sorted on every in-place call; this is several
-    times faster than qsort's comparator calls.
+    Thousands of extents are sorted on every in-place call; this is faster
+    than qsort's comparator calls.
     """
     cdef Py_ssize_t i, d
     cdef size_t base, key, varying = 0     # varying: every bit set in some key
