@@ -44,10 +44,10 @@ large enough to share (the kernels' ``PARALLEL_MIN``), as torch's own ops.
 Gradients come from torch's multi-threaded backward pass, so they sit in
 every core's cache and torch's OpenMP threads (the same runtime as
 clipcore's) are still awake: a second thread pays even on lists as small as
-the lesson's MLP, where plain clipcore calls stay on one thread. Differences that do not change values: the fast
-path does not bump autograd's version counter of the gradients, and it
-scales inference-mode tensors that torch would refuse to modify outside
-inference mode.
+the lesson's MLP, where plain clipcore calls stay on one thread.
+Differences that do not change values: the fast path does not bump
+autograd's version counter of the gradients, and it scales inference-mode
+tensors that torch would refuse to modify outside inference mode.
 
 Trainers: ``clipcore.torch.patch()`` (a call, or ``with clipcore.torch.patch():``)
 puts these functions in ``torch.nn.utils`` (and ``torch.nn.utils.clip_grad``),
