@@ -71,4 +71,4 @@ cdef _Buffers collect(object t_list, bint in_place, str name)
 cpdef object as_scalar(object value, str name, bint tf=*)
 cdef double as_clip_norm(object value) except? -1.0
 cpdef double as_norm_type(object value) except? -1.0
-cpdef int as_threads(object value, int default=*) except -1
+cpdef int as_threads(object value, int default=*) except? -1

@@ -755,8 +755,9 @@ cpdef object as_scalar(object value, str name, bint tf=False):
     The one parser of number arguments: a Python or NumPy number, or a 0-d
     array or tensor (its memory taken as buffer_view takes it). Strings,
     bytes and complex numbers are refused. The core's rules (tf False): a
-    float within float64's range, from a real number or anything float()
-    takes; a bool, or an array or tensor of another shape, is a TypeError.
+    float within float64's range, from a real number or anything else
+    float() takes; a bool, or an array or tensor of another shape, is a
+    TypeError.
     TensorFlow's rules (tf True), for the TF-named functions: the NumPy
     scalar of the argument's own dtype (a bool is a number, as TF converts
     it); a value of another shape is a ValueError.
@@ -767,7 +768,14 @@ cpdef object as_scalar(object value, str name, bint tf=False):
         raise not_real(name, value)
     if not tf and (type(value) is float or type(value) is int):
         return real_float(value, name)
-    arr = value if type(value) is ndarray else buffer_view(value, name, False)
+    try:
+        arr = value if type(value) is ndarray else buffer_view(value, name, False)
+    except TypeError:
+        if tf:
+            raise
+        if getattr(value, "ndim", 0) != 0:
+            raise not_real(name, value) from None
+        return real_float(value, name)    # a 0-d tensor NumPy cannot view (bfloat16, GPU)
     if cnp.PyArray_NDIM(arr) != 0:
         if tf:
             raise ValueError(f"{name} must be a scalar, got shape {(<object>arr).shape}")
@@ -812,7 +820,7 @@ cpdef double as_norm_type(object value) except? -1.0:
     return p
 
 
-cpdef int as_threads(object value, int default=0) except -1:
+cpdef int as_threads(object value, int default=0) except? -1:
     """An n_threads argument as the kernels take it (kernels.resolve_threads).
 
     The one conversion of n_threads: None gives default (0: what OpenMP may
