@@ -21,7 +21,10 @@ from setuptools.command.build_ext import build_ext
 # The private sources (.pyx, their .pxd, the C headers) are in src/clipcore;
 # the public clipcore/kernels.pxd is in the package itself, installed with it.
 NATIVE_DIR = os.path.join("src", "clipcore")
-MODULES = ["kernels", "_lists", "_elementwise", "_global", "_torch", "_weighted", "_unitwise"]
+# Extension module -> its source in NATIVE_DIR.
+MODULES = {name: name for name in ("kernels", "_lists", "_elementwise", "_global", "_torch",
+                                   "_weighted", "_unitwise")}
+MODULES["bench._probe"] = "_probe"      # the benchmarks' bandwidth probe
 
 # The one place for Cython directives.
 CYTHON_DIRECTIVES = {
@@ -99,10 +102,10 @@ class BuildExt(build_ext):
 
 
 extensions = [
-    Extension(f"clipcore.{name}", [os.path.join(NATIVE_DIR, f"{name}.pyx")],
+    Extension(f"clipcore.{name}", [os.path.join(NATIVE_DIR, f"{source}.pyx")],
               include_dirs=[NATIVE_DIR, np.get_include()],
               define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")])
-    for name in MODULES
+    for name, source in MODULES.items()
 ]
 
 setup(

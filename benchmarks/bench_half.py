@@ -7,7 +7,7 @@ shapes, 124,439,808 values) are clipped by clipcore.torch.clip_grad_norm_ and
 by torch.nn.utils.clip_grad_norm_, on the same tensors, restored from a copy
 before every call (so every call clips: a read pass and a read-write pass),
 and compared with the bandwidth ceiling for the same bytes:
-clipcore.kernels.bandwidth_probe's read pass plus read-write pass over a
+clipcore.bench._probe.bandwidth_probe's read pass plus read-write pass over a
 float32 buffer of as many bytes (half as many elements for the 16-bit
 types, twice as many for float64). Medians of --reps calls, at each thread
 count of --threads (torch.set_num_threads; clipcore.torch follows torch's
@@ -24,6 +24,7 @@ import torch
 import clipcore
 import clipcore.torch as cct
 from clipcore import kernels, workloads
+from clipcore.bench._probe import bandwidth_probe
 
 
 def gradients(dtype, seed=0):
@@ -49,7 +50,7 @@ def time_clip(fn, params, saved, max_norm, reps):
 
 def ceiling(n_bytes, n_threads, reps):
     buf = np.ones(n_bytes // 4, np.float32)
-    times = [sum(kernels.bandwidth_probe(buf, n_threads)) for _ in range(reps + 1)]
+    times = [sum(bandwidth_probe(buf, n_threads)) for _ in range(reps + 1)]
     return statistics.median(times[1:])
 
 

@@ -9,7 +9,7 @@
     ResNet-18's parameter list (11.7M values: 3.0 GB of float32 per-sample
     gradients at batch 64; batch 256 would be 12 GB, too much beside copies
     on a 24 GB machine shared with others). The ceiling is two read passes
-    over the per-sample gradients' bytes (clipcore.kernels.bandwidth_probe's
+    over the per-sample gradients' bytes (clipcore.bench._probe.bandwidth_probe's
     read pass, over at most 1 GB and scaled to the bytes by size).
 (b) clipcore.torch.adaptive_clip_grad_ against timm's adaptive_clip_grad loop
     written out in torch ops, on ResNet-50's and GPT-2's parameter shapes
@@ -28,6 +28,7 @@ import torch
 import clipcore
 import clipcore.torch
 from clipcore import kernels, workloads
+from clipcore.bench._probe import bandwidth_probe
 
 
 def resnet18_shapes():
@@ -63,7 +64,7 @@ def read_ceiling(nbytes):
     """Seconds for two read passes over nbytes (probed over at most 1 GB, scaled)."""
     n = min(nbytes, 1 << 30) // 4
     buf = np.ones(n, np.float32)
-    reads = [kernels.bandwidth_probe(buf, read=True)[0] for _ in range(5)]
+    reads = [bandwidth_probe(buf, read=True)[0] for _ in range(5)]
     return 2 * statistics.median(reads) * nbytes / (4 * n)
 
 

@@ -15,8 +15,8 @@ Prints medians and ratios (clipcore time / TF time: below 1 is faster) for
   ``tf.clip_by_global_norm``, both inside ``tf.function``, on the gradient
   shapes of clipcore.workloads (MNIST MLP, 2000x512, ResNet-50, GPT-2): the
   gradients passed as arguments, then captured by the function (tf.function
-  spends ~10-20 us per argument and per result on its own; with 2000 tensors
-  that is most of either side's time, and neither side can avoid it);
+  has a cost of its own per argument and per result; with 2000 tensors that
+  is most of either side's time, and neither side can avoid it);
 * eager calls on a small TF tensor, without and with a recording tape (the
   cost of the dispatch and of the custom-gradient wrapper).
 """

@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import clipcore  # noqa: E402
-from clipcore import kernels, workloads  # noqa: E402
+from clipcore import workloads  # noqa: E402
+from clipcore.bench._probe import bandwidth_probe  # noqa: E402
 
 tf = pytest.importorskip("tensorflow")
 
@@ -95,14 +96,14 @@ def ceiling(benchmark, table, group, data, both_passes=False, out=None, name="ce
     and of a read pass with a plain sum and with the norm's own loop. Each
     kept probe follows one with the same thread count, as each timed op
     follows the same op: a pass on all threads straight after a one-thread
-    pass ran up to 60% slower here."""
+    pass can run much slower."""
     loops = (False, True) if both_passes else (False,)
     rw = {(nt, square): [] for nt in (0, 1) for square in loops}
 
     def probe():
         for nt, square in rw:
             for _ in range(2):
-                t_read, t_rw = kernels.bandwidth_probe(data["work"], nt, read=both_passes,
+                t_read, t_rw = bandwidth_probe(data["work"], nt, read=both_passes,
                                                        out=out, square=square)
             rw[nt, square].append(t_rw + (t_read if both_passes else 0.0))
 

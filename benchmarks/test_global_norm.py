@@ -23,5 +23,4 @@ def test_clip_by_global_norm(benchmark, suite, case, impl):
     if impl == "ceiling":
         return suite.ceiling(benchmark, case, data)
     # check afterwards that the timed calls clipped for real
-    suite.run_checked(benchmark, case, suite.calls(bench.IMPL_FAMILY[impl], case.op, data)[impl],
-                      data)
+    suite.run_checked(benchmark, case, suite.call(impl, case.op, data), data)

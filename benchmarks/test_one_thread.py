@@ -8,7 +8,9 @@ one thread (a tie: NumPy runs at the plain loops' speed).
 """
 import pytest
 
+import clipcore
 from clipcore import bench, kernels
+from clipcore.bench._probe import bandwidth_probe
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
 
@@ -34,7 +36,7 @@ def test_one_thread(benchmark, suite, tuning, case, impl):
         if impl == "ceiling plain":
             kernels.set_tuning(prefetch=False, scale_backward=False)
         benchmark.extra_info["what"] = f"bandwidth_probe, 1 thread, {impl.split()[1]} loops"
-        return suite.run(benchmark, group, lambda: kernels.bandwidth_probe(data.work, 1), data)
+        return suite.run(benchmark, group, lambda: bandwidth_probe(data.work, 1), data)
     c = data.params[case.op]["clip_norm"]
     if impl == "numpy":
         with threadpoolctl.threadpool_limits(1):
@@ -42,10 +44,10 @@ def test_one_thread(benchmark, suite, tuning, case, impl):
                       lambda: bench.numpy_clip_by_global_norm_(data.arrays, c), data)
         return
     if impl == "clipcore":
-        call = lambda: bench.clipcore.clip_by_global_norm_(data.arrays, c, n_threads=1)  # noqa: E731
+        call = lambda: clipcore.clip_by_global_norm_(data.arrays, c, n_threads=1)  # noqa: E731
     else:
         call = lambda: plan.clip_by_global_norm_(c)  # noqa: E731
-        plan = bench.clipcore.Plan(data.arrays, n_threads=1)
+        plan = clipcore.Plan(data.arrays, n_threads=1)
     suite.run(benchmark, group, call, data)
     data.restore()
     call()

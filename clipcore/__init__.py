@@ -3,12 +3,12 @@ import os
 
 
 def _load_kernels_with_short_openmp_spin():
-    """Import the kernels with GNU OpenMP's idle spinning cut to about 0.1 ms.
+    """Import the kernels with GNU OpenMP's idle spinning cut short.
 
-    libgomp's idle threads spin for 300,000 rounds (several milliseconds)
-    after each parallel region. On a machine with few cores they then starve
-    other thread pools -- OpenBLAS under NumPy's matrix products -- and a
-    NumPy training loop that clips every step runs several times slower.
+    libgomp's idle threads spin for 300,000 rounds (its default) after each
+    parallel region. On a machine with few cores they then starve other
+    thread pools -- OpenBLAS under NumPy's matrix products -- and a NumPy
+    training loop that clips every step runs much slower.
     libgomp reads GOMP_SPINCOUNT once, when it is loaded (here, by the
     kernels); a user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY is left alone,
     and the variable is not left in the environment of child processes.

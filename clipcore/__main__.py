@@ -31,10 +31,12 @@ def build_parser():
     b = sub.add_parser(
         "bench", help="time clipcore against NumPy, PyTorch and TensorFlow on real model shapes",
         description="Clip the core workloads (MNIST MLP, 2000x512, ResNet-50, GPT-2 small) and "
-                    "the elementwise ops with clipcore and with NumPy, PyTorch and TensorFlow "
-                    "(when installed), each in its own process; measure the memory-bandwidth "
-                    "ceiling in the same run; print a table and write results.json and "
-                    "chart.png.")
+                    "the elementwise ops with clipcore and with NumPy, PyTorch, TensorFlow and "
+                    "JAX (when installed), each family in a worker process of its own, and "
+                    "measure the memory-bandwidth ceiling alongside: in rounds, each asking "
+                    "every implementation in turn for a few timed calls, so that ratios are "
+                    "taken within a round; print a table and write results.json, table.txt "
+                    "and chart.png.")
     b.add_argument("--quick", action="store_true",
                    help=f"{QUICK_REPEAT} timed calls per row instead of {FULL_REPEAT}")
     b.add_argument("--workload", action="append", metavar="NAME",
@@ -46,7 +48,8 @@ def build_parser():
     b.add_argument("--contend", action="store_true",
                    help="keep one core busy with another process while timing everyone")
     b.add_argument("--repeat", type=_positive_int, metavar="N",
-                   help="timed calls per row (the median is reported)")
+                   help="timed calls per row, in rounds of up to "
+                        f"{bench.runner.CALLS_PER_ROUND} (the median and range are reported)")
     b.add_argument("--out", metavar="DIR",
                    help="folder for results.json, table.txt and chart.png "
                         "(default: ./bench-results-<date>-<time>)")

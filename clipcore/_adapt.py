@@ -24,13 +24,8 @@ import sys
 
 import numpy as np
 
-from clipcore._convert import buffer_view, framework
-from clipcore._lists import check_writable_layout
-
-# Element types the kernels run on (kind, itemsize) -> type code of
-# cc_elementwise.h; other types (float16, bfloat16, long double) use NumPy.
-TYPE_CODES = {("f", 4): 0, ("f", 8): 1, ("i", 1): 2, ("i", 2): 3, ("i", 4): 4,
-              ("i", 8): 5, ("u", 1): 6, ("u", 2): 7, ("u", 4): 8, ("u", 8): 9}
+from clipcore._elementwise import TYPE_CODES
+from clipcore._lists import buffer_view, check_writable, framework
 
 # Results larger than this go to TensorFlow through DLPack (no copy); smaller
 # ones are copied, which is faster than setting up the capsule.
@@ -53,7 +48,8 @@ def is_real(dtype):
 
 
 def type_code(arr):
-    """The kernels' type code for arr, or None when NumPy must do the work."""
+    """The elementwise kernels' type code for arr (clipcore._elementwise.TYPE_CODES),
+    or None when NumPy must do the work."""
     dt = arr.dtype
     if not dt.isnative:
         return None
@@ -91,16 +87,6 @@ def to_tf(res):
 def to_torch(res):
     torch = importlib.import_module("torch")
     return torch.from_numpy(res)
-
-
-def _tf_array(obj, name):
-    if not hasattr(obj, "numpy"):
-        raise TypeError(f"{name}: a symbolic TensorFlow tensor (inside tf.function) has no "
-                        f"values for clipcore to clip; call clipcore eagerly")
-    try:
-        return np.asarray(obj)           # a view of the tensor's memory
-    except ValueError:                   # 0-d bfloat16: TF hands out a scalar
-        return np.asarray(obj.numpy())
 
 
 _PYTHON_SCALARS = (int, float, bool, complex)
@@ -182,9 +168,7 @@ def as_array(obj, name):
         arr, wrap, fw = as_array(obj.values, f"{name}.values")
         return arr, (lambda res: _rebuild(obj, wrap(res))), fw
     fw = framework(obj)
-    if fw == "tf":
-        return _tf_array(obj, name), to_tf, fw
-    return buffer_view(obj, name, writable=False), (to_torch if fw else numpy_result), fw
+    return buffer_view(obj, name, writable=False), result_wrap(fw), fw
 
 
 def as_writable(obj, name):
@@ -199,9 +183,7 @@ def as_writable(obj, name):
         raise TypeError(f"{name}: a {type(obj).__name__} cannot be modified in place; "
                         f"expected a NumPy array, a PyTorch tensor or a writable buffer")
     arr = buffer_view(obj, name, writable=True)
-    if not arr.flags.writeable:
-        raise ValueError(f"{name}: expected a writable array, got a read-only array")
-    check_writable_layout(arr, name)
+    check_writable(arr, name)
     return arr
 
 

@@ -21,14 +21,11 @@ from clipcore import _global
 from clipcore._global import empty_like_many
 from clipcore._adapt import (as_array, as_tensor_array, as_writable, is_float, is_real,
                              native, result_wrap, tf_aware, type_code)
+from clipcore._lists import as_norm_type, as_scalar, as_threads, as_tuple
 
 __all__ = ["maximum", "minimum", "relu", "relu_", "clip_by_value", "clip_by_value_",
            "clip_by_norm", "clip_by_norm_", "clip_by_average_norm", "norm",
            "global_norm", "clip_by_global_norm"]
-
-# The core's global norm functions (clipcore._global), TF-aware.
-global_norm = tf_aware(_global.global_norm)
-clip_by_global_norm = tf_aware(_global.clip_by_global_norm)
 
 _TENSOR, _ARRAY, _PYTHON = 0, 1, 2      # how strongly an operand fixes the dtype
 
@@ -107,18 +104,6 @@ def _output(out, shape, dtype, fw, like=None):
     return arr
 
 
-def _scalar(value, name):
-    """A real number from a Python/NumPy number or a 0-d array or tensor."""
-    if isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    arr, _, _ = as_array(value, name)
-    if arr.ndim != 0:
-        raise ValueError(f"{name} must be a scalar, got shape {arr.shape}")
-    if not (is_real(arr.dtype) or arr.dtype.kind == "b"):
-        raise TypeError(f"{name} must be a real number, got {arr.dtype}")
-    return float(arr)
-
-
 def _axes(axes, ndim, name="axes"):
     """Sorted tuple of distinct non-negative axes; None means every axis."""
     if axes is None:
@@ -173,7 +158,7 @@ def _elementwise(op, inputs, out, nt):
 
 
 def _minmax(op, x, y, out, n_threads):
-    nt = _ew.threads_arg(n_threads)
+    nt = as_threads(n_threads)
     xa, _, xfw, xr = _typed(x, "x")
     ya, _, yfw, yr = _typed(y, "y")
     # The dtype comes from the first tensor, else the first NumPy array or
@@ -289,7 +274,7 @@ def relu(features, name=None, *, out=None, n_threads=None):
     >>> clipcore.relu(np.array([-2.0, 0.5, np.nan]))
     array([0. , 0.5, nan])
     """
-    nt = _ew.threads_arg(n_threads)
+    nt = as_threads(n_threads)
     arr, wrap, fw = as_tensor_array(features, "features")
     _check_real(arr, "features")
     res = _output(out, arr.shape, arr.dtype, fw, arr)
@@ -307,7 +292,7 @@ def relu_(features, *, n_threads=None):
     >>> clipcore.relu_(x) is x, x
     (True, array([0, 2, 0], dtype=int32))
     """
-    nt = _ew.threads_arg(n_threads)
+    nt = as_threads(n_threads)
     arr = as_writable(features, "features")
     _relu(arr, arr, nt)
     return features
@@ -369,7 +354,7 @@ def clip_by_value(t, clip_value_min, clip_value_max, name=None, *, out=None, n_t
     >>> clipcore.clip_by_value(np.array([np.nan, np.inf, -np.inf]), -4.0, 4.0)
     array([nan,  4., -4.])
     """
-    nt = _ew.threads_arg(n_threads)
+    nt = as_threads(n_threads)
     arr, wrap, fw = as_tensor_array(t, "t")
     lo, hi = _clip_value_args(arr, clip_value_min, clip_value_max)
     res = _output(out, arr.shape, arr.dtype, fw, arr)
@@ -390,7 +375,7 @@ def clip_by_value_(t, clip_value_min, clip_value_max, *, n_threads=None):
     >>> x
     array([ 0.5,  1. , -1. ], dtype=float32)
     """
-    nt = _ew.threads_arg(n_threads)
+    nt = as_threads(n_threads)
     arr = as_writable(t, "t")
     lo, hi = _clip_value_args(arr, clip_value_min, clip_value_max)
     _elementwise(_ew.OP_CLIP, [arr, lo, hi], arr, nt)
@@ -510,7 +495,7 @@ def _l2(x, axes, nt):
 
 def _clip_norm_value(clip_norm, dtype):
     """Scalar clip_norm as TF uses it: negative becomes 0, then t's dtype."""
-    c = _scalar(clip_norm, "clip_norm")
+    c = float(as_scalar(clip_norm, "clip_norm", True))
     if c < 0:
         c = 0.0
     with np.errstate(over="ignore"):
@@ -621,7 +606,7 @@ def clip_by_norm(t, clip_norm, axes=None, name=None, *, out=None, n_threads=None
     array([[-3. ,  0. ,  0. ],
            [ 3.2,  0. ,  2.4]], dtype=float32)
     """
-    nt = _ew.threads_arg(n_threads)
+    nt = as_threads(n_threads)
     arr, wrap, fw = as_tensor_array(t, "t")
     res = _output(out, arr.shape, arr.dtype, fw, arr)
     _clip_by_norm(arr, clip_norm, axes, res, nt)
@@ -639,7 +624,7 @@ def clip_by_norm_(t, clip_norm, axes=None, *, n_threads=None):
     >>> g
     array([0.6, 0.8])
     """
-    nt = _ew.threads_arg(n_threads)
+    nt = as_threads(n_threads)
     arr = as_writable(t, "t")
     _clip_by_norm(arr, clip_norm, axes, arr, nt)
     return t
@@ -680,10 +665,10 @@ def clip_by_average_norm(t, clip_norm, name=None, *, out=None, n_threads=None):
     array([[-2.88     ,  0.       ,  0.       ],
            [ 3.8400002,  0.       ,  0.       ]], dtype=float32)
     """
-    nt = _ew.threads_arg(n_threads)
+    nt = as_threads(n_threads)
     arr, wrap, fw = as_tensor_array(t, "t")
     _check_real(arr, "t", floats_only=True)
-    c = _scalar(clip_norm, "clip_norm")
+    c = float(as_scalar(clip_norm, "clip_norm", True))
     res = _output(out, arr.shape, arr.dtype, fw, arr)
     if arr.size:
         x = native(arr).astype(_work_dtype(arr.dtype), copy=False)
@@ -698,6 +683,135 @@ def clip_by_average_norm(t, clip_norm, name=None, *, out=None, n_threads=None):
         _elementwise(_ew.OP_MUL, [arr, np.asarray(c, arr.dtype)], res, nt)
         _elementwise(_ew.OP_MUL, [res, np.asarray(m, arr.dtype)], res, nt)
     return out if out is not None else wrap(res)
+
+
+# ---------------------------------------------------------------- global norm
+
+def _list_arrays(t_list):
+    """(arrays, wraps, fw): t_list's entries as ndarrays (None kept), how to give
+    each result its entry's type (wraps None: every entry is an ndarray or None),
+    and 'tf' or 'torch' when an entry belongs to that framework (TF first)."""
+    arrays = list(as_tuple(t_list, "t_list"))
+    wraps, fw = None, None
+    for i in _global.to_convert(arrays):
+        arrays[i], wrap, f = as_tensor_array(arrays[i], f"t_list[{i}]")   # lists: TF's dtypes
+        if wraps is None:
+            wraps = [None] * len(arrays)
+        wraps[i] = wrap
+        if f == "tf" or (f == "torch" and fw is None):
+            fw = f
+    return arrays, wraps, fw
+
+
+@tf_aware
+def global_norm(t_list, name=None, *, norm_type=2.0, n_threads=None):
+    """The norm of all elements of all tensors in t_list, as one vector.
+
+    TensorFlow's ``tf.linalg.global_norm`` (``sqrt(sum(l2norm(t)**2))``) and
+    the core's p-norms, on the core's deterministic float64 kernels.
+
+    Parameters
+    ----------
+    t_list : list or tuple
+        NumPy arrays, TensorFlow or PyTorch tensors, IndexedSlices (their
+        values count), buffers, lists; None entries are skipped. A bare array
+        or a string raises TypeError, as in TF.
+    name : str, optional
+        Accepted for TensorFlow compatibility; unused.
+    norm_type : float, default 2.0
+        p of the p-norm: 2 (TF's global norm), 1, ``inf`` or any p > 0.
+    n_threads : int or None
+        Threads to use; None uses what OpenMP may use.
+
+    Returns
+    -------
+    float or tf.Tensor
+        A Python float (computed in float64: no float32 overflow), except
+        when t_list holds TensorFlow tensors: then, as TF returns it, a 0-d
+        tensor of the entries' dtype (float32 for an empty list).
+        A NaN element makes it NaN, an inf element (and no NaN) inf; an
+        empty list gives 0.0.
+
+    Raises
+    ------
+    TypeError
+        t_list not a sequence; an entry that is not floating point.
+
+    Examples
+    --------
+    >>> import numpy as np, clipcore
+    >>> clipcore.global_norm([np.array([3.0, 4.0], np.float32), None, np.zeros(2)])
+    5.0
+    """
+    p = as_norm_type(norm_type)
+    nt = as_threads(n_threads)
+    arrays, _, fw = _list_arrays(t_list)
+    value = _global.global_norm(arrays, p, nt)
+    if fw == "tf":
+        return result_wrap(fw)(np.asarray(_global.norm_dtype(arrays).type(value)))
+    return value
+
+
+@tf_aware
+def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_threads=None):
+    """Scale every tensor by ``clip_norm / max(global_norm, clip_norm)``, as TensorFlow does.
+
+    ``tf.clip_by_global_norm``: out of place, returning new tensors. The
+    scale is computed as TF computes it, ``clip_norm * min(1 / use_norm,
+    1 / clip_norm)`` in the norm's dtype, so outputs equal TF's for the same
+    norm; a non-finite norm makes every output NaN. The norm itself is
+    accumulated in float64 (TF's float32 sum can overflow, clipcore's does
+    not). Each output is written in one fused pass (read input, scale, write).
+    The in-place form is :func:`clip_by_global_norm_`.
+
+    Parameters
+    ----------
+    t_list : list or tuple
+        NumPy arrays, TensorFlow or PyTorch tensors, IndexedSlices (clipped
+        on their values), lists; None entries stay None. Not modified.
+    clip_norm : float
+        The clipping ratio (a number or a 0-d array or tensor).
+    use_norm : scalar, optional
+        The global norm to use instead of computing it; honoured as given
+        (a negative or zero value gives what TF gives) and returned as given.
+    name : str, optional
+        Accepted for TensorFlow compatibility; unused.
+    n_threads : int or None
+        Threads to use; None uses what OpenMP may use.
+
+    Returns
+    -------
+    list_clipped : list
+        One output per entry, of the entry's type and dtype (None for None).
+    global_norm : scalar
+        ``use_norm`` if given; else the norm in the entries' dtype: a 0-d
+        TensorFlow tensor if t_list holds TF tensors, a 0-d PyTorch tensor
+        if it holds torch tensors, else a NumPy scalar.
+
+    Raises
+    ------
+    TypeError
+        t_list not a sequence (a bare array, a string); an entry that is
+        not floating point; a clip_norm or use_norm that is not a number.
+    ValueError
+        A clip_norm or use_norm that is not a scalar.
+
+    Examples
+    --------
+    >>> import numpy as np, clipcore
+    >>> grads = [np.array([-2.0, 4.0], np.float32), None, np.array([1.0, -2.0], np.float32)]
+    >>> clipped, norm = clipcore.clip_by_global_norm(grads, 4.0)
+    >>> norm
+    np.float32(5.0)
+    >>> clipped
+    [array([-1.6,  3.2], dtype=float32), None, array([ 0.8, -1.6], dtype=float32)]
+    """
+    nt = as_threads(n_threads)
+    arrays, wraps, fw = _list_arrays(t_list)
+    outs, un = _global.clip_by_global_norm(arrays, clip_norm, use_norm, nt)
+    if wraps is not None:
+        outs = [out if wrap is None else wrap(out) for out, wrap in zip(outs, wraps)]
+    return outs, use_norm if use_norm is not None else result_wrap(fw)(np.asarray(un))
 
 
 # ----------------------------------------------------------------------- norm
@@ -764,7 +878,7 @@ def norm(tensor, ord="euclidean", axis=None, keepdims=None, name=None, *, n_thre
     >>> float(clipcore.norm(x, ord=np.inf))
     8.0
     """
-    nt = _ew.threads_arg(n_threads)
+    nt = as_threads(n_threads)
     is_matrix = isinstance(axis, (tuple, list)) and len(axis) == 2
     if not (isinstance(ord, str) or isinstance(ord, numbers.Real)):
         raise ValueError(f"'ord' must be a supported vector norm, got {ord!r}")

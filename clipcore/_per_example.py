@@ -11,8 +11,8 @@ import numpy as np
 from clipcore import _elementwise as _ew
 from clipcore import _unitwise as _uw
 from clipcore import _weighted as _w
-from clipcore._convert import buffer_view
-from clipcore._lists import check_apart
+from clipcore._lists import (as_scalar, as_threads, as_tuple, buffer_view, check_apart,
+                             writable_arrays)
 from clipcore._ops import _elementwise, _l2, _reduce
 
 __all__ = ["per_example_global_norm_clip", "adaptive_grad_clip_"]
@@ -25,7 +25,7 @@ _SUMSQ_SAFE_MIN = 2.0 ** -960
 # ------------------------------------------------------------------ arguments
 
 def _nonneg(value, name):
-    v = _w.real_arg(value, name)
+    v = as_scalar(value, name)
     if not v >= 0:
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
     return v
@@ -76,13 +76,13 @@ def _batch_size(arrays, name):
 
 def _outputs(out, arrays, name="out", in_name="grads"):
     """The validated out= arrays for sums over arrays' batch axes."""
-    seq = _w.list_arg(out, name)
+    seq = as_tuple(out, name)
     if len(seq) != len(arrays):
         raise ValueError(f"{name} has {len(seq)} arrays, {in_name} has {len(arrays)}")
     for k, obj in enumerate(seq):
         if obj is None:
             raise TypeError(f"{name}[{k}]: expected an array, got None")
-    outs = list(_w.writable_list(seq, name))
+    outs = list(writable_arrays(seq, name))
     for k, (o, x) in enumerate(zip(outs, arrays)):
         if o.shape != x.shape[1:]:
             raise ValueError(f"{name}[{k}]: expected shape {x.shape[1:]}, got {o.shape}")
@@ -218,9 +218,9 @@ def per_example_global_norm_clip(grads, l2_norm_clip, *, out=None, n_threads=Non
     >>> clipcore.per_example_global_norm_clip(grads, np.inf)
     ([array([7., 7., 7.], dtype=float32)], 0)
     """
-    nt = _ew.threads_arg(n_threads)
+    nt = as_threads(n_threads)
     clip = _nonneg(l2_norm_clip, "l2_norm_clip")
-    arrays = _inputs(_w.list_arg(grads, "grads"), "grads")
+    arrays = _inputs(as_tuple(grads, "grads"), "grads")
     batch = _batch_size(arrays, "grads")
     if out is None:
         outs = None
@@ -236,7 +236,7 @@ def per_example_global_norm_clip(grads, l2_norm_clip, *, out=None, n_threads=Non
         outs = [np.empty(x.shape[1:], x.dtype) for x in arrays]
         result = outs
     else:
-        result = list(_w.list_arg(out, "out"))
+        result = list(as_tuple(out, "out"))
     weighted_sums(works, mult, outs, False, nt)
     return result, num_clipped
 
@@ -338,13 +338,13 @@ def _agc_factor(gn, pn, t, clipping, eps):
 
 def adaptive_clip(grads, params, clipping, eps, layout, norm_type, nt):
     """AGC in place over lists (see adaptive_grad_clip_); layout 'optax' or 'torch'."""
-    clipping = _w.real_arg(clipping, "clipping")
-    eps = _w.real_arg(eps, "eps")
-    gseq = _w.list_arg(grads, "grads")
-    pseq = _w.list_arg(params, "params")
+    clipping = as_scalar(clipping, "clipping")
+    eps = as_scalar(eps, "eps")
+    gseq = as_tuple(grads, "grads")
+    pseq = as_tuple(params, "params")
     if len(gseq) != len(pseq):
         raise ValueError(f"grads has {len(gseq)} arrays, params has {len(pseq)}")
-    garr = list(_w.writable_list(gseq, "grads"))
+    garr = list(writable_arrays(gseq, "grads"))
     parr = [None if g is None else p for g, p in zip(garr, pseq)]
     for k, p in enumerate(parr):
         if garr[k] is not None and p is None:
@@ -435,4 +435,4 @@ def adaptive_grad_clip_(grads, params, clipping, eps=1e-3, *, n_threads=None):
            [0.08 , 0.001]], dtype=float32)
     """
     return adaptive_clip(grads, params, clipping, eps, "optax", 2.0,
-                         _ew.threads_arg(n_threads))
+                         as_threads(n_threads))

@@ -23,7 +23,7 @@ only then, so ``import clipcore`` never imports TensorFlow.
   ``record.could_possibly_record`` is used when it exists (else every eager
   call is recorded: correct, but slower), and the op is recorded with TF's
   internal ``record.record_operation`` (what tf.custom_gradient does eagerly,
-  without its ~200 us of wrapping; tf.custom_gradient where it is missing).
+  without its wrapping; tf.custom_gradient where it is missing).
 * **global_norm, clip_by_global_norm in graph mode** pass the tensors end to
   end (Reshape to vectors, one Concat) as the numpy_function's one input and
   get one flat output back (Split, Reshape): numpy_function converts every
@@ -39,9 +39,8 @@ import numpy as np
 import tensorflow as tf
 
 from clipcore import _ops
-from clipcore import _global
 from clipcore._adapt import as_tensor_array
-from clipcore._convert import framework
+from clipcore._lists import as_norm_type, framework
 
 try:       # TF's internal test for "some tape is recording" (no public one)
     from tensorflow.python.eager.record import could_possibly_record as _may_record
@@ -163,9 +162,9 @@ def _unflatten(flat, tensors):
     return outs
 
 
-# numpy_function converts each input and each output on its own, ~10-20 us
-# apiece; the concatenation copies every byte (~5 GB/s on one core). Tensors
-# end to end are cheaper when they average less than this (or sizes unknown).
+# numpy_function converts each input and each output on its own; the
+# concatenation copies every byte. Tensors end to end are cheaper when they
+# average less than this (or sizes unknown).
 FLAT_MAX_MEAN_BYTES = 128 << 10
 
 
@@ -195,8 +194,8 @@ def _run(op, tensors, eager, reference, grad=None, specs=None, single=True, grap
     if tf.executing_eagerly() and _record_op is not None:
         res = eager(*tensors)
         if differentiable and _may_record():
-            # What tf.custom_gradient does eagerly, without its wrapping (~10x
-            # the op's own cost): record the op with TF's gradient on the tapes
+            # What tf.custom_gradient does eagerly, without its wrapping (which
+            # costs more than the op): record the op with TF's gradient on the tapes
             # (each tape keeps it only if it watches an input).
             outs = [res] if single else list(res)
             for i, o in enumerate(outs):
@@ -492,11 +491,11 @@ def _global_norm_grad(ts, n, dn):
 
 
 def global_norm(t_list, name=None, *, norm_type=2.0, n_threads=None):
-    _global.global_norm([], norm_type=norm_type)           # the core's checks, first
+    as_norm_type(norm_type)                                # the core's check, first
     tensors, _ = _entries(t_list)
     if not tensors:
         return tf.constant(0.0)
-    eager_fn = _global.global_norm
+    eager_fn = _ops.global_norm.__wrapped__
     dtype = _norm_spec(tensors)
 
     def eager(*vals):
@@ -534,8 +533,9 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_thread
             extra.append(_tensor(value, nm))
             names.append(nm)
     if not tensors and not extra:
-        return _global.clip_by_global_norm(items, clip_norm, use_norm, n_threads=n_threads)
-    eager_fn = _global.clip_by_global_norm
+        return _ops.clip_by_global_norm.__wrapped__(items, clip_norm, use_norm,
+                                                    n_threads=n_threads)
+    eager_fn = _ops.clip_by_global_norm.__wrapped__
 
     def args(vals):
         kw = {"clip_norm": clip_norm, "use_norm": use_norm}

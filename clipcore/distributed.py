@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 import clipcore
+from clipcore._lists import as_tuple
 
 __all__ = ["clip_by_global_norm_", "global_norm"]
 
@@ -87,12 +88,6 @@ def _as_group(group):
         return _TorchGroup(dist, group)
     raise TypeError(f"group must be an mpi4py communicator, a torch.distributed ProcessGroup "
                     f"or None, got {type(group).__module__}.{type(group).__qualname__}")
-
-
-def _as_list(value, name):
-    if (isinstance(value, (str, bytes, np.ndarray)) or not isinstance(value, Sequence)):
-        raise TypeError(f"{name} must be a list or tuple of arrays, got {type(value).__name__}")
-    return list(value)
 
 
 def _relabel(exc, offset):
@@ -239,7 +234,8 @@ def global_norm(t_list: Sequence[Any], group: Any, *, norm_type: float = 2.0,
     g = _as_group(group)
     try:
         if replicated is not None:
-            t_list, replicated = _as_list(t_list, "t_list"), _as_list(replicated, "replicated")
+            t_list = list(as_tuple(t_list, "t_list"))
+            replicated = list(as_tuple(replicated, "replicated"))
         local = _local_norm(t_list, replicated, norm_type, g.rank, n_threads)
     except Exception:
         _join_failed(g, norm_type)
@@ -309,7 +305,8 @@ def clip_by_global_norm_(t_list: Sequence[Any], clip_norm: float, group: Any, *,
     try:
         everything = t_list
         if replicated is not None:
-            t_list, replicated = _as_list(t_list, "t_list"), _as_list(replicated, "replicated")
+            t_list = list(as_tuple(t_list, "t_list"))
+            replicated = list(as_tuple(replicated, "replicated"))
             everything = t_list + replicated
         try:
             plan = clipcore.Plan(everything, n_threads=n_threads)

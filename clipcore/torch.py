@@ -34,20 +34,20 @@ coefficient is computed from it exactly as torch does,
 ``min(max_norm / (total_norm + 1e-6), 1)``.
 
 Each call checks every tensor (type, device, dtype, layout, contiguity) and
-reads its address and size: a few hundred nanoseconds per tensor, the same
-for fresh gradient tensors every step (``zero_grad(set_to_none=True)``, the
+reads its address and size, in compiled code: the same cost for fresh
+gradient tensors every step (``zero_grad(set_to_none=True)``, the
 default) as for kept ones. Nothing is cached and no tensor is kept alive.
 
 ``foreach`` is accepted for compatibility; the fast path ignores it and
-torch's path receives it. Threads: ``torch.get_num_threads()``, from 65,536
-elements on, as torch's own ops. Gradients come from torch's multi-threaded
-backward pass, so they sit in every core's cache and torch's OpenMP threads
-(the same runtime as clipcore's) are still awake: a second thread pays even
-on the 235,146 values of the lesson's MLP, where plain clipcore calls stay
-on one thread. Differences that do not change values: the fast
-path does not bump autograd's version counter of the gradients, and it
-scales inference-mode tensors that torch would refuse to modify outside
-inference mode.
+torch's path receives it. Threads: ``torch.get_num_threads()`` for work
+large enough to share (the kernels' ``PARALLEL_MIN``), as torch's own ops.
+Gradients come from torch's multi-threaded backward pass, so they sit in
+every core's cache and torch's OpenMP threads (the same runtime as
+clipcore's) are still awake: a second thread pays even on lists as small as
+the lesson's MLP, where plain clipcore calls stay on one thread.
+Differences that do not change values: the fast path does not bump
+autograd's version counter of the gradients, and it scales inference-mode
+tensors that torch would refuse to modify outside inference mode.
 
 Trainers: ``clipcore.torch.patch()`` (a call, or ``with clipcore.torch.patch():``)
 puts these functions in ``torch.nn.utils`` (and ``torch.nn.utils.clip_grad``),
@@ -94,14 +94,11 @@ _Tensor = torch.Tensor
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)    # subclasses go to torch
 _f32 = torch.float32
 _f64 = torch.float64
-_f16 = torch.float16
 _bf16 = torch.bfloat16
-# The total norm's dtype by segment kind (clipcore._lists.KIND_*), and back.
-_DTYPE_OF_KIND = {_lists.KIND_F32: _f32, _lists.KIND_F64: _f64, _lists.KIND_F16: _f16,
+# The dtypes clipcore reads by segment kind (clipcore._lists.KIND_*), and back.
+_DTYPE_OF_KIND = {_lists.KIND_F32: _f32, _lists.KIND_F64: _f64, _lists.KIND_F16: torch.float16,
                   _lists.KIND_BF16: _bf16}
 _KIND_OF_DTYPE = {dtype: kind for kind, dtype in _DTYPE_OF_KIND.items()}
-_KIND_OF_NUMPY = {np.dtype(np.float32): _lists.KIND_F32, np.dtype(np.float64): _lists.KIND_F64,
-                  np.dtype(np.float16): _lists.KIND_F16}
 try:                                   # NumPy views of strided bfloat16 tensors
     from ml_dtypes import bfloat16 as _np_bfloat16
 except ImportError:                    # pragma: no cover - then torch's path takes them
@@ -114,8 +111,7 @@ def _memory(tensors, writable):
     """(addresses, lengths, kinds, the total norm's kind) of plain contiguous CPU
     float32/float64/float16/bfloat16 tensors, "strided" when some are strided,
     or None for torch's own path (see clipcore._torch.tensor_memory)."""
-    return _compiled.tensor_memory(tensors, writable, _PLAIN_TYPES, _f32, _f64, _f16, _bf16,
-                                   _strided)
+    return _compiled.tensor_memory(tensors, writable, _PLAIN_TYPES, _DTYPE_OF_KIND, _strided)
 
 
 def _numpy_view(t, writable):
@@ -140,15 +136,6 @@ def _strided_views(tensors, writable):
     return views
 
 
-def _norm_kind_of(views):
-    """The total norm's kind for NumPy views (as tensor_memory decides it for tensors)."""
-    kinds = {_lists.KIND_BF16 if v.dtype.name == "bfloat16" else _KIND_OF_NUMPY[v.dtype]
-             for v in views}
-    if _lists.KIND_F64 in kinds:
-        return _lists.KIND_F64
-    return kinds.pop() if len(kinds) == 1 else _lists.KIND_F32
-
-
 class _ViewsNorm:
     """Plan.global_norm over views that may share memory (reading only)."""
 
@@ -171,17 +158,17 @@ def _plan(tensors, writable):
     if memory is None:
         return None
     try:
-        n_threads = torch.get_num_threads()
         if memory == "strided":
             views = _strided_views(tensors, writable)
             if views is None:
                 return None
+            n_threads = torch.get_num_threads()
             plan = (clipcore.Plan(views, n_threads=n_threads) if writable
                     else _ViewsNorm(views, n_threads))
-            return plan, _norm_kind_of(views)
+            return plan, _lists.norm_kind(views)
         addresses, lengths, kinds, norm_kind = memory
         plan = _lists.plan_over_memory(addresses, lengths, kinds, writable=writable,
-                                       framework_threads=n_threads)
+                                       n_threads=_threads())
         return plan, norm_kind
     except ValueError:     # memory shared, or a view overlapping itself: torch scales
         return None        # it once per tensor (per element view)
@@ -190,12 +177,16 @@ def _plan(tensors, writable):
 _is_compiling = torch.compiler.is_compiling
 
 
+def _threads(n_threads=None):
+    """n_threads for the kernels; None: torch's count, which late teams back off
+    as they do the default (clipcore._lists.as_threads)."""
+    return _lists.as_threads(n_threads, -torch.get_num_threads())
+
+
 def _compiled_grads(parameters):
     """The gradients for a clipcore op, in code Dynamo traces: kept to what it
     handles (no map/attrgetter, no generator checks)."""
-    if isinstance(parameters, _Tensor):
-        parameters = [parameters]
-    return [p.grad for p in parameters if p.grad is not None]
+    return [p.grad for p in _as_list(parameters) if p.grad is not None]
 
 
 def _fast_norm_type(tensors, norm_type):
@@ -229,8 +220,8 @@ def _coefficient(max_norm, total_norm):
     """torch's ``clamp(max_norm / (total_norm + 1e-6), max=1.0)`` as a Python float.
 
     For float32, float64, float16 and bfloat16 totals clipcore computes it as
-    torch does (see clipcore._torch.torch_coef), a few microseconds cheaper
-    than three tensor operations; other dtypes use torch's.
+    torch does (see clipcore._torch.torch_coef), cheaper than three tensor
+    operations; other dtypes use torch's.
     """
     kind = _KIND_OF_DTYPE.get(total_norm.dtype)
     if kind is not None:
@@ -285,9 +276,8 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     tensor(5.)
     """
     if _is_compiling():     # torch.compile: one opaque op (see _ops_)
-        return torch.ops.clipcore.get_total_norm(
-            [tensors] if isinstance(tensors, _Tensor) else list(tensors), float(norm_type),
-            bool(error_if_nonfinite), foreach)
+        return torch.ops.clipcore.get_total_norm(_as_list(tensors), float(norm_type),
+                                                 bool(error_if_nonfinite), foreach)
     tensors = _as_list(tensors)
     norm_type = float(norm_type)
     fast = _plan(tensors, False) if _fast_norm_type(tensors, norm_type) else None
@@ -460,8 +450,7 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
     if (not isinstance(memory, tuple) or any(k != _lists.KIND_F32 for k in memory[2])
             or any(map(_Tensor.is_neg, grads))):
         return _torch.clip_grad_value_(parameters, clip_value, foreach)
-    _kernels._clip_value_f32_(memory[0], memory[1], -clip_value, clip_value,
-                              -torch.get_num_threads())     # < 0: torch's count, backing off
+    _kernels._clip_value_f32_(memory[0], memory[1], -clip_value, clip_value, _threads())
     return None
 
 
@@ -570,7 +559,7 @@ def clip_and_accumulate_(params, max_grad_norm, *, n_threads=None):
             and all(s is None or (_fast_tensor(s) and s.dtype == p.dtype)
                     for s, p in zip(summed, params))):
         return _clip_and_accumulate_torch(params, samples, float(max_grad_norm))
-    nt = -torch.get_num_threads() if n_threads is None else _per_example._ew.threads_arg(n_threads)
+    nt = _threads(n_threads)
     max_grad_norm = float(max_grad_norm)
     arrays = _per_example._inputs([g.detach() for g in samples], "grad_sample")
     batch = _per_example._batch_size(arrays, "grad_sample")
@@ -666,7 +655,7 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     if not (all(map(_fast_tensor, grads)) and all(map(_fast_tensor, params))
             and not any(g.requires_grad for g in grads)):
         return _adaptive_clip_grad_torch(params, clip_factor, eps, norm_type)
-    nt = -torch.get_num_threads() if n_threads is None else _per_example._ew.threads_arg(n_threads)
+    nt = _threads(n_threads)
     _per_example.adaptive_clip(grads, [p.detach() for p in params], clip_factor, eps,
                                "torch", norm_type, nt)
     return None

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 import clipcore
-from clipcore import bench
+from clipcore import bench, kernels
 from clipcore.__main__ import main
+from clipcore.bench import impls, report, runner, worker
+from clipcore.bench._probe import bandwidth_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(clipcore.__file__)))
-IMPLS = ("clipcore", "clipcore Plan", "numpy", "torch", "tensorflow", "jax")
-STATUSES = {"ok", "not installed", "not in this clipcore", "no equivalent", "error"}
+IMPLS = ("ceiling", "clipcore", "clipcore Plan", "numpy", "torch", "tensorflow", "jax")
+STATUSES = {"ok", "not installed", "no equivalent", "error"}
 
 
 def run_cli(*args, hide="torch,tensorflow,optax,matplotlib", cwd=ROOT):
@@ -81,7 +83,7 @@ SMALL = (("a", (3000,)), ("b", (40, 50)), ("c", (7,)))
 
 @pytest.fixture
 def small():
-    return bench.Data(SMALL, seed=2)
+    return bench.Data(SMALL, seed=2, n_threads=2)
 
 
 def test_measure_restores_before_every_call_outside_the_timing():
@@ -92,16 +94,26 @@ def test_measure_restores_before_every_call_outside_the_timing():
     assert len(times) == 4 and all(t >= 0 for t in times) and out == "out"
 
 
-@pytest.mark.parametrize("family", ["clipcore", "numpy"])
+def test_the_tables_have_one_entry_per_implementation_and_case():
+    assert list(bench.IMPLS) == list(IMPLS)
+    assert [f.name for f in bench.FAMILIES] == ["clipcore", "numpy", "torch", "tensorflow",
+                                                "jax"]
+    assert {c.op for c in bench.CASES} == set(bench.OPS)
+    assert set(bench.IMPLS["ceiling"].ops) == set(bench.OPS)      # every op has a ceiling
+    for impl in bench.IMPLS.values():
+        assert set(impl.ops) <= set(bench.OPS)
+
+
+@pytest.mark.parametrize("impl", ["clipcore", "clipcore Plan", "numpy"])
 @pytest.mark.parametrize("op", ["clip", "noclip"])
-def test_every_repeat_clips_fresh_data(small, family, op):
-    for impl, call in bench.calls(family, op, small, 1).items():
-        times, out = bench.measure(call, small.restore, repeat=3)
-        bench.verify(op, small, out)
-        if op == "clip":    # clipped once, from the backup, not three times
-            assert math.isclose(clipcore.global_norm(small.arrays), small.norm / 2, rel_tol=1e-5)
-        else:
-            assert all(np.array_equal(a, b) for a, b in zip(small.arrays, small.backup))
+def test_every_repeat_clips_fresh_data(small, impl, op):
+    call = bench.make_call(impl, op, small)
+    times, out = bench.measure(call, small.restore, repeat=3)
+    bench.verify(op, small, out)
+    if op == "clip":    # clipped once, from the backup, not three times
+        assert math.isclose(clipcore.global_norm(small.arrays), small.norm / 2, rel_tol=1e-5)
+    else:
+        assert all(np.array_equal(a, b) for a, b in zip(small.arrays, small.backup))
 
 
 def test_numpy_baseline_agrees_with_clipcore(small):
@@ -116,7 +128,7 @@ def test_numpy_baseline_agrees_with_clipcore(small):
 @pytest.mark.parametrize("op", ["clip", "noclip", "clip_by_value", "relu", "clip_by_norm"])
 def test_verify_catches_a_wrong_answer(op):
     data = bench.Data(SMALL if op in ("clip", "noclip") else (("x", (5000,)),), seed=1)
-    correct = bench.calls("numpy", op, data, 1)["numpy"]
+    correct = bench.make_call("numpy", op, data)
     data.restore()
     bench.verify(op, data, correct())
     data.restore()
@@ -129,104 +141,236 @@ def test_verify_catches_a_wrong_answer(op):
             bench.verify(op, data, None)
 
 
-def test_elementwise_cases_run_clipcore_and_check_it(small):
+def test_elementwise_cases_run_clipcore_and_check_it():
     data = bench.Data((("x", (5000,)),), seed=1)
     for op in ("clip_by_value", "relu", "clip_by_norm"):
-        calls = bench.calls("clipcore", op, data, 1)
-        assert set(calls) == {"clipcore"}
+        assert bench.make_call("clipcore Plan", op, data) is None     # lists only
+        call = bench.make_call("clipcore", op, data)
         data.restore()
-        bench.verify(op, data, calls["clipcore"]())
+        bench.verify(op, data, call())
 
 
-def run_worker(monkeypatch, capsys, spec):
-    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(spec)))
-    bench._worker()
-    lines = capsys.readouterr().out.splitlines()
-    return [json.loads(line[len(bench._MARK):]) for line in lines if line.startswith(bench._MARK)]
+@pytest.mark.parametrize("kind, read, probes", [("read+rw", True, 8), ("read", True, 8),
+                                                ("rw", False, 4)])
+def test_ceiling_probes_every_variant_after_a_restore(monkeypatch, small, kind, read, probes):
+    # The plain loops and the tuned ones, the run's threads and one, and for a
+    # read pass the plain sum and the norm's loop; each on restored data.
+    log = []
+    tuned = kernels.get_tuning()
+
+    def probe(buf, n_threads, *, read, square):
+        assert buf is small.work and all(np.array_equal(a, b)
+                                         for a, b in zip(small.arrays, small.backup))
+        small.arrays[0][0] += 1.0            # the next probe must find it restored
+        log.append((kernels.get_tuning()["prefetch"], n_threads, read, square))
+        return (1.0 if read else None), 2.0
+    monkeypatch.setattr(impls, "bandwidth_probe", probe)
+    seconds = bench.make_call("ceiling", {"read+rw": "clip", "read": "noclip",
+                                          "rw": "relu"}[kind], small)()
+    assert seconds == [{"read+rw": 3.0, "read": 1.0, "rw": 2.0}[kind]] * probes
+    squares = (False, True) if read else (False,)
+    assert sorted(log) == sorted((pf, nt, read, sq) for pf in (False, tuned["prefetch"])
+                                 for nt in (1, 2) for sq in squares)
+    assert kernels.get_tuning() == tuned
 
 
-def test_worker_reports_wrong_and_failing_implementations_as_errors(monkeypatch, capsys):
-    spec = {"family": "numpy", "threads": 1, "repeat": 2, "warmup": 1, "seed": 0,
-            "cases": [{"key": "mlp", "workload": "mlp", "op": "clip"}]}
-    events = run_worker(monkeypatch, capsys, spec)
-    assert [e["event"] for e in events] == ["ready", "data", "result"]
-    assert events[-1]["status"] == "ok" and len(events[-1]["times_s"]) == 2
+def serve(commands):
+    """Run a worker in this process over commands; returns its answers."""
+    replies = io.StringIO()
+    worker.serve(io.StringIO("".join(json.dumps(c) + "\n" for c in commands)), replies)
+    return [json.loads(line) for line in replies.getvalue().splitlines()]
 
-    monkeypatch.setitem(bench.CALL_FACTORIES, "numpy",
-                        lambda op, data, threads: {"numpy": lambda: None})   # clips nothing
-    (result,) = [e for e in run_worker(monkeypatch, capsys, spec) if e["event"] == "result"]
+
+def test_worker_answers_each_command(small):
+    ready, loaded, setup, timed, ceiling, freed = serve([
+        {"family": "clipcore", "threads": 2, "seed": 0},
+        {"cmd": "load", "workload": "mlp"}, {"cmd": "setup", "op": "clip"},
+        {"cmd": "time", "impl": "clipcore Plan", "calls": 3, "warmup": 1},
+        {"cmd": "time", "impl": "ceiling", "calls": 3, "warmup": 0}, {"cmd": "free"}])
+    assert ready == {"event": "ready", "family": "clipcore", "version": clipcore.__version__,
+                     "threads": 2}
+    assert loaded["params"]["clip"]["clip_norm"] == pytest.approx(loaded["norm"] / 2)
+    assert setup["impls"] == {"ceiling": {"status": "ok"}, "clipcore": {"status": "ok"},
+                              "clipcore Plan": {"status": "ok"}}
+    assert timed["status"] == "ok" and len(timed["times_s"]) == 3
+    assert ceiling["status"] == "ok" and len(ceiling["times_s"]) == 8    # one round's probes
+    assert freed == {"event": "freed"}
+
+
+def test_worker_reports_wrong_and_failing_implementations_as_errors(monkeypatch):
+    commands = [{"family": "numpy", "threads": 1, "seed": 0},
+                {"cmd": "load", "workload": "mlp"}, {"cmd": "setup", "op": "clip"},
+                {"cmd": "time", "impl": "numpy", "calls": 2, "warmup": 1}]
+    answers = serve(commands)
+    assert [a["event"] for a in answers] == ["ready", "loaded", "setup", "times"]
+    assert answers[-1]["status"] == "ok" and len(answers[-1]["times_s"]) == 2
+
+    ops = bench.IMPLS["numpy"].ops
+    monkeypatch.setitem(ops, "clip", ("", lambda d, p: lambda: None))   # clips nothing
+    result = serve(commands)[-1]
     assert result["status"] == "error" and "global norm after the call" in result["message"]
 
-    def broken(op, data, threads):
+    def broken(d, p):
         raise RuntimeError("no such device")
-    monkeypatch.setitem(bench.CALL_FACTORIES, "numpy", broken)
-    (result,) = [e for e in run_worker(monkeypatch, capsys, spec) if e["event"] == "result"]
-    assert result["status"] == "error" and "RuntimeError: no such device" in result["message"]
+    monkeypatch.setitem(ops, "clip", ("", broken))
+    setup = serve(commands[:3])[-1]
+    assert setup["impls"] == {"numpy": {"status": "error",
+                                        "message": "RuntimeError: no such device"}}
 
 
-def test_assemble_computes_ratios_and_ceilings():
-    cases = bench.select_cases(["mlp", "relu"])
-    events = {
-        "clipcore": [{"event": "ceiling", "workload": "mlp", "values": 235146,
-                      "read_s": [4e-5, 1e-5, 3e-5], "rw_s": [2e-5, 2e-5, 1e-5],
-                      "rw_alone_s": [3e-5, 2e-5, 4e-5]},
-                     {"event": "result", "case": "mlp", "impl": "clipcore", "status": "ok",
-                      "times_s": [4e-5, 5e-5, 6e-5]},
-                     {"event": "result", "case": "mlp", "impl": "clipcore Plan", "status": "ok",
-                      "times_s": [3e-5, 3e-5, 9e-5]},
-                     {"event": "result", "case": "relu", "impl": "clipcore",
-                      "status": "not in this clipcore"}],
-        "numpy": [{"event": "result", "case": "mlp", "impl": "numpy", "status": "ok",
-                   "times_s": [1e-4, 1e-4, 1e-4]},
-                  {"event": "result", "case": "relu", "impl": "numpy", "status": "error",
-                   "message": "AssertionError: relu differs"}],
-    }
+# --- the rounds --------------------------------------------------------------
+
+class FakeWorker:
+    """A worker's pipe, answered here: each time command gets the seconds of
+    seconds[impl][round] for every call, and lands in log."""
+
+    def __init__(self, family, log, seconds, die_at=None):
+        self.family, self.log, self.seconds, self.die_at = family, log, seconds, die_at
+        self.rounds, self.pending, self.closed = {}, [], False
+
+    def send(self, cmd):
+        self.pending.append(cmd)
+
+    def receive(self):
+        cmd = self.pending.pop(0)
+        self.log.append((self.family, cmd))
+        if cmd["cmd"] == self.die_at:
+            raise runner.WorkerDied(f"{self.family} worker exited with code -9: killed")
+        if cmd["cmd"] == "load":
+            return {"event": "loaded", "params": {"clip": {"clip_norm": 1.0}}}
+        if cmd["cmd"] == "setup":
+            return {"event": "setup", "impls": {impl.name: {"status": "ok"}
+                                                for impl in impls.FAMILY[self.family].impls
+                                                if cmd["op"] in impl.ops}}
+        if cmd["cmd"] == "time":
+            r = self.rounds[cmd["impl"]] = self.rounds.get(cmd["impl"], -1) + 1
+            return {"event": "times", "impl": cmd["impl"], "status": "ok",
+                    "times_s": [self.seconds[cmd["impl"]][r]] * cmd["calls"]}
+        return {"event": "freed"}
+
+    def ask(self, **cmd):
+        self.send(cmd)
+        return self.receive()
+
+    def close(self):
+        self.closed = True
+        return 0.5
+
+
+# Round 2 runs at half the bandwidth: every time doubles, the ratios stay.
+SECONDS = {"ceiling": [1.0, 2.0, 1.0, 2.0, 1.0], "clipcore": [2.0, 4.0, 2.0, 4.0, 2.0],
+           "clipcore Plan": [1.0, 2.0, 1.0, 2.0, 1.0], "numpy": [4.0, 8.0, 4.0, 8.0, 4.0]}
+
+
+def measure_fake(cases, repeat, die_at=None):
+    log = []
     families = {"clipcore": {"status": "ok"}, "numpy": {"status": "ok"},
-                "torch": {"status": "not installed"}, "tensorflow": {"status": "not installed"}}
-    r = bench.assemble(cases, events, families, threads=2, repeat=3, warmup=1)
-    mlp, relu = r["cases"]
-    assert mlp["ceiling"]["kind"] == "read+rw"
-    assert math.isclose(mlp["ceiling"]["best_s"], 3e-5)      # the fastest read + rw probe
-    assert math.isclose(mlp["results"]["clipcore"]["pct_ceiling"], 60.0)
-    assert math.isclose(mlp["results"]["clipcore"]["gbps"], 3 * 4 * 235146 / 5e-5 / 1e9)
-    assert math.isclose(mlp["speedup"]["numpy"]["clipcore"], 2.0)
-    assert math.isclose(mlp["speedup"]["numpy"]["clipcore Plan"], 1e-4 / 3e-5)
+                **{f: {"status": "not installed"} for f in ("torch", "tensorflow", "jax")}}
+    workers = {"clipcore": FakeWorker("clipcore", log, SECONDS),
+               "numpy": FakeWorker("numpy", log, SECONDS, die_at)}
+    fakes = dict(workers)
+    measured, params = runner.measure_cases(cases, workers, families, repeat=repeat, warmup=2,
+                                            progress=runner.Progress(0, io.StringIO()))
+    return log, families, fakes, measured, params
+
+
+def test_each_round_asks_every_implementation_in_turn():
+    cases = bench.select_cases(["mlp"])
+    log, families, fakes, measured, params = measure_fake(cases, repeat=13)
+    assert bench.rounds_of(13) == [2, 3, 2, 3, 3]      # rounds of at most 3 calls
+    assert [cmd["cmd"] for _, cmd in log[:4]] == ["load", "load", "setup", "setup"]
+    timed = [(fam, cmd) for fam, cmd in log if cmd["cmd"] == "time"]
+    order = ["ceiling", "clipcore", "clipcore Plan", "numpy"]
+    rounds = [timed[i:i + 4] for i in range(0, len(timed), 4)]
+    assert len(rounds) == 5
+    for r, (this_round, calls) in enumerate(zip(rounds, bench.rounds_of(13))):
+        # every implementation once, in the opposite order every other round
+        assert [cmd["impl"] for _, cmd in this_round] == (order if r % 2 == 0 else order[::-1])
+        assert all(cmd["calls"] == calls for _, cmd in this_round)
+        assert all(cmd["warmup"] == (2 if r == 0 else 0) for _, cmd in this_round)
+    assert [cmd["cmd"] for _, cmd in log[-2:]] == ["free", "free"]
+    assert params == {"mlp": {"clip": {"clip_norm": 1.0}}}
+    row = measured.rows["mlp", "numpy"]
+    assert row["status"] == "ok" and row["rounds_s"][1] == [8.0, 8.0, 8.0]
+
+
+def test_ratios_are_taken_within_each_round():
+    cases = bench.select_cases(["mlp"])
+    _, families, _, measured, params = measure_fake(cases, repeat=15)
+    r = bench.assemble(cases, measured, families, params, threads=2, repeat=15, warmup=2)
+    (mlp,) = r["cases"]
+    assert mlp["ceiling"]["status"] == "ok" and mlp["ceiling"]["kind"] == "read+rw"
+    assert mlp["ceiling"]["best_s"] == 1.0
+    assert mlp["ceiling"]["per_round_s"] == SECONDS["ceiling"]
+    cc, plan, numpy_ = (mlp["results"][k] for k in ("clipcore", "clipcore Plan", "numpy"))
+    assert cc["median_s"] == 2.0 and (cc["min_s"], cc["max_s"]) == (2.0, 4.0)
+    assert len(cc["times_s"]) == 15 and cc["rounds_s"][1] == [4.0] * 3
+    assert math.isclose(cc["gbps"], 3 * 4 * 235146 / 2.0 / 1e9)
+    # Each round's ratio is the same, although the times moved between rounds.
+    assert cc["pct_ceiling"] == {"median": 50.0, "min": 50.0, "max": 50.0, "rounds": [50.0] * 5}
+    assert plan["pct_ceiling"]["median"] == 100.0
+    assert mlp["speedup"]["numpy"]["clipcore"] == {"median": 2.0, "min": 2.0, "max": 2.0,
+                                                   "rounds": [2.0] * 5}
+    assert mlp["speedup"]["numpy"]["clipcore Plan"]["rounds"] == [4.0] * 5
+    assert numpy_["pct_ceiling"]["rounds"] == [25.0] * 5
     assert mlp["results"]["torch"]["status"] == "not installed"
-    assert relu["ceiling"] is None                      # no probe ran for that workload
-    assert relu["results"]["clipcore"]["status"] == "not in this clipcore"
-    assert "clipcore Plan" not in relu["results"]
-    assert relu["results"]["numpy"]["message"] == "AssertionError: relu differs"
-    assert relu["speedup"] == {}
     quiet = dict(r["machine"], load_average=[0.1, 0.2], other_load=0.05)
     table = bench.format_table(dict(r, machine=quiet))
-    assert "2.00x, Plan 3.33x" in table and "not installed" in table
-    assert "error: AssertionError: relu differs" in table
+    assert "2.00x (2.00-2.00), Plan 4.00x (4.00-4.00)" in table
+    assert "50% (50-50)" in table and "2.00-4.00 s" in table
+    assert "in 5 rounds (3+3+3+3+3 calls)" in table
     assert "warning" not in table
     busy = dict(quiet, other_load=0.9)
     assert "other processes kept 0.90 CPUs busy" in bench.format_table(dict(r, machine=busy))
 
 
-def test_in_place_ops_get_the_read_write_pass_that_ran_alone():
-    # An in-place op right after the restore also writes the restored data back
-    # from the cache; the read-write pass that follows the probe's read pass
-    # does not, so it is no ceiling for that op.
-    cases = bench.select_cases(["relu", "clip_by_norm"])
-    events = {"clipcore": [{"event": "ceiling", "workload": "elementwise", "values": 1 << 24,
-                            "read_s": [2e-3, 3e-3], "rw_s": [1e-3, 2e-3],
-                            "rw_alone_s": [1.5e-3, 1.4e-3]}]}
-    r = bench.assemble(cases, events, {"clipcore": {"status": "ok"}}, threads=2, repeat=1,
+def test_a_ratio_comes_from_the_rounds_not_from_the_overall_medians():
+    cases = bench.select_cases(["mlp"])
+    measured = runner.Measurement()
+    for impl, rounds_s in (("ceiling", [[1.0], [3.0], [3.0]]),
+                           ("clipcore", [[2.0], [4.0], [4.0]]),
+                           ("clipcore Plan", [[2.0], [4.0], [4.0]]),
+                           ("numpy", [[4.0], [5.0], [6.0]])):
+        measured.start(cases[0], impl, "ok")
+        for times in rounds_s:
+            measured.record(cases[0], {"impl": impl, "status": "ok", "times_s": times})
+    r = bench.assemble(cases, measured, {"clipcore": {"status": "ok"},
+                                         "numpy": {"status": "ok"}}, {}, threads=1, repeat=3,
                        warmup=1)
-    relu, by_norm = r["cases"]
-    assert relu["ceiling"]["kind"] == "rw" and math.isclose(relu["ceiling"]["best_s"], 1.4e-3)
-    assert by_norm["ceiling"]["kind"] == "read+rw"
-    assert math.isclose(by_norm["ceiling"]["best_s"], 3e-3)
+    (mlp,) = r["cases"]
+    up = mlp["speedup"]["numpy"]["clipcore"]
+    assert up["rounds"] == [2.0, 1.25, 1.5] and up["median"] == 1.5   # medians' ratio: 1.25
+    assert (up["min"], up["max"]) == (1.25, 2.0)
+    assert mlp["results"]["clipcore"]["pct_ceiling"]["rounds"] == [50.0, 75.0, 75.0]
+
+
+def test_a_worker_that_dies_fails_its_rows_and_the_others_go_on():
+    cases = bench.select_cases(["mlp", "relu"])
+    log, families, fakes, measured, params = measure_fake(cases, repeat=3, die_at="setup")
+    assert families["numpy"]["status"] == "error" and fakes["numpy"].closed
+    assert "numpy worker exited with code -9: killed" in families["numpy"]["message"]
+    assert families["numpy"]["seconds"] == 0.5
+    assert not [cmd for fam, cmd in log if fam == "numpy" and cmd["cmd"] == "time"]
+    r = bench.assemble(cases, measured, families, params, threads=1, repeat=3, warmup=1)
+    mlp, relu = r["cases"]
+    assert mlp["results"]["clipcore"]["status"] == "ok"
+    assert mlp["results"]["numpy"]["status"] == "error"
+    assert "killed" in mlp["results"]["numpy"]["message"]
+    assert relu["results"]["numpy"]["status"] == "error"
+    assert relu["results"]["jax"]["status"] == "no equivalent"
+    assert "clipcore Plan" not in relu["results"] and mlp["speedup"] == {}
+    assert relu["ceiling"]["kind"] == "rw"
+    assert report.failures(r) == [("MNIST MLP", "numpy"), ("relu 16M", "numpy")]
+    table = bench.format_table(r)
+    assert "numpy          error: numpy worker exited with code -9: killed" in table
 
 
 # --- a --quick run end to end, NumPy only ------------------------------------
 
 def check_schema(r, repeat):
-    assert r["schema"] == "clipcore-bench/2"
+    assert r["schema"] == "clipcore-bench/3"
     assert r["repeat"] == repeat and isinstance(r["threads"], int) and r["threads"] >= 1
+    assert sum(r["rounds"]) == repeat and r["rounds"] == bench.rounds_of(repeat)
     m = r["machine"]
     for key in ("cpu", "logical_cpus", "available_cpus", "threads", "simd", "openmp",
                 "platform", "python", "numpy", "clipcore", "load_average", "other_load"):
@@ -234,30 +378,32 @@ def check_schema(r, repeat):
     assert m["other_load"] is None or m["other_load"] >= 0
     assert m["simd"] == clipcore.kernels.simd_path() and m["clipcore"] == clipcore.__version__
     assert set(r["families"]) == {"clipcore", "numpy", "torch", "tensorflow", "jax"}
-    for w, c in r["ceilings"].items():
-        assert c["bytes"] == 4 * c["values"]
-        per_count = 2 * repeat * len({r["threads"], 1})       # the run's threads and one
-        assert len(c["read_s"]) == len(c["rw_s"]) == len(c["rw_alone_s"]) == per_count
     for case in r["cases"]:
         for key in ("key", "label", "workload", "op", "tensors", "values", "bytes",
                     "traffic_bytes", "params", "ceiling", "results", "speedup"):
             assert key in case
-        assert set(case["results"]) <= set(IMPLS)
-        if case["ceiling"]:
-            c = r["ceilings"][case["workload"]]
-            probes = {"read": c["read_s"], "rw": c["rw_alone_s"],
-                      "read+rw": [a + b for a, b in zip(c["read_s"], c["rw_s"])]}
-            assert case["ceiling"]["best_s"] == min(probes[case["ceiling"]["kind"]])
+        assert set(case["results"]) <= set(IMPLS) - {"ceiling"}
+        c = case["ceiling"]
+        assert c["status"] == "ok" and c["kind"] == bench.OPS[case["op"]].ceiling
+        assert len(c["rounds_s"]) == len(r["rounds"])
+        assert c["best_s"] == min(c["times_s"]) == min(c["per_round_s"])
+        assert c["per_round_s"] == [min(ts) for ts in c["rounds_s"]]
         for impl, res in case["results"].items():
             assert res["status"] in STATUSES
             if res["status"] == "ok":
+                assert [len(ts) for ts in res["rounds_s"]] == r["rounds"]
                 assert len(res["times_s"]) == repeat and res["median_s"] > 0
+                assert res["min_s"] <= res["median_s"] <= res["max_s"]
                 assert math.isclose(res["gbps"], case["traffic_bytes"] / res["median_s"] / 1e9)
-                assert res["pct_ceiling"] > 0
+                pct = res["pct_ceiling"]
+                assert pct["rounds"] == pytest.approx(
+                    [100 * cr / t for cr, t in zip(c["per_round_s"], res["per_round_s"])])
+                assert pct["min"] <= pct["median"] <= pct["max"]
         for peer, ups in case["speedup"].items():
             for impl, x in ups.items():
-                assert math.isclose(x, case["results"][peer]["median_s"]
-                                    / case["results"][impl]["median_s"])
+                assert x["rounds"] == pytest.approx(
+                    [p / t for p, t in zip(case["results"][peer]["per_round_s"],
+                                           case["results"][impl]["per_round_s"])])
 
 
 @pytest.fixture(scope="module")
@@ -335,18 +481,19 @@ def test_default_out_dir_is_created_in_the_working_directory(tmp_path):
 
 @pytest.mark.parametrize("n", [0, 5, 100_000])
 def test_bandwidth_probe_passes(n):
-    from clipcore import kernels
     x = np.arange(n, dtype=np.float32)
     for square in (False, True):         # a plain sum, the norm's loop
-        t_read, t_rw = kernels.bandwidth_probe(x, 2, square=square)
+        t_read, t_rw = bandwidth_probe(x, 2, square=square)
         assert t_read >= 0 and t_rw >= 0
         np.testing.assert_array_equal(x, np.arange(n, dtype=np.float32))   # x *= 1
-    out = np.full(n, -1.0, np.float32)
-    assert kernels.bandwidth_probe(x, 2, read=False, out=out)[0] is None
-    np.testing.assert_array_equal(out, x)                              # the copy probe
+    assert bandwidth_probe(x, 2, read=False)[0] is None
+    for read in (False, True):
+        out = np.full(n, -1.0, np.float32)
+        assert (bandwidth_probe(x, 2, read=read, out=out)[0] is None) == (not read)
+        np.testing.assert_array_equal(out, x)                          # the copy probe
     wrong = np.full(n + 1, -1.0, np.float32)
     with pytest.raises(ValueError, match="out"):
-        kernels.bandwidth_probe(x, 1, out=wrong)
+        bandwidth_probe(x, 1, out=wrong)
     assert (wrong == -1.0).all()                                        # checked before any pass
 
 

@@ -21,7 +21,6 @@ cimport numpy as cnp
 from clipcore.kernels cimport (resolve_threads, Claims, claims_new, run_claimed, note_wait,
                                tuning_table, chunk_size, chunk_count)
 from clipcore._loops cimport cc_team_rank, cc_team_size, cc_now, cc_use_tuning
-from clipcore._lists cimport as_threads
 
 cnp.import_array()
 
@@ -29,7 +28,7 @@ cc_use_tuning(tuning_table())       # the kernels module's choices (cc_loops.h)
 
 cdef extern from "cc_elementwise.h" nogil:
     int CC_SUMSQ, CC_SUMABS, CC_MAXABS
-    int CC_F32, CC_F64, CC_NTYPES
+    int CC_F32, CC_F64, CC_I8, CC_I16, CC_I32, CC_I64, CC_U8, CC_U16, CC_U32, CC_U64, CC_NTYPES
     int CC_OP_MAX, CC_OP_MIN, CC_OP_CLIP, CC_OP_MUL
     ctypedef void (*cc_loop_fn)(char **p, const Py_ssize_t *s, Py_ssize_t n) noexcept nogil
     cc_loop_fn cc_get_loop(int tcode, int op)
@@ -80,11 +79,11 @@ OP_MAX = CC_OP_MAX
 OP_MIN = CC_OP_MIN
 OP_CLIP = CC_OP_CLIP
 OP_MUL = CC_OP_MUL
-
-
-def threads_arg(value):
-    """n_threads as the kernels take it (0: what OpenMP may use); raises like the core."""
-    return as_threads(value)
+# The element types ew_apply runs on, (dtype kind, itemsize) -> type code; other
+# types (float16, bfloat16, long double, byte-swapped) go through NumPy.
+TYPE_CODES = {("f", 4): CC_F32, ("f", 8): CC_F64, ("i", 1): CC_I8, ("i", 2): CC_I16,
+              ("i", 4): CC_I32, ("i", 8): CC_I64, ("u", 1): CC_U8, ("u", 2): CC_U16,
+              ("u", 4): CC_U32, ("u", 8): CC_U64}
 
 
 # ---------------------------------------------------------------- elementwise

@@ -1,27 +1,27 @@
 """TensorFlow's global_norm and clip_by_global_norm (out of place) on the core.
 
-The norm is the core's (clipcore._lists: float64 accumulation, deterministic
-chunks). The out-of-place clip allocates one output per input and scales in
-one fused pass that reads each input once and writes its output once; the
-scale is computed as TensorFlow computes it, in the norm's dtype, so that
-outputs equal TensorFlow's for the same norm.
+Arrays in, arrays out: clipcore._ops validates the arguments it converts
+(framework tensors become arrays there, and results go back to the caller's
+type there). The norm is the core's (clipcore._lists: float64 accumulation,
+deterministic chunks). The out-of-place clip allocates one output per input
+and scales in one fused pass that reads each input once and writes its output
+once; the scale is computed as TensorFlow computes it, in the norm's dtype, so
+that outputs equal TensorFlow's for the same norm.
 """
+cimport cython
 from cython.parallel cimport prange
-from cpython.ref cimport Py_REFCNT
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
-from clipcore._lists cimport _Buffers, collect, as_threads, as_norm_type, as_tuple
+from clipcore._lists cimport _Buffers, collect, as_scalar
 from clipcore.kernels cimport resolve_threads, tuning_table
 from clipcore._loops cimport cc_use_tuning
 
-import importlib
-
 import numpy as np
 
-from clipcore._adapt import as_array, as_tensor_array, to_tf, to_torch
-
 cnp.import_array()
+
+cdef type ndarray = np.ndarray
 
 cc_use_tuning(tuning_table())       # the kernels module's choices (cc_loops.h)
 
@@ -41,43 +41,80 @@ ctypedef struct Pair:
 # ------------------------------------------------------------ output memory
 #
 # Fresh memory from the OS costs a page fault and a zero-fill per page: for
-# ResNet-50's 100 MB of outputs that is more than the clipping itself.
-# TensorFlow's allocator hands the memory of dropped tensors to the next op;
-# clipcore does the same, boundedly: it keeps the blocks of its last POOL_SLOTS
-# large results (8 MB to 256 MB) and carves a new result from one of them only
-# when no array refers to it any more (its reference count shows that).
+# large results, more than the clipping itself. TensorFlow's allocator hands
+# the memory of dropped tensors to the next op; clipcore does the same,
+# boundedly. The results of one call are carved from one block, owned by a
+# _Block that is their base (and so of every view of them); when the last of
+# them dies, the _Block gives the block back to the pool. The pool keeps the
+# POOL_SLOTS most recently freed blocks of POOL_MIN_BYTES or more, at most
+# POOL_MAX_BYTES in all: room for two result sets of a GPT-2-sized model, so
+# that a loop holding the last results while it makes the next ones
+# alternates between two blocks. A block is in the pool only while nothing
+# uses it: no reference count is looked at, and a lock guards the pool (so it
+# holds under free-threaded CPython too).
 
 cdef enum:
     POOL_MIN_BYTES = 8 << 20
     POOL_SLOTS = 2
     ALIGN = 64
-cdef Py_ssize_t POOL_MAX_BYTES = 256 << 20   # larger results are never kept
+cdef Py_ssize_t POOL_MAX_BYTES = 1 << 30
 
-cdef list _blocks = []
+cdef list _free = []                 # free uint8 blocks, the most recently freed first
+cdef cython.pymutex _pool_lock
 
 
-cdef object take_block(Py_ssize_t nbytes):
-    """A uint8 array of nbytes that nothing else refers to: reused, or new."""
+@cython.final
+@cython.no_gc                        # it refers to a uint8 array, which refers to nothing
+cdef class _Block:
+    """The memory of one call's results (their base); back to the pool when they die."""
+    cdef object memory
+
+    def __dealloc__(self):
+        if self.memory is not None:
+            give_back(self.memory)
+
+
+cdef int give_back(object memory) except -1:
+    """Put a block nothing uses any more in the pool (or let it go)."""
+    cdef Py_ssize_t total = 0, keep = 0
+    cdef list dropped
+    if cnp.PyArray_NBYTES(<cnp.ndarray>memory) > POOL_MAX_BYTES:
+        return 0
+    with _pool_lock:
+        _free.insert(0, memory)
+        while keep < len(_free) and keep < POOL_SLOTS:
+            total += cnp.PyArray_NBYTES(<cnp.ndarray>_free[keep])
+            if total > POOL_MAX_BYTES:
+                break
+            keep += 1
+        dropped = _free[keep:]
+        del _free[keep:]
+    return 0                         # the dropped blocks are freed here, unlocked
+
+
+cdef _Block take_block(Py_ssize_t nbytes):
+    """A _Block of nbytes (and ALIGN to spare): a free one of that size, or new."""
     cdef Py_ssize_t i
-    for i in range(len(_blocks)):
-        block = _blocks[i]
-        # References: the list's and `block`'s; any view of it adds one.
-        if cnp.PyArray_NBYTES(<cnp.ndarray>block) == nbytes + ALIGN and Py_REFCNT(block) == 2:
-            del _blocks[i]
-            _blocks.insert(0, block)
-            return block
-    block = np.empty(nbytes + ALIGN, np.uint8)
-    if nbytes <= POOL_MAX_BYTES:
-        _blocks.insert(0, block)
-        del _blocks[POOL_SLOTS:]
+    cdef _Block block
+    memory = None
+    with _pool_lock:
+        for i in range(len(_free)):
+            if cnp.PyArray_NBYTES(<cnp.ndarray>_free[i]) == nbytes + ALIGN:
+                memory = _free.pop(i)
+                break
+    if memory is None:
+        memory = np.empty(nbytes + ALIGN, np.uint8)
+    block = _Block.__new__(_Block)
+    block.memory = memory
     return block
 
 
-cdef object carve(object block, Py_ssize_t offset, cnp.ndarray like, int type_num, bint fortran):
+cdef object carve(_Block block, Py_ssize_t offset, cnp.ndarray like, int type_num,
+                  bint fortran):
     """An array shaped like `like`, of type_num, in block's memory at offset."""
     cdef cnp.ndarray out = cnp.PyArray_New(
         <type>np.ndarray, cnp.PyArray_NDIM(like), cnp.PyArray_DIMS(like), type_num, NULL,
-        <char *>cnp.PyArray_DATA(<cnp.ndarray>block) + offset, 0,
+        <char *>cnp.PyArray_DATA(<cnp.ndarray>block.memory) + offset, 0,
         cnp.NPY_ARRAY_FARRAY if fortran else cnp.NPY_ARRAY_CARRAY, None)
     cnp.set_array_base(out, block)
     return out
@@ -87,10 +124,11 @@ def empty_like_many(list arrays, list type_nums):
     """New arrays shaped like `arrays` (C order, or F order for F-only-contiguous ones).
 
     When they hold POOL_MIN_BYTES or more together they are carved from one
-    block, reused from an earlier call when it is free (see above).
+    block, from the pool when it has a free one of that size (see above).
     """
     cdef Py_ssize_t i, n = len(arrays), total = 0, off = 0, nbytes
     cdef cnp.ndarray arr
+    cdef _Block block
     cdef list sizes = [0] * n
     for i in range(n):
         arr = <cnp.ndarray>arrays[i]
@@ -105,7 +143,7 @@ def empty_like_many(list arrays, list type_nums):
                                         type_nums[i], fortran_only(arr))
         return outs
     block = take_block(total)
-    off = <Py_ssize_t>(<size_t>cnp.PyArray_DATA(<cnp.ndarray>block) % ALIGN)
+    off = <Py_ssize_t>(<size_t>cnp.PyArray_DATA(<cnp.ndarray>block.memory) % ALIGN)
     off = (ALIGN - off) % ALIGN                 # the first output starts aligned
     for i in range(n):
         arr = <cnp.ndarray>arrays[i]
@@ -204,31 +242,15 @@ cdef void scale_pairs(_Pairs pr, float s32, double s64, int n_threads) noexcept 
                     (c + 1) * chunk if (c + 1) * chunk < n else n, s32, s64, n)
 
 
-cdef tuple prepare(list items):
-    """(arrays, wraps, fw): each entry as an ndarray (None kept) and how to wrap it.
-
-    wraps is None when every entry is an ndarray or None; fw is 'tf' or
-    'torch' when any entry belongs to that framework (TF first).
-    """
-    cdef Py_ssize_t i, n = len(items)
-    cdef list arrays = list(items)
-    cdef list wraps = None
-    fw = None
-    for i in range(n):
-        obj = items[i]
-        if obj is None or type(obj) is np.ndarray:
-            continue
-        arr, wrap, f = as_tensor_array(obj, f"t_list[{i}]")   # lists: TF's dtypes
-        arrays[i] = arr
-        if wraps is None:
-            wraps = [None] * n
-        wraps[i] = wrap
-        if f == "tf" or (f == "torch" and fw is None):
-            fw = f
-    return arrays, wraps, fw
+def to_convert(list items):
+    """The positions of the entries that are neither None nor an ndarray: the
+    ones clipcore._ops converts before a call."""
+    cdef Py_ssize_t i
+    return [i for i in range(len(items))
+            if items[i] is not None and type(items[i]) is not ndarray]
 
 
-cdef object norm_dtype(list arrays):
+def norm_dtype(list arrays):
     """The dtype of the global norm: the entries' (promoted); float32 if none."""
     cdef cnp.ndarray arr, first = None
     cdef bint mixed = False
@@ -248,151 +270,48 @@ cdef object norm_dtype(list arrays):
     return first.dtype
 
 
-cdef object wrap_norm(object value, str fw):
-    if fw == "tf":
-        return importlib.import_module("tensorflow").constant(value)
-    if fw == "torch":
-        return to_torch(np.asarray(value))
-    return value
-
-
-def global_norm(t_list, name=None, *, norm_type=2.0, n_threads=None):
-    """The norm of all elements of all tensors in t_list, as one vector.
-
-    TensorFlow's ``tf.linalg.global_norm`` (``sqrt(sum(l2norm(t)**2))``) and
-    the core's p-norms, on the core's deterministic float64 kernels.
-
-    Parameters
-    ----------
-    t_list : list or tuple
-        NumPy arrays, TensorFlow or PyTorch tensors, IndexedSlices (their
-        values count), buffers, lists; None entries are skipped. A bare array
-        or a string raises TypeError, as in TF.
-    name : str, optional
-        Accepted for TensorFlow compatibility; unused.
-    norm_type : float, default 2.0
-        p of the p-norm: 2 (TF's global norm), 1, ``inf`` or any p > 0.
-    n_threads : int or None
-        Threads to use; None uses what OpenMP may use.
-
-    Returns
-    -------
-    float or tf.Tensor
-        A Python float (computed in float64: no float32 overflow), except
-        when t_list holds TensorFlow tensors: then, as TF returns it, a 0-d
-        tensor of the entries' dtype (float32 for an empty list).
-        A NaN element makes it NaN, an inf element (and no NaN) inf; an
-        empty list gives 0.0.
-
-    Raises
-    ------
-    TypeError
-        t_list not a sequence; an entry that is not floating point.
+def global_norm(list arrays, double norm_type, int n_threads):
+    """The norm of all elements of the arrays (None entries skipped), as a float.
 
     Examples
     --------
-    >>> import numpy as np, clipcore
-    >>> clipcore.global_norm([np.array([3.0, 4.0], np.float32), None, np.zeros(2)])
+    >>> import numpy as np
+    >>> global_norm([np.array([3.0, 4.0], np.float32), None], 2.0, 1)
     5.0
     """
-    cdef double p = as_norm_type(norm_type)
-    cdef int nt = as_threads(n_threads)
-    cdef list items = list(as_tuple(t_list, "t_list"))
-    arrays, wraps, fw = prepare(items)
-    value = collect(arrays, False, "t_list").norm(p, nt)
-    if fw == "tf":
-        return wrap_norm(norm_dtype(arrays).type(value), fw)
-    return value
+    return collect(arrays, False, "t_list").norm(norm_type, n_threads)
 
 
-cdef object scalar_of(object value, str name):
-    """A 0-d number (NumPy scalar when it has a dtype) from numbers, arrays, tensors."""
-    if isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    arr, _, _ = as_array(value, name)
-    if arr.ndim != 0:
-        raise ValueError(f"{name} must be a scalar, got shape {arr.shape}")
-    if not (arr.dtype.kind in "fiub" or arr.dtype.name == "bfloat16"):
-        raise TypeError(f"{name} must be a real number, got {arr.dtype}")
-    return arr[()]
+def clip_by_global_norm(list arrays, clip_norm, use_norm, int n_threads):
+    """(outputs, norm): each array scaled as TensorFlow scales it, and the norm used.
 
-
-def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_threads=None):
-    """Scale every tensor by ``clip_norm / max(global_norm, clip_norm)``, as TensorFlow does.
-
-    ``tf.clip_by_global_norm``: out of place, returning new tensors. The
-    scale is computed as TF computes it, ``clip_norm * min(1 / use_norm,
-    1 / clip_norm)`` in the norm's dtype, so outputs equal TF's for the same
-    norm; a non-finite norm makes every output NaN. The norm itself is
-    accumulated in float64 (TF's float32 sum can overflow, clipcore's does
-    not). Each output is written in one fused pass (read input, scale, write).
-    The in-place form is :func:`clip_by_global_norm_`.
-
-    Parameters
-    ----------
-    t_list : list or tuple
-        NumPy arrays, TensorFlow or PyTorch tensors, IndexedSlices (clipped
-        on their values), lists; None entries stay None. Not modified.
-    clip_norm : float
-        The clipping ratio (a number or a 0-d array or tensor).
-    use_norm : scalar, optional
-        The global norm to use instead of computing it; honoured as given
-        (a negative or zero value gives what TF gives) and returned as given.
-    name : str, optional
-        Accepted for TensorFlow compatibility; unused.
-    n_threads : int or None
-        Threads to use; None uses what OpenMP may use.
-
-    Returns
-    -------
-    list_clipped : list
-        One output per entry, of the entry's type and dtype (None for None).
-    global_norm : scalar
-        ``use_norm`` if given; else the norm in the entries' dtype: a 0-d
-        TensorFlow tensor if t_list holds TF tensors, a 0-d PyTorch tensor
-        if it holds torch tensors, else a NumPy scalar.
-
-    Raises
-    ------
-    TypeError
-        t_list not a sequence (a bare array, a string); an entry that is
-        not floating point; a clip_norm or use_norm that is not a number.
-    ValueError
-        A clip_norm or use_norm that is not a scalar.
+    arrays: ndarrays or None; clip_norm and use_norm (None: the arrays'
+    norm) as the caller gave them, tensors as arrays. The norm comes in the
+    arrays' dtype (use_norm in its own when it has one).
 
     Examples
     --------
-    >>> import numpy as np, clipcore
-    >>> grads = [np.array([-2.0, 4.0], np.float32), None, np.array([1.0, -2.0], np.float32)]
-    >>> clipped, norm = clipcore.clip_by_global_norm(grads, 4.0)
-    >>> norm
-    np.float32(5.0)
-    >>> clipped
-    [array([-1.6,  3.2], dtype=float32), None, array([ 0.8, -1.6], dtype=float32)]
+    >>> import numpy as np
+    >>> clip_by_global_norm([np.array([3.0, 4.0], np.float32), None], 1.0, None, 1)
+    ([array([0.6, 0.8], dtype=float32), None], np.float32(5.0))
     """
-    cdef int nt = as_threads(n_threads)
-    cdef list items = list(as_tuple(t_list, "t_list"))
-    cdef Py_ssize_t i, n = len(items)
+    cdef Py_ssize_t i, n = len(arrays)
     cdef cnp.ndarray arr, out
     cdef _Pairs pairs = _Pairs.__new__(_Pairs)
     cdef int tnum
     cdef Py_ssize_t k
     cdef _Buffers buffers
-    arrays, wraps, fw = prepare(items)
-    c = scalar_of(clip_norm, "clip_norm")
+    c = as_scalar(clip_norm, "clip_norm", True)
     # Validates every entry (floating point) whether or not the norm is needed;
     # float16 and bfloat16 entries are read at their own width.
     buffers = collect(arrays, False, "t_list")
     if use_norm is None:
-        dtype = norm_dtype(arrays)
-        un = dtype.type(buffers.norm(2.0, nt))
-        norm_out = wrap_norm(un, fw)
+        un = norm_dtype(arrays).type(buffers.norm(2.0, n_threads))
     else:
-        un = scalar_of(use_norm, "use_norm")
+        un = as_scalar(use_norm, "use_norm", True)
         if type(use_norm) in (int, float, bool) or not (un.dtype.kind == "f"
                                                         or un.dtype.name == "bfloat16"):
             un = norm_dtype(arrays).type(un)   # a plain number: the entries' dtype
-        norm_out = use_norm
     with np.errstate(all="ignore"):
         # TF: clip_norm * minimum(1.0 / use_norm, constant(1.0, norm dtype) / clip_norm),
         # plus (use_norm - use_norm) so that a non-finite norm gives NaN.
@@ -427,12 +346,8 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_thread
         if cnp.PyArray_SIZE(<cnp.ndarray>fast[k]):
             pairs.push(<cnp.ndarray>fast[k], <cnp.ndarray>fast_outs[k])
     with nogil:
-        scale_pairs(pairs, s32, s64, nt)
+        scale_pairs(pairs, s32, s64, n_threads)
     with np.errstate(all="ignore"):
         for arr, out in slow:            # TF: v * cast(scale, v.dtype)
             np.multiply(arr, arr.dtype.type(scale), out=out)
-    if wraps is not None:
-        for i in range(n):
-            if wraps[i] is not None:
-                outs[i] = wraps[i](outs[i])
-    return outs, norm_out
+    return outs, un

@@ -1,7 +1,7 @@
 # Validated lists of buffers, for other clipcore modules that run the kernels.
 cimport numpy as cnp
 from cpython.object cimport PyObject
-from clipcore.kernels cimport Layout, clip_rule
+from clipcore.kernels cimport Layout, clip_rule, SEG_F32, SEG_F64
 
 ctypedef struct Extent:
     char *lo          # lowest byte of the array
@@ -49,10 +49,26 @@ cdef class Plan:
     cdef int n_threads
     cdef _Buffers live(self)
 
+# segment_kind's answers for element types the kernels do not read as such.
+cdef enum:
+    OTHER_FLOAT = -1     # another floating-point type (long double): a float64 copy
+    NOT_FLOAT = -2
+
+cdef inline int promote_kind(int norm_kind, int kind) noexcept nogil:
+    """PyTorch's total norm's kind after one more tensor of this kind (norm_kind
+    < 0 before the first): float64 if any is, the one kind if all share it, else
+    float32 (torch's promotion of the per-tensor norms)."""
+    if norm_kind < 0 or norm_kind == kind:
+        return kind
+    return SEG_F64 if norm_kind == SEG_F64 or kind == SEG_F64 else SEG_F32
+
+cdef int segment_kind(cnp.ndarray arr) except -3
 cdef void extent_of(Extent *e, cnp.ndarray arr, Py_ssize_t pos) noexcept
-cdef tuple as_tuple(object t_list, str name)
+cpdef cnp.ndarray buffer_view(object obj, str name, bint writable)
+cpdef int check_writable(cnp.ndarray arr, str name, Py_ssize_t index=*) except -1
+cpdef tuple as_tuple(object t_list, str name)
 cdef _Buffers collect(object t_list, bint in_place, str name)
-cdef double as_real(object value, str name) except? -1.0
+cpdef object as_scalar(object value, str name, bint tf=*)
 cdef double as_clip_norm(object value) except? -1.0
-cdef double as_norm_type(object value) except? -1.0
-cdef int as_threads(object value) except -1
+cpdef double as_norm_type(object value) except? -1.0
+cpdef int as_threads(object value, int default=*) except? -1

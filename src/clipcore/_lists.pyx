@@ -1,10 +1,16 @@
 """Global-norm clipping over lists of buffers: validation, layout, the Plan.
 
 Validation runs here, in compiled code, because it runs once per buffer per
-call: for a list of 2000 small gradients Python-level checks alone would cost
-more than the kernels. Every buffer is checked before any is written.
+call: for a list of many small gradients Python-level checks would cost more
+than the kernels. Every buffer is checked before any is written.
+
+Also here, the one home of each argument rule of the package (the Python
+layer calls them too): how memory is taken from an object (buffer_view) and
+when it may be written (check_writable), number arguments (as_scalar), lists
+(as_tuple) and n_threads (as_threads).
 """
 cimport numpy as cnp
+from libc.limits cimport INT_MAX
 from libc.math cimport isfinite, isnan, NAN
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy
@@ -16,8 +22,6 @@ from clipcore.kernels cimport (Segment, Layout, SEG_F32, SEG_F64, SEG_F64_COPY, 
 
 import collections.abc
 import numpy as np
-
-from clipcore._convert import buffer_view, fingerprint
 
 cnp.import_array()
 
@@ -34,8 +38,8 @@ cdef int sort_extents(Extent *a, Py_ssize_t n) except -1:
     """Sort extents by lo: LSD radix sort on lo - min(lo), 11 bits per pass,
     from the lowest bit that varies (buffers are aligned: their low bits are 0).
 
-    Thousands of extents are sorted on every in-place call; this is several
-    times faster than qsort's comparator calls.
+    Thousands of extents are sorted on every in-place call; this is faster
+    than qsort's comparator calls.
     """
     cdef Py_ssize_t i, d
     cdef size_t base, key, varying = 0     # varying: every bit set in some key
@@ -125,11 +129,14 @@ def _first_clash(views):
     return int(owners[j]), int(owners[i])
 
 
+cdef int raise_overlaps_itself(str label) except -1:
+    raise ValueError(f"{label} overlaps itself (a view with a zero or overlapping stride): "
+                     f"writing it in place would change its memory more than once")
+
+
 cdef int raise_shared(str name, Py_ssize_t a, Py_ssize_t b) except -1:
     if a == b:
-        raise ValueError(f"{name}[{a}] overlaps itself (a view with a zero or "
-                         f"overlapping stride): clipping in place would scale its "
-                         f"memory more than once")
+        raise_overlaps_itself(f"{name}[{a}]")
     raise ValueError(f"{name}[{min(a, b)}] and {name}[{max(a, b)}] share memory: "
                      f"clipping in place would scale it twice")
 
@@ -159,23 +166,142 @@ cdef bint may_overlap_itself(cnp.ndarray arr) noexcept:
     return False
 
 
-cdef int check_not_self_overlapping(cnp.ndarray arr, Py_ssize_t index, str name) except -1:
-    """Raise ValueError if two elements of arr share memory (too large to tell: raise too)."""
-    if not may_overlap_itself(arr):
+cpdef int check_writable(cnp.ndarray arr, str name, Py_ssize_t index=-1) except -1:
+    """Raise ValueError unless arr's memory may be written in place: writable, and no
+    two elements sharing a byte (too large to tell: raise too). The argument is
+    name, or name[index] for index >= 0 (the label is made only to raise)."""
+    if not cnp.PyArray_ISWRITEABLE(arr):
+        raise ValueError(f"{label_of(name, index)}: expected a writable "
+                         f"{(<object>arr).dtype} buffer, got a read-only array")
+    if cnp.PyArray_SIZE(arr) == 0 or not may_overlap_itself(arr):
         return 0
-    if cnp.PyArray_SIZE(arr) > ELEMENT_CHECK_MAX or _first_clash([(index, arr)]) is not None:
-        raise_shared(name, index, index)
+    if cnp.PyArray_SIZE(arr) > ELEMENT_CHECK_MAX or _first_clash([(0, arr)]) is not None:
+        raise_overlaps_itself(label_of(name, index))
     return 0
 
 
-def check_writable_layout(cnp.ndarray arr not None, str name):
-    """For the in-place ops: ValueError naming `name` if arr overlaps itself."""
+cdef str label_of(str name, Py_ssize_t index):
+    return name if index < 0 else f"{name}[{index}]"
+
+
+# ------------------------------------------------------------ memory of objects
+#
+# The one way clipcore gets memory from an object: NumPy arrays, PyTorch and
+# TensorFlow tensors, DLPack, buffers. The rules live here: what is refused for
+# writing (tensors autograd tracks, the negative and conjugate bits, masked
+# arrays; read-only or self-overlapping memory: check_writable), what may be
+# copied for reading, and which objects' memory can move under a kept view
+# (fingerprint).
+
+cpdef str framework(object obj):
+    """'tf' or 'torch' for their tensors (by type module name), else None."""
+    mod = type(obj).__module__ or ""
+    if mod.startswith("tensorflow"):
+        return "tf"
+    if mod.startswith("torch"):
+        return "torch"
+    return None
+
+
+cdef int refuse_masked(object obj, str name) except -1:
+    if isinstance(obj, np.ma.MaskedArray):
+        raise TypeError(f"{name}: masked arrays are not supported (the mask would be "
+                        f"ignored); pass arr.filled(...) or the unmasked values")
+    return 0
+
+
+cdef object torch_view(object t, str name, bint writable):
+    if t.device.type != "cpu":
+        raise TypeError(f"{name}: expected a CPU tensor, got one on {t.device}")
+    if writable:
+        if t.requires_grad:
+            raise ValueError(f"{name}: the tensor requires grad; modifying it in place "
+                             f"behind autograd's back would give wrong gradients (clip "
+                             f"its .grad, or a tensor that does not require grad)")
+        if t.is_neg() or t.is_conj():
+            raise TypeError(f"{name}: the tensor has its negative or conjugate bit set, "
+                            f"so its memory does not hold its values; call "
+                            f"t.resolve_neg() / t.resolve_conj() first")
+    else:
+        t = t.detach()
+        if t.is_neg() or t.is_conj():      # reading: a resolved copy is harmless
+            t = t.resolve_neg().resolve_conj()
     try:
-        check_not_self_overlapping(arr, 0, "t")
-    except ValueError:
-        raise ValueError(f"{name} overlaps itself (a view with a zero or overlapping "
-                         f"stride): modifying it in place would change its memory "
-                         f"more than once") from None
+        return np.from_dlpack(t)
+    except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+        raise TypeError(f"{name}: cannot view this {t.dtype} tensor as an array "
+                        f"without a copy ({exc})") from None
+
+
+cdef object tf_values(object t, str name):
+    """A TensorFlow eager tensor's values (a view of its memory)."""
+    if not hasattr(t, "numpy"):
+        raise TypeError(f"{name}: a symbolic TensorFlow tensor (inside tf.function) has no "
+                        f"values for clipcore to clip; call clipcore eagerly")
+    try:
+        return np.asarray(t)
+    except ValueError:                   # 0-d bfloat16: TF hands out a scalar
+        return np.asarray(t.numpy())
+
+
+cpdef cnp.ndarray buffer_view(object obj, str name, bint writable):
+    """An ndarray over obj's memory (never a copy when writable).
+
+    NumPy arrays come as they are (subclasses as base-class views, so no
+    subclass code runs while clipcore writes); PyTorch tensors and other
+    ``__dlpack__`` objects through DLPack (TensorFlow's, for reading, through
+    NumPy's conversion); buffer-protocol objects through a memoryview. For
+    reading, anything NumPy can convert is accepted (a copy is harmless
+    there). The caller checks the dtype, and check_writable the memory.
+    TypeError/ValueError name the argument.
+    """
+    if isinstance(obj, np.ndarray):
+        refuse_masked(obj, name)
+        return obj if type(obj) is ndarray else obj.view(ndarray)
+    fw = framework(obj)
+    if fw == "torch" and hasattr(obj, "requires_grad"):
+        return torch_view(obj, name, writable)
+    if fw == "tf" and not writable:
+        return tf_values(obj, name)
+    arr = None
+    if hasattr(obj, "__dlpack__"):
+        try:
+            arr = np.from_dlpack(obj)
+        except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+            raise TypeError(f"{name}: cannot view this {type(obj).__name__} as a CPU "
+                            f"array without a copy ({exc})") from None
+    else:
+        try:
+            arr = np.asarray(memoryview(obj))
+        except TypeError:          # not a buffer
+            pass
+    if arr is None and writable:
+        try:
+            arr = np.asarray(obj, copy=False)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name}: a {type(obj).__name__} cannot be modified in place "
+                            f"(it exposes no writable memory)") from None
+    if arr is None:
+        try:
+            arr = np.asarray(obj)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name}: expected a floating-point array or buffer, got "
+                            f"{type(obj).__name__} ({exc})") from None
+    refuse_masked(arr, name)
+    return arr if type(arr) is ndarray else arr.view(ndarray)
+
+
+cpdef object fingerprint(object obj):
+    """What must stay the same for a kept view of obj's memory to stay valid.
+
+    None for objects whose memory cannot move while a view holds it (NumPy
+    arrays are checked by the kernels' own guard; buffer exports lock the
+    memory). For a PyTorch tensor, its address, shape and strides: resize_,
+    set_ and ``.data =`` change them and free the memory a view points to.
+    """
+    if framework(obj) == "torch" and hasattr(obj, "data_ptr"):
+        return (obj.data_ptr(), obj.shape, obj.stride(), obj.requires_grad)
+    return None
 
 
 cdef void extent_of(Extent *e, cnp.ndarray arr, Py_ssize_t pos) noexcept:
@@ -314,6 +440,30 @@ cdef bint is_bfloat16(cnp.ndarray arr) except -1:
             and (<object>arr).dtype.name == "bfloat16")
 
 
+cdef int segment_kind(cnp.ndarray arr) except -3:
+    """The segment kind the kernels read arr's elements as (SEG_*); OTHER_FLOAT for
+    the other floating-point types (long double), NOT_FLOAT for the rest."""
+    cdef int type_num = cnp.PyArray_TYPE(arr)
+    if type_num == cnp.NPY_FLOAT:
+        return SEG_F32
+    if type_num == cnp.NPY_DOUBLE:
+        return SEG_F64
+    if type_num == cnp.NPY_FLOAT16:
+        return SEG_F16
+    if is_bfloat16(arr):
+        return SEG_BF16
+    return OTHER_FLOAT if cnp.PyArray_ISFLOAT(arr) else NOT_FLOAT
+
+
+def norm_kind(arrays):
+    """The total norm's segment kind for float32/float64/float16/bfloat16 arrays, as
+    promote_kind decides it for PyTorch's total norm."""
+    cdef int kind = -1
+    for arr in arrays:
+        kind = promote_kind(kind, segment_kind(arr))
+    return SEG_F32 if kind < 0 else kind
+
+
 cdef class _Buffers:
     """The validated buffers of one t_list, laid out for the kernels."""
 
@@ -403,32 +553,21 @@ cdef class _Buffers:
         return 0
 
     cdef int add(self, cnp.ndarray arr, Py_ssize_t index, str name, bint in_place) except -1:
-        cdef int type_num = cnp.PyArray_TYPE(arr)
+        cdef int kind = segment_kind(arr), d
         cdef Py_ssize_t n = 1
-        cdef int kind = -1, d
         for d in range(cnp.PyArray_NDIM(arr)):
             n *= cnp.PyArray_DIM(arr, d)
-        if type_num == cnp.NPY_FLOAT:
-            kind = SEG_F32
-        elif type_num == cnp.NPY_DOUBLE:
-            kind = SEG_F64
-        elif type_num == cnp.NPY_FLOAT16:
-            kind = SEG_F16
-        elif is_bfloat16(arr):
-            kind = SEG_BF16
-        elif not cnp.PyArray_ISFLOAT(arr):
+        if kind == NOT_FLOAT:
             raise TypeError(f"{name}[{index}]: expected a floating-point array or buffer, "
                             f"got an array of {(<object>arr).dtype}")
-        if in_place and not cnp.PyArray_ISWRITEABLE(arr):
-            raise ValueError(f"{name}[{index}]: expected a writable {(<object>arr).dtype} buffer, "
-                             f"got a read-only array")
         if cnp.PyArray_NDIM(arr) > 64:
             raise ValueError(f"{name}[{index}]: more than 64 dimensions")
+        if in_place:
+            check_writable(arr, name, index)
         self.arrays[index] = arr
         if n == 0:
             return 0
         if self.exts != NULL:
-            check_not_self_overlapping(arr, index, name)
             self.add_extent(arr, index)
         if kind < 0 or not cnp.PyArray_ISNOTSWAPPED(arr) or not cnp.PyArray_ISALIGNED(arr):
             # long double, byte-swapped or unaligned: the kernels read a float64
@@ -566,7 +705,7 @@ cdef class _Buffers:
         return norm
 
 
-cdef tuple as_tuple(object t_list, str name):
+cpdef tuple as_tuple(object t_list, str name):
     """t_list as a tuple: TensorFlow's check (any sequence but a string), nor an array or bytes."""
     if type(t_list) is tuple:
         return <tuple>t_list
@@ -603,44 +742,99 @@ cdef _Buffers collect(object t_list, bint in_place, str name):
     return buf
 
 
-cdef double as_real(object value, str name) except? -1.0:
-    """A real number (not a bool, a complex, a string or an array) as a double."""
-    if (isinstance(value, (str, bytes, bool, complex, np.bool_, np.complexfloating))
-            or getattr(value, "ndim", 0) != 0
-            or getattr(getattr(value, "dtype", None), "kind", "f") in "bcOSUV"):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+def writable_arrays(object t_list, str name):
+    """The arrays of a list of buffers to write (None entries stay None), each
+    checked as the in-place clip checks its entries: floating point,
+    writable, not overlapping itself or another. Nothing is written."""
+    return collect(t_list, True, name).arrays
+
+
+cpdef object as_scalar(object value, str name, bint tf=False):
+    """The value of a real-number argument: clip_norm, use_norm, norm_type, eps...
+
+    The one parser of number arguments: a Python or NumPy number, or a 0-d
+    array or tensor (its memory taken as buffer_view takes it). Strings,
+    bytes and complex numbers are refused. The core's rules (tf False): a
+    float within float64's range, from a real number or anything else
+    float() takes; a bool, or an array or tensor of another shape, is a
+    TypeError.
+    TensorFlow's rules (tf True), for the TF-named functions: the NumPy
+    scalar of the argument's own dtype (a bool is a number, as TF converts
+    it); a value of another shape is a ValueError.
+    """
+    cdef cnp.ndarray arr
+    if isinstance(value, (str, bytes, complex, np.complexfloating)) or (
+            not tf and isinstance(value, (bool, np.bool_))):
+        raise not_real(name, value)
+    if not tf and (type(value) is float or type(value) is int):
+        return real_float(value, name)
+    try:
+        arr = value if type(value) is ndarray else buffer_view(value, name, False)
+    except TypeError:
+        if tf:
+            raise
+        if getattr(value, "ndim", 0) != 0:
+            raise not_real(name, value) from None
+        return real_float(value, name)    # a 0-d tensor NumPy cannot view (bfloat16, GPU)
+    if cnp.PyArray_NDIM(arr) != 0:
+        if tf:
+            raise ValueError(f"{name} must be a scalar, got shape {(<object>arr).shape}")
+        raise not_real(name, value)
+    kind = (<object>arr).dtype.kind
+    if kind in "fiu" or (tf and kind == "b") or is_bfloat16(arr):
+        return (<object>arr)[()] if tf else float(arr)
+    if kind == "O" and not tf:        # Decimal, Fraction, ints beyond int64
+        return real_float(value, name)
+    raise not_real(name, (<object>arr).dtype if tf else value)
+
+
+cdef double real_float(object value, str name) except? -1.0:
     try:
         return float(value)
     except OverflowError:
         raise ValueError(f"{name} must be a real number within float64's range, "
                          f"got {value!r:.40}") from None
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+        raise not_real(name, value) from None
+
+
+cdef object not_real(str name, object what):
+    """The TypeError for a value (or a dtype) that is not a real number."""
+    if not isinstance(what, np.dtype):
+        what = type(what).__name__
+    return TypeError(f"{name} must be a real number, got {what}")
 
 
 cdef double as_clip_norm(object value) except? -1.0:
-    cdef double c = as_real(value, "clip_norm")
+    cdef double c = as_scalar(value, "clip_norm")
     if isnan(c) or c < 0:
         raise ValueError(f"clip_norm must be a number >= 0, got {value!r}")
     return c
 
 
-cdef double as_norm_type(object value) except? -1.0:
-    cdef double p = as_real(value, "norm_type")
+cpdef double as_norm_type(object value) except? -1.0:
+    """norm_type, p of the p-norm: a real number > 0 (inf for the max norm)."""
+    cdef double p = as_scalar(value, "norm_type")
     if isnan(p) or p <= 0:
         raise ValueError(f"norm_type must be > 0 (inf for the max norm), got {value!r}")
     return p
 
 
-cdef int as_threads(object value) except -1:
-    """0 means: what OpenMP may use."""
+cpdef int as_threads(object value, int default=0) except? -1:
+    """An n_threads argument as the kernels take it (kernels.resolve_threads).
+
+    The one conversion of n_threads: None gives default (0: what OpenMP may
+    use; -k: an adapter's count k, which late teams back off as they do the
+    default); else an int >= 1, kept within a C int (the policy caps it at the
+    team it can have).
+    """
     if value is None:
-        return 0
+        return default
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"n_threads must be None or an int >= 1, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"n_threads must be None or an int >= 1, got {value}")
-    return min(value, 1 << 16)
+    return min(value, INT_MAX)
 
 
 def clip_by_global_norm_(t_list, clip_norm, *, use_norm=None, norm_type=2.0,
@@ -695,7 +889,7 @@ def clip_by_global_norm_(t_list, clip_norm, *, use_norm=None, norm_type=2.0,
     cdef double p = as_norm_type(norm_type)
     cdef int nt = as_threads(n_threads)
     if use_norm is not None:
-        use_norm = as_real(use_norm, "use_norm")
+        use_norm = as_scalar(use_norm, "use_norm")
     return collect(t_list, True, "t_list").clip(c, use_norm, p, bool(error_if_nonfinite), nt)
 
 
@@ -777,11 +971,11 @@ cdef class Plan:
         cdef double c = as_clip_norm(clip_norm)
         cdef double p = as_norm_type(norm_type)
         if use_norm is not None:
-            use_norm = as_real(use_norm, "use_norm")
+            use_norm = as_scalar(use_norm, "use_norm")
         return self.live().clip(c, use_norm, p, bool(error_if_nonfinite), self.n_threads)
 
 
-def plan_over_memory(addresses, lengths, kinds, *, bint writable, int framework_threads):
+def plan_over_memory(addresses, lengths, kinds, *, bint writable, int n_threads):
     """A Plan over contiguous buffers given by address, length and kind.
 
     kinds[i] is the buffer's element type as a segment kind (KIND_F32,
@@ -789,9 +983,8 @@ def plan_over_memory(addresses, lengths, kinds, *, bint writable, int framework_
     themselves (clipcore.torch): no reference is taken, so the caller keeps
     the memory alive while using the Plan. With writable, buffers that share
     memory raise ValueError (they would be scaled twice); for reading,
-    sharing is fine. framework_threads: the framework's own thread count,
-    used as n_threads is, except that late teams back it off as they do the
-    default policy.
+    sharing is fine. n_threads as as_threads gives it (an adapter passes
+    its framework's count as its default).
     """
     cdef Py_ssize_t count = len(addresses), i, n_ext = 0, length
     cdef Plan plan = Plan.__new__(Plan)
@@ -825,7 +1018,7 @@ def plan_over_memory(addresses, lengths, kinds, *, bint writable, int framework_
     finally:
         free(exts)
     plan.buffers = buf
-    plan.n_threads = -max(1, framework_threads)
+    plan.n_threads = n_threads
     return plan
 
 

@@ -5,7 +5,7 @@ torch is never imported here: clipcore.torch passes its types and dtypes in.
 from libc.float cimport FLT_MIN
 from libc.math cimport isfinite
 
-from clipcore._lists cimport Plan
+from clipcore._lists cimport Plan, promote_kind
 from clipcore.kernels cimport SEG_F32, SEG_F64, SEG_F16, SEG_BF16
 
 cdef extern from "cc_loops.h" nogil:
@@ -15,25 +15,25 @@ cdef extern from "cc_loops.h" nogil:
     unsigned short cc_f32_to_bf16(float f)
 
 
-def tensor_memory(list tensors, bint writable, tuple plain_types, f32, f64, f16, bf16,
+def tensor_memory(list tensors, bint writable, tuple plain_types, dict dtype_of_kind,
                   strided_layout):
     """Where a list of PyTorch tensors' values lie, for clipcore.torch's fast path.
 
     Returns (addresses, lengths, kinds, norm_kind) when every tensor's type
-    is one of plain_types and it is a contiguous CPU tensor of dtype f32,
-    f64, f16 or bf16 and layout strided_layout (and does not require grad,
-    for writing); kinds[i] is the segment kind of tensor i's dtype
-    (clipcore._lists.KIND_*), norm_kind that of torch's total norm (its
-    promotion of the dtypes: float64 if any, the one dtype if all share it,
-    else float32). "strided" when they are that except that some
-    are not contiguous; None otherwise (torch's own path). Here rather than
-    in Python because it runs for every tensor at every call: seven
-    attribute reads each, and with 2000 gradients the interpreter's share of
-    them is a tenth of the call. torch is not imported: its types and dtypes
-    come in as arguments.
+    is one of plain_types and it is a contiguous CPU tensor of layout
+    strided_layout, of a dtype in dtype_of_kind (torch's dtype of each
+    segment kind clipcore reads: float32, float64, float16, bfloat16), and
+    does not require grad (for writing); kinds[i] is tensor i's segment kind
+    (clipcore._lists.KIND_*), norm_kind that of torch's total norm
+    (promote_kind). "strided" when they are that except that some are not
+    contiguous; None otherwise (torch's own path). Here rather than in Python
+    because it runs for every tensor at every call. torch is not imported:
+    its types and dtypes come in as arguments.
     """
     cdef list addresses = [], lengths = [], kinds = []
     cdef object t, dtype
+    cdef object f32 = dtype_of_kind[SEG_F32], f64 = dtype_of_kind[SEG_F64]
+    cdef object f16 = dtype_of_kind[SEG_F16], bf16 = dtype_of_kind[SEG_BF16]
     cdef int kind, norm_kind = -1
     cdef bint strided = False
     try:
@@ -62,10 +62,7 @@ def tensor_memory(list tensors, bint writable, tuple plain_types, f32, f64, f16,
             addresses.append(t.data_ptr())
             lengths.append(t.numel())
             kinds.append(kind)
-            if norm_kind < 0:
-                norm_kind = kind
-            elif norm_kind != kind and norm_kind != SEG_F64:
-                norm_kind = SEG_F64 if kind == SEG_F64 else SEG_F32
+            norm_kind = promote_kind(norm_kind, kind)
     except RuntimeError:    # no storage (functorch's wrappers and the like)
         return None
     if strided:

@@ -7,9 +7,6 @@ sums stay in L2 while its rows are read in order, i = 0..B-1 (four at a time,
 their terms added pairwise: an order that depends on B only). Threads claim
 whole tiles (kernels.run_claimed), so every output element is one thread's
 sum in one fixed order: the results are the same bits for any thread count.
-
-Also here: the argument parsers of _lists, for the Python layer (they are
-cdef functions, so Python reaches them through this module).
 """
 from cython.parallel cimport parallel
 from libc.stdlib cimport malloc, free
@@ -18,7 +15,6 @@ cimport numpy as cnp
 from clipcore.kernels cimport (resolve_threads, Claims, claims_new, run_claimed, note_wait, chunk_fn,
                                tuning_table)
 from clipcore._loops cimport cc_team_rank, cc_team_size, cc_now, cc_use_tuning
-from clipcore._lists cimport as_tuple, as_real, collect
 
 cnp.import_array()
 
@@ -265,19 +261,3 @@ def row_sumsq(list xs, Py_ssize_t B, int n_threads):
         free(job.part)
     return res
 
-
-def list_arg(obj, str name):
-    """obj as a tuple: a list or tuple (or other sequence) of arrays, as _lists takes them."""
-    return as_tuple(obj, name)
-
-
-def real_arg(value, str name):
-    """A real number as a float, with _lists' checks and messages."""
-    return as_real(value, name)
-
-
-def writable_list(obj, str name):
-    """The arrays of a list of buffers to write, validated as the in-place ops
-    validate theirs (floating-point, writable, not overlapping themselves or
-    each other; None entries stay None). Nothing is written."""
-    return collect(obj, True, name).arrays

@@ -38,20 +38,8 @@ cdef extern from "cc_loops.h" nogil:
     enum: CC_TUNE_PREFETCH, CC_TUNE_SCALE_BACKWARD, CC_TUNE_TWINS, CC_TUNE_COUNT
     int *cc_own_tuning()
 
-cdef extern from "cc_elementwise.h" nogil:
-    ctypedef void (*cc_loop_fn)(char **p, const Py_ssize_t *s, Py_ssize_t n)
-    enum: CC_F32, CC_OP_MUL
-    cc_loop_fn cc_get_loop_for(int tcode, int op, Py_ssize_t out_bytes)
-
 cdef extern from * nogil:
     """
-    /* o = x * 1 with the given elementwise multiply loop (the copy probe). */
-    static void cc_probe_copy_f32(cc_loop_fn mul, const float *x, float *o, ptrdiff_t n) {
-        static const float one = 1.0f;
-        char *p[3] = { (char *)x, (char *)&one, (char *)o };
-        const ptrdiff_t s[3] = { 1, 0, 1 };
-        mul(p, s, n);
-    }
     /* Clamp a contiguous float32 run into [lo, hi]: max first, then min (as
      * PyTorch's clamp), written so that a NaN element stays NaN and the
      * compiler emits packed max/min instructions. */
@@ -64,7 +52,6 @@ cdef extern from * nogil:
     }
     """
     void cc_clamp_f32(float *x, Py_ssize_t n, float lo, float hi)
-    void cc_probe_copy_f32(cc_loop_fn mul, const float *x, float *o, Py_ssize_t n)
 
 # Chunks (kernels.pxd) hold at least CHUNK_MIN elements and there are at most
 # MAX_CHUNKS of them, so a team's per-chunk state is small (and on the heap: a
@@ -621,92 +608,6 @@ def max_threads():
 def simd_path():
     """The instruction set the hot loops run with on this machine."""
     return cc_simd_path().decode()
-
-
-ctypedef struct CopyProbe:
-    const float *x
-    float *o
-    Py_ssize_t n
-    cc_loop_fn copy
-
-
-cdef void copy_probe_chunk(const void *ctx, Py_ssize_t c) noexcept nogil:
-    """o = x over chunk c, with the loop an elementwise out= op uses."""
-    cdef const CopyProbe *cp = <const CopyProbe *>ctx
-    cdef Py_ssize_t lo = c * chunk_size(cp.n)
-    cc_probe_copy_f32(cp.copy, cp.x + lo, cp.o + lo, min(lo + chunk_size(cp.n), cp.n) - lo)
-
-
-def bandwidth_probe(float[::1] buf, int n_threads=0, *, bint read=True, float[::1] out=None,
-                    bint square=False):
-    """A read pass, then a read-write pass (``x *= 1``) over buf, for the benchmarks' ceiling.
-
-    Returns (seconds_read, seconds_read_write), timed inside the kernel;
-    with read=False only the read-write pass runs and seconds_read is None.
-    The passes share out the chunks as the kernels' passes do (claimed, the
-    read-write pass after a read last chunk first), with the plainest loops:
-    what a clip costs without its arithmetic, on the threads a kernel would
-    use (resolve_threads). With square, the read pass runs
-    the norm's own loop (squares summed in float64) instead of a plain sum:
-    which of the two reads faster depends on where the data lie (here the
-    plain sum from L2, the norm's loop from memory by 5-10%), so the
-    benchmarks take the faster. With out (as long as buf), the second pass
-    copies buf into out instead, with the stores an elementwise op's out=
-    uses (its threads claim chunks the same way): the ceiling of a read pass
-    and a write pass over two buffers.
-    """
-    from time import perf_counter
-    cdef Py_ssize_t n = buf.shape[0], start = 0
-    cdef float *x = &buf[0] if n else NULL
-    cdef CopyProbe cp
-    cdef int nt = resolve_threads(n, n_threads)
-    cdef Segment seg
-    cdef Layout lay
-    cdef Team team
-    cdef Pass read_pass, rw_pass
-    if out is not None:
-        if out.shape[0] != n:
-            raise ValueError(f"out: {out.shape[0]} elements, buf has {n}")
-        cp.x = x
-        cp.o = &out[0] if n else NULL
-        cp.n = n
-        cp.copy = cc_get_loop_for(CC_F32, CC_OP_MUL, n * 4)
-    seg.data = <char *>x
-    seg.n = n
-    seg.stride = 1
-    seg.kind = SEG_F32
-    lay.segs = &seg
-    lay.starts = &start
-    lay.n_segs = 1 if n else 0
-    lay.n_total = n
-    if team_open(&team, chunk_count(n)) != 0:
-        raise MemoryError()
-    read_pass.what = PASS_REDUCE if square else PASS_READ
-    read_pass.kind = CC_SUMSQ
-    read_pass.p = 2.0
-    read_pass.scale = 1.0
-    read_pass.partials = team.partials
-    rw_pass.what = PASS_SCALE
-    rw_pass.factor = 1.0
-    try:
-        t0 = perf_counter()
-        if read:
-            with nogil, parallel(num_threads=nt):
-                pass_claimed(&lay, &read_pass, &team, cc_team_rank(), cc_team_size())
-            team.cl.passes = 1
-        t1 = perf_counter()
-        with nogil, parallel(num_threads=nt):
-            if out is not None:
-                run_claimed(team.cl, chunk_count(n), copy_probe_chunk, &cp,
-                            cc_team_rank(), cc_team_size())
-            elif read:
-                scale_claimed(&lay, &rw_pass, &team, cc_team_rank())
-            else:
-                pass_claimed(&lay, &rw_pass, &team, cc_team_rank(), cc_team_size())
-        t2 = perf_counter()
-    finally:
-        team_close(&team)
-    return (t1 - t0) if read else None, t2 - t1
 
 
 def get_tuning():
