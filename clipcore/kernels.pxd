@@ -42,8 +42,8 @@ ctypedef double (*clip_rule)(double norm, const void *ctx) noexcept nogil
 cdef int resolve_threads(Py_ssize_t n_total, int n_threads) noexcept nogil
 
 # Work is cut into chunks of at least CHUNK_MIN elements, at most MAX_CHUNKS of
-# them. The threads of a team share them out with a Claims (run_claimed). For
-# clipcore's own extensions (its elementwise engine splits its work the same way).
+# them (the boundaries depend on the total only). For clipcore's own extensions:
+# the elementwise engine and the out-of-place global clip cut theirs the same way.
 cdef enum:
     CHUNK_MIN = 16384
     MAX_CHUNKS = 4096
@@ -55,29 +55,40 @@ cdef inline Py_ssize_t chunk_size(Py_ssize_t n_total) noexcept nogil:
 cdef inline Py_ssize_t chunk_count(Py_ssize_t n_total) noexcept nogil:
     return (n_total + chunk_size(n_total) - 1) // chunk_size(n_total)
 
-# On the heap (claims_new), not the caller's stack: a kernel may run in a
-# thread with a small stack.
+# One item of work (a chunk, a block of rows, a tile), run without the GIL.
+ctypedef void (*chunk_fn)(const void *ctx, Py_ssize_t i) noexcept nogil
+
+# The one scheduler: fn(ctx, i) for every i in [0, n_items), each exactly once,
+# on a team of n_threads (resolve_threads' answer; at most n_items of them).
+# Each thread runs its own contiguous block of items in order, then claims
+# what is left of the others' blocks, last first: a thread woken late does
+# less instead of holding the others up. After the region, how long the team
+# kept its first thread waiting feeds the default policy's back-off. One
+# thread runs every item, in order, when n_threads <= 1, n_items <= 1 or the
+# team's state cannot be allocated. fn may index per-thread scratch by its
+# OpenMP thread number (< n_threads; 0 when serial).
+cdef void run_items(Py_ssize_t n_items, chunk_fn fn, const void *ctx,
+                    int n_threads) noexcept nogil
+
+# The layer below run_items, for a region of its own whose passes share one
+# set of claims (the fused norm and clip, the benchmarks' bandwidth probe): a
+# Claims for n_chunks chunks, on the heap (a kernel may run in a thread with
+# a small stack), no pass begun (one block: free() it; NULL out of memory);
+# in every thread of the team, run_claimed runs fn(ctx, c) for the chunks this
+# thread claims in the current pass. Unlike run_items, neither reports to the
+# back-off.
 ctypedef struct Claims:
     int passes                      # passes over the chunks the team has begun
     int *claims                     # per chunk c: passes that have claimed it
     int *owner                      # per chunk c: the thread that claimed it last
 
-ctypedef void (*chunk_fn)(const void *ctx, Py_ssize_t c) noexcept nogil
+cdef Claims *claims_new(Py_ssize_t n_chunks) noexcept nogil
+cdef void run_claimed(Claims *cl, Py_ssize_t n_chunks, chunk_fn fn, const void *ctx,
+                      int rank, int size) noexcept nogil
 
 # The process's tuning table (cc_loops.h CC_TUNE_*): every module that includes
 # the loops points its cc_tuning here when it loads.
 cdef int *tuning_table() noexcept nogil
-# After a team's region: the seconds its first thread waited for the others,
-# of the region's total; lets the default policy back off when they were late
-# (their cores busy).
-cdef void note_wait(double waited, double total) noexcept nogil
-
-# A Claims for n_chunks chunks, no pass begun (one block: free() it); NULL out of memory.
-cdef Claims *claims_new(Py_ssize_t n_chunks) noexcept nogil
-# In every thread of a team, inside its parallel region: fn(ctx, c) for the
-# chunks this thread claims in the current pass.
-cdef void run_claimed(Claims *cl, Py_ssize_t n_chunks, chunk_fn fn, const void *ctx,
-                      int rank, int size) noexcept nogil
 
 cdef double layout_norm(const Layout *lay, double norm_type, int n_threads) noexcept nogil
 cdef void layout_scale(const Layout *lay, double scale, int n_threads) noexcept nogil

@@ -21,7 +21,7 @@ import clipcore
 
 USER_PYX = r'''
 # cython: language_level=3, boundscheck=False, wraparound=False
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, calloc, free
 from clipcore cimport kernels
 
 
@@ -90,6 +90,23 @@ def strided_norm(float[:] x, double norm_type):
 def kinds():
     """Enums of the .pxd, compiled into this extension (no C header needed)."""
     return kernels.SEG_F32, kernels.SEG_F64
+
+
+cdef void count_item(const void *ctx, Py_ssize_t i) noexcept nogil:
+    (<int *>ctx)[i] += 1
+
+
+def run_counts(Py_ssize_t n_items, int n_threads):
+    """How many times kernels.run_items ran each item."""
+    cdef int *counts = <int *>calloc(n_items + 1, sizeof(int))
+    if counts == NULL:
+        raise MemoryError()
+    with nogil:
+        kernels.run_items(n_items, count_item, counts, n_threads)
+    try:
+        return [counts[i] for i in range(n_items)]
+    finally:
+        free(counts)
 '''
 
 SETUP_PY = r'''
@@ -126,6 +143,9 @@ assert np.array_equal(np.concatenate(arrays), np.clip(ref * 0.5, -0.25, 0.25).as
 x = np.arange(10, dtype=np.float32)[::-3]
 assert u.strided_norm(x, 2.0) == math.sqrt(float((x.astype(np.float64) ** 2).sum()))
 assert u.kinds() == (0, 1)
+for n_items in (0, 1, 2, 1000):
+    for nt in (1, 2, 3):
+        assert u.run_counts(n_items, nt) == [1] * n_items, (n_items, nt)
 print("ok", clipcore.__file__)
 '''
 

@@ -178,3 +178,40 @@ def test_a_late_team_makes_the_default_serial_for_a_while(restore_tuning):
     kernels._note_wait(10e-6, 1e-3)
     assert kernels.late_team_backoff() == 0.0 and kernels.threads_for(n) == 2
     assert kernels.threads_for(n, -2) == 2
+
+
+def _long_backoff():
+    """The back-off after five late teams in a row: long enough that it does
+    not run out during the call that follows."""
+    for _ in range(5):
+        kernels._note_wait(3e-3, 5e-3)
+    return kernels.late_team_backoff()
+
+
+_rng = np.random.default_rng(3)
+TEAM_CALLS = {   # each runs at least one team of 2 threads (explicit n_threads: no back-off)
+    "clip_by_norm rows": lambda x=_rng.standard_normal((256, 1024)).astype(np.float32):
+        clipcore.clip_by_norm(x, 1.0, axes=[1], n_threads=2),
+    "clip_by_norm long rows": lambda x=_rng.standard_normal((2, 200_000)).astype(np.float32):
+        clipcore.clip_by_norm(x, 1.0, axes=[1], n_threads=2),
+    "clip_by_norm columns": lambda x=_rng.standard_normal((1024, 256)).astype(np.float32):
+        clipcore.clip_by_norm(x, 1.0, axes=[0], n_threads=2),
+    "norm over columns": lambda x=_rng.standard_normal((2048, 1024)).astype(np.float32):
+        clipcore.norm(x, axis=0, n_threads=2),
+    "clip_by_global_norm out of place, use_norm given":
+        lambda t=[_rng.standard_normal(300_000).astype(np.float32), _rng.standard_normal(5000)]:
+        clipcore.clip_by_global_norm(t, 1.0, use_norm=10.0, n_threads=2),
+    "relu_": lambda x=_rng.standard_normal(1 << 18).astype(np.float32):
+        clipcore.relu_(x, n_threads=2),
+}
+
+
+@pytest.mark.parametrize("call", TEAM_CALLS.values(), ids=TEAM_CALLS.keys())
+def test_every_engine_tells_the_back_off_how_its_team_did(call, no_late_backoff):
+    # After a team, the back-off is either over (the team was on time) or
+    # longer (it was late): never what it was, as it would be if the engine's
+    # region bypassed kernels.run_items.
+    before = _long_backoff()
+    assert before > 0
+    call()
+    assert kernels.late_team_backoff() != before

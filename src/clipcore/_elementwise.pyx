@@ -6,21 +6,22 @@ and broadcast its arguments (nothing here checks user input):
 * ``ew_apply``: maximum, minimum, clip_by_value and scaling over operands of
   one shape and dtype (broadcast operands have zero strides). Axes are
   reordered by the output's strides and merged where every operand allows,
-  so the inner loop is as long as possible; the flat index space is split
-  evenly across threads.
+  so the inner loop is as long as possible; the flat index space is cut
+  into the kernels' chunks.
 * ``axis_reduce`` / ``axis_clip``: float64 sums of squares, sums of |x| or
   maxima of |x| over the middle axis of a 3-d view (A, R, B), and
   clip_by_norm over it. Which loop reduces a slice, and how a long slice is
   cut into pieces, depends on the shape only: results never depend on the
   number of threads.
+
+Both hand their work items (chunks, blocks of rows, pieces, tiles) to the
+kernels' one scheduler, kernels.run_items.
 """
-from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, calloc, free
 cimport numpy as cnp
 
-from clipcore.kernels cimport (resolve_threads, Claims, claims_new, run_claimed, note_wait,
-                               tuning_table, chunk_size, chunk_count)
-from clipcore._loops cimport cc_team_rank, cc_team_size, cc_now, cc_use_tuning
+from clipcore.kernels cimport resolve_threads, run_items, tuning_table, chunk_size, chunk_count
+from clipcore._loops cimport cc_use_tuning
 
 cnp.import_array()
 
@@ -144,29 +145,6 @@ cdef void ew_chunk(const void *job, Py_ssize_t c) noexcept nogil:
     ew_range(j, c * chunk, min((c + 1) * chunk, j.total))
 
 
-cdef void ew_parallel(const EwJob *job, int nt) noexcept nogil:
-    """The threads claim chunks of the flat positions as the norm kernels do
-    (kernels.run_claimed): each streams through its own contiguous block, and
-    one that OpenMP must first wake does less instead of holding up the
-    others (16M float32 in place on 2 threads, restored before each call:
-    relu_ 2.72-2.95 -> 2.49-2.82 ms, clip_by_value_ 2.83-3.15 -> 2.62-2.98 ms).
-    One thread does it all when the claims cannot be allocated."""
-    cdef Claims *cl = claims_new(chunk_count(job.total)) if nt > 1 else NULL
-    cdef double t_start, t_end, t_free = 0.0
-    cdef double *free_at = &t_free        # written by thread 0 inside the region
-    if cl == NULL:
-        ew_range(job, 0, job.total)
-        return
-    t_start = cc_now()
-    with parallel(num_threads=nt):
-        run_claimed(cl, chunk_count(job.total), ew_chunk, job, cc_team_rank(), cc_team_size())
-        if cc_team_rank() == 0:
-            free_at[0] = cc_now()
-    t_end = cc_now()
-    note_wait(t_end - t_free, t_end - t_start)
-    free(cl)
-
-
 def ew_apply(int op, int tcode, tuple operands, int n_threads):
     """Run elementwise op over operands (inputs then output).
 
@@ -253,7 +231,7 @@ def ew_apply(int op, int tcode, tuple operands, int n_threads):
     job.fn = cc_get_loop_for(tcode, op, total * itemsize)   # in place: see its dispatcher
     cdef int nt = resolve_threads(total, n_threads)
     with nogil:
-        ew_parallel(&job, nt)
+        run_items(chunk_count(total), ew_chunk, &job, nt)
 
 
 # ------------------------------------------------------------------- per axis
@@ -271,8 +249,11 @@ ctypedef struct AxisJob:
     char *f                      # A*B scale factors in x's dtype (or NULL)
     double *part                 # partial results of pieces
     cc_loop_fn scale             # o = x * f[a] over a piece of a long row
+    Py_ssize_t blk               # rows per work item, when rows are whole
     Py_ssize_t P, rp             # pieces per row / column block, rows per piece
-    Py_ssize_t nbt               # column tiles per a
+    Py_ssize_t nbt, width        # column tiles per a, columns of a tile's partials
+    bint fuse                    # a tile is scaled as soon as it is reduced
+    Py_ssize_t rs, nrp           # scaling columns: rows per work item, items per a
 
 
 cdef inline char *xp(const AxisJob *j, Py_ssize_t a, Py_ssize_t r, Py_ssize_t b) noexcept nogil:
@@ -294,9 +275,11 @@ cdef void set_factor(const AxisJob *j, Py_ssize_t i, double sumsq) noexcept nogi
         (<float *>j.f)[i] = <float>cc_norm_scale(sumsq, j.clip)
 
 
-# Rows (B == 1): each row a of R elements is one slice.
+# Rows (B == 1): each row a of R elements is one slice. Every function of
+# the form f(ctx, item) below is one work item of kernels.run_items.
 
-cdef void rows_block(const AxisJob *j, Py_ssize_t a0, Py_ssize_t a1, bint clip) noexcept nogil:
+cdef void rows_block(const AxisJob *j, Py_ssize_t item, bint clip) noexcept nogil:
+    cdef Py_ssize_t a0 = item * j.blk, a1 = a0 + j.blk if a0 + j.blk < j.A else j.A
     if clip:
         if j.f64:
             cc_rows_clip_f64(<double *>xp(j, a0, 0, 0), a1 - a0, j.sa, j.R, j.sr,
@@ -310,7 +293,16 @@ cdef void rows_block(const AxisJob *j, Py_ssize_t a0, Py_ssize_t a1, bint clip) 
         cc_rows_reduce_f32(<float *>xp(j, a0, 0, 0), a1 - a0, j.sa, j.R, j.sr, j.kind, j.res + a0)
 
 
-cdef void row_piece_reduce(const AxisJob *j, Py_ssize_t item) noexcept nogil:
+cdef void rows_reduce(const void *ctx, Py_ssize_t item) noexcept nogil:
+    rows_block(<const AxisJob *>ctx, item, False)
+
+
+cdef void rows_clip(const void *ctx, Py_ssize_t item) noexcept nogil:
+    rows_block(<const AxisJob *>ctx, item, True)
+
+
+cdef void row_piece_reduce(const void *ctx, Py_ssize_t item) noexcept nogil:
+    cdef const AxisJob *j = <const AxisJob *>ctx
     cdef Py_ssize_t a = item // j.P, r0 = (item % j.P) * j.rp
     cdef Py_ssize_t n = j.R - r0 if j.R - r0 < j.rp else j.rp
     if j.f64:
@@ -319,7 +311,8 @@ cdef void row_piece_reduce(const AxisJob *j, Py_ssize_t item) noexcept nogil:
         j.part[item] = cc_reduce_one_f32(<float *>xp(j, a, r0, 0), n, j.sr, j.kind, 1.0, 1.0)
 
 
-cdef void row_piece_scale(const AxisJob *j, Py_ssize_t item) noexcept nogil:
+cdef void row_piece_scale(const void *ctx, Py_ssize_t item) noexcept nogil:
+    cdef const AxisJob *j = <const AxisJob *>ctx
     cdef Py_ssize_t a = item // j.P, r0 = (item % j.P) * j.rp
     cdef Py_ssize_t n = j.R - r0 if j.R - r0 < j.rp else j.rp
     cdef char *p[3]
@@ -335,20 +328,14 @@ cdef void row_piece_scale(const AxisJob *j, Py_ssize_t item) noexcept nogil:
 
 cdef int run_rows(AxisJob *j, bint clip, int nt) noexcept nogil:
     """Returns -1 when out of memory."""
-    cdef Py_ssize_t blk, nblk, i, a, p, items
+    cdef Py_ssize_t a, p, items
     cdef double acc
     if j.A >= MANY_ROWS or j.R <= PIECE:
         # Whole rows per work item: ~PIECE elements per block of rows.
-        blk = PIECE // (j.R if j.R > 0 else 1)
-        if blk < 1:
-            blk = 1
-        nblk = (j.A + blk - 1) // blk
-        if nt > 1:
-            for i in prange(nblk, num_threads=nt, schedule='dynamic'):
-                rows_block(j, i * blk, (i + 1) * blk if (i + 1) * blk < j.A else j.A, clip)
-        else:
-            for i in range(nblk):
-                rows_block(j, i * blk, (i + 1) * blk if (i + 1) * blk < j.A else j.A, clip)
+        j.blk = PIECE // (j.R if j.R > 0 else 1)
+        if j.blk < 1:
+            j.blk = 1
+        run_items((j.A + j.blk - 1) // j.blk, rows_clip if clip else rows_reduce, j, nt)
         return 0
     # Few long rows: pieces of each row, combined in order.
     j.P = (j.R + PIECE - 1) // PIECE
@@ -360,12 +347,7 @@ cdef int run_rows(AxisJob *j, bint clip, int nt) noexcept nogil:
     j.part = <double *>malloc(items * sizeof(double))
     if j.part == NULL:
         return -1
-    if nt > 1:
-        for i in prange(items, num_threads=nt, schedule='dynamic'):
-            row_piece_reduce(j, i)
-    else:
-        for i in range(items):
-            row_piece_reduce(j, i)
+    run_items(items, row_piece_reduce, j, nt)
     for a in range(j.A):
         acc = 0.0
         for p in range(j.P):
@@ -377,12 +359,7 @@ cdef int run_rows(AxisJob *j, bint clip, int nt) noexcept nogil:
     free(j.part)
     j.part = NULL
     if clip:
-        if nt > 1:
-            for i in prange(items, num_threads=nt, schedule='dynamic'):
-                row_piece_scale(j, i)
-        else:
-            for i in range(items):
-                row_piece_scale(j, i)
+        run_items(items, row_piece_scale, j, nt)
     return 0
 
 
@@ -391,18 +368,19 @@ cdef int run_rows(AxisJob *j, bint clip, int nt) noexcept nogil:
 # When tiles are few, each is cut into pieces of rows (P per tile, a number
 # that depends on the shape only) whose partial sums are added in order.
 
-cdef void tile_reduce(const AxisJob *j, Py_ssize_t item, Py_ssize_t width, bint fuse) noexcept nogil:
+cdef void tile_reduce(const void *ctx, Py_ssize_t item) noexcept nogil:
+    cdef const AxisJob *j = <const AxisJob *>ctx
     cdef Py_ssize_t tile = item // j.P, p = item % j.P
     cdef Py_ssize_t a = tile // j.nbt, b0 = (tile % j.nbt) * TILE
     cdef Py_ssize_t nb = j.B - b0 if j.B - b0 < TILE else TILE
     cdef Py_ssize_t r0 = p * j.rp, nr = j.R - p * j.rp if j.R - p * j.rp < j.rp else j.rp
-    cdef double *acc = j.res + a * j.B + b0 if j.P == 1 else j.part + item * width
+    cdef double *acc = j.res + a * j.B + b0 if j.P == 1 else j.part + item * j.width
     cdef Py_ssize_t b
     if j.f64:
         cc_cols_reduce_f64(<double *>xp(j, a, r0, b0), nr, j.sr, nb, j.sb, j.kind, acc)
     else:
         cc_cols_reduce_f32(<float *>xp(j, a, r0, b0), nr, j.sr, nb, j.sb, j.kind, acc)
-    if not fuse:
+    if not j.fuse:
         return
     # The tile is still in cache: scale it now (its factors in j.f, not on the stack).
     for b in range(nb):
@@ -417,9 +395,10 @@ cdef void tile_reduce(const AxisJob *j, Py_ssize_t item, Py_ssize_t width, bint 
                           j.osr, j.ob)
 
 
-cdef void cols_scale_rows(const AxisJob *j, Py_ssize_t item, Py_ssize_t rs, Py_ssize_t nrp) noexcept nogil:
-    cdef Py_ssize_t a = item // nrp, r0 = (item % nrp) * rs
-    cdef Py_ssize_t nr = j.R - r0 if j.R - r0 < rs else rs
+cdef void cols_scale_rows(const void *ctx, Py_ssize_t item) noexcept nogil:
+    cdef const AxisJob *j = <const AxisJob *>ctx
+    cdef Py_ssize_t a = item // j.nrp, r0 = (item % j.nrp) * j.rs
+    cdef Py_ssize_t nr = j.R - r0 if j.R - r0 < j.rs else j.rs
     if j.f64:
         cc_cols_scale_f64(<double *>xp(j, a, r0, 0), nr, j.sr, j.sb, <double *>j.f + a * j.B,
                           j.B, <double *>op_(j, a, r0, 0), j.osr, j.ob)
@@ -430,57 +409,46 @@ cdef void cols_scale_rows(const AxisJob *j, Py_ssize_t item, Py_ssize_t rs, Py_s
 
 cdef int run_cols(AxisJob *j, bint clip, int nt) noexcept nogil:
     """Returns -1 when out of memory."""
-    cdef Py_ssize_t tiles, items, i, a, b, p, t, rs, nrp, width
+    cdef Py_ssize_t tiles, items, i, a, b, p, t
     cdef Py_ssize_t itemsize = 8 if j.f64 else 4
-    cdef bint fuse
     cdef double acc
     j.nbt = (j.B + TILE - 1) // TILE
     tiles = j.A * j.nbt
-    width = j.B if j.B < TILE else TILE
+    j.width = j.B if j.B < TILE else TILE
     j.P = 1
     j.rp = j.R
-    if tiles < MANY_TILES and j.R * width > COL_PIECE:
-        j.P = (j.R * width + COL_PIECE - 1) // COL_PIECE
-        if j.P > PARTIALS_MAX // (tiles * width):
-            j.P = PARTIALS_MAX // (tiles * width)
+    if tiles < MANY_TILES and j.R * j.width > COL_PIECE:
+        j.P = (j.R * j.width + COL_PIECE - 1) // COL_PIECE
+        if j.P > PARTIALS_MAX // (tiles * j.width):
+            j.P = PARTIALS_MAX // (tiles * j.width)
         if j.P < 1:
             j.P = 1
         j.rp = (j.R + j.P - 1) // j.P
         j.P = (j.R + j.rp - 1) // j.rp
-    fuse = clip and j.P == 1 and j.R * width * itemsize <= FUSE_BYTES
+    j.fuse = clip and j.P == 1 and j.R * j.width * itemsize <= FUSE_BYTES
     items = tiles * j.P
     if j.P > 1:
-        j.part = <double *>calloc(items * width, sizeof(double))
+        j.part = <double *>calloc(items * j.width, sizeof(double))
         if j.part == NULL:
             return -1
-    if nt > 1:
-        for i in prange(items, num_threads=nt, schedule='dynamic'):
-            tile_reduce(j, i, width, fuse)
-    else:
-        for i in range(items):
-            tile_reduce(j, i, width, fuse)
+    run_items(items, tile_reduce, j, nt)
     if j.P > 1:          # add the pieces of each tile, in order
         for t in range(tiles):
             a = t // j.nbt
             for b in range(t % j.nbt * TILE, min(j.B, (t % j.nbt + 1) * TILE)):
                 acc = 0.0
                 for p in range(j.P):
-                    acc = combine(j.kind, acc, j.part[(t * j.P + p) * width + b % TILE])
+                    acc = combine(j.kind, acc, j.part[(t * j.P + p) * j.width + b % TILE])
                 j.res[a * j.B + b] = acc
         free(j.part)
         j.part = NULL
-    if not clip or fuse:
+    if not clip or j.fuse:
         return 0
     for i in range(j.A * j.B):
         set_factor(j, i, j.res[i])
-    rs = (PIECE + j.B - 1) // j.B
-    nrp = (j.R + rs - 1) // rs
-    if nt > 1:
-        for i in prange(j.A * nrp, num_threads=nt, schedule='dynamic'):
-            cols_scale_rows(j, i, rs, nrp)
-    else:
-        for i in range(j.A * nrp):
-            cols_scale_rows(j, i, rs, nrp)
+    j.rs = (PIECE + j.B - 1) // j.B
+    j.nrp = (j.R + j.rs - 1) // j.rs
+    run_items(j.A * j.nrp, cols_scale_rows, j, nt)
     return 0
 
 
@@ -506,8 +474,12 @@ cdef int axis_job(AxisJob *j, cnp.ndarray x3, cnp.ndarray o3) except -1:
     j.res = NULL
     j.f = NULL
     j.part = NULL
+    j.blk = 1
     j.P = 1
     j.rp = j.R
+    j.nbt = j.width = 1
+    j.fuse = False
+    j.rs = j.nrp = 1
     j.clip = 0.0
     j.kind = CC_SUMSQ
     return 0

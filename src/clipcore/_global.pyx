@@ -9,12 +9,11 @@ once; the scale is computed as TensorFlow computes it, in the norm's dtype, so
 that outputs equal TensorFlow's for the same norm.
 """
 cimport cython
-from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
 from clipcore._lists cimport _Buffers, collect, as_scalar
-from clipcore.kernels cimport resolve_threads, tuning_table
+from clipcore.kernels cimport resolve_threads, run_items, tuning_table, chunk_size, chunk_count
 from clipcore._loops cimport cc_use_tuning
 
 import numpy as np
@@ -185,61 +184,68 @@ cdef class _Pairs:
         self.count += 1
 
 
-cdef void scale_range(const Pair *pairs, const Py_ssize_t *starts, Py_ssize_t count,
-                      Py_ssize_t lo, Py_ssize_t hi, float s32, double s64,
-                      Py_ssize_t total) noexcept nogil:
-    """dst = src * scale over positions [lo, hi) of the pairs laid end to end (total
-    elements in all: a large output goes to memory with streaming stores)."""
-    cdef Py_ssize_t a = 0, b = count - 1, mid, off, take
+ctypedef struct ScaleJob:
+    const Pair *pairs
+    const Py_ssize_t *starts
+    Py_ssize_t count, total          # pairs; elements in all
+    float s32
+    double s64
+    cc_loop_fn f32, f64              # dst = src * s, chosen for the outputs' size
+
+
+cdef void scale_chunk(const void *ctx, Py_ssize_t c) noexcept nogil:
+    """dst = src * scale over chunk c of the pairs laid end to end."""
+    cdef const ScaleJob *job = <const ScaleJob *>ctx
+    cdef Py_ssize_t chunk = chunk_size(job.total), lo = c * chunk, hi = lo + chunk
+    cdef Py_ssize_t a = 0, b = job.count - 1, mid, off, take
+    cdef const Pair *pr
     cdef char *p[3]
     cdef Py_ssize_t st[3]
-    # The output's size in bytes, at least: total * 4.
-    cdef cc_loop_fn f32 = cc_get_loop_for(CC_F32, CC_OP_MUL, total * 4)
-    cdef cc_loop_fn f64 = cc_get_loop_for(CC_F64, CC_OP_MUL, total * 4)
     st[0] = 1
     st[1] = 0
     st[2] = 1
+    if hi > job.total:
+        hi = job.total
     while a < b:                     # the pair holding position lo
         mid = (a + b + 1) // 2
-        if starts[mid] <= lo:
+        if job.starts[mid] <= lo:
             a = mid
         else:
             b = mid - 1
     while lo < hi:
-        off = lo - starts[a]
-        take = pairs[a].n - off
+        pr = &job.pairs[a]
+        off = lo - job.starts[a]
+        take = pr.n - off
         if take > hi - lo:
             take = hi - lo
-        if pairs[a].f64:
-            p[0] = pairs[a].src + off * 8
-            p[1] = <char *>&s64
-            p[2] = pairs[a].dst + off * 8
-            f64(p, st, take)
+        if pr.f64:
+            p[0] = pr.src + off * 8
+            p[1] = <char *>&job.s64
+            p[2] = pr.dst + off * 8
+            job.f64(p, st, take)
         else:
-            p[0] = pairs[a].src + off * 4
-            p[1] = <char *>&s32
-            p[2] = pairs[a].dst + off * 4
-            f32(p, st, take)
+            p[0] = pr.src + off * 4
+            p[1] = <char *>&job.s32
+            p[2] = pr.dst + off * 4
+            job.f32(p, st, take)
         lo += take
         a += 1
 
 
 cdef void scale_pairs(_Pairs pr, float s32, double s64, int n_threads) noexcept nogil:
-    """Chunks taken dynamically by the threads (the cores may be shared)."""
-    cdef int nt = resolve_threads(pr.total, n_threads)
-    cdef Py_ssize_t c, n = pr.total, chunk, n_chunks
-    if pr.count == 0:
-        return
-    if nt <= 1:
-        scale_range(pr.pairs, pr.starts, pr.count, 0, n, s32, s64, n)
-        return
-    chunk = n // (16 * nt)
-    if chunk < 65536:
-        chunk = 65536
-    n_chunks = (n + chunk - 1) // chunk
-    for c in prange(n_chunks, num_threads=nt, schedule='dynamic'):
-        scale_range(pr.pairs, pr.starts, pr.count, c * chunk,
-                    (c + 1) * chunk if (c + 1) * chunk < n else n, s32, s64, n)
+    """dst = src * scale over every pair, in the kernels' chunks (kernels.run_items)."""
+    cdef ScaleJob job
+    job.pairs = pr.pairs
+    job.starts = pr.starts
+    job.count = pr.count
+    job.total = pr.total
+    job.s32 = s32
+    job.s64 = s64
+    # A large output goes to memory with streaming stores; its size in bytes
+    # is at least total * 4.
+    job.f32 = cc_get_loop_for(CC_F32, CC_OP_MUL, pr.total * 4)
+    job.f64 = cc_get_loop_for(CC_F64, CC_OP_MUL, pr.total * 4)
+    run_items(chunk_count(pr.total), scale_chunk, &job, resolve_threads(pr.total, n_threads))
 
 
 def to_convert(list items):

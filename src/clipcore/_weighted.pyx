@@ -5,16 +5,14 @@ The kernel of per-example clipping (clipcore._per_example): each x[k] is a
 arrays are cut into tiles of up to TILE columns of one array; a tile's float64
 sums stay in L2 while its rows are read in order, i = 0..B-1 (four at a time,
 their terms added pairwise: an order that depends on B only). Threads claim
-whole tiles (kernels.run_claimed), so every output element is one thread's
+whole tiles (kernels.run_items), so every output element is one thread's
 sum in one fixed order: the results are the same bits for any thread count.
 """
-from cython.parallel cimport parallel
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
-from clipcore.kernels cimport (resolve_threads, Claims, claims_new, run_claimed, note_wait, chunk_fn,
-                               tuning_table)
-from clipcore._loops cimport cc_team_rank, cc_team_size, cc_now, cc_use_tuning
+from clipcore.kernels cimport resolve_threads, run_items, chunk_fn, tuning_table
+from clipcore._loops cimport cc_team_rank, cc_use_tuning
 
 cnp.import_array()
 
@@ -60,9 +58,8 @@ cdef extern from * nogil:
                           const double *w, Py_ssize_t nb, double *acc)
 
 cdef enum:
-    # Columns per tile: 64 KB of float64 sums (L2), rows read in 32 KB runs.
-    # 64 x 200704 and 256 x 200704 float32, 2 threads: 2048 columns 4.0 / 27.7 ms,
-    # 8192 columns 3.6 / 26.8 ms (the prefetchers like long runs).
+    # Columns per tile: 64 KB of float64 sums (L2), rows read in 32 KB runs
+    # (the prefetchers like long runs: wider tiles than 2048 columns are faster).
     TILE = 8192
 
 ctypedef struct WsPart:
@@ -133,32 +130,12 @@ cdef void ws_tile(const void *ctx, Py_ssize_t t) noexcept nogil:
 
 cdef int ws_run(WsJob *j, chunk_fn fn, int nt) noexcept nogil:
     """fn over every tile, on nt threads claiming tiles; -1 when out of memory."""
-    cdef Claims *cl = NULL
-    cdef Py_ssize_t t
-    cdef double t_start, t_end, t_free = 0.0
-    cdef double *free_at = &t_free
-    if nt > j.n_tiles:
+    if nt > j.n_tiles:           # run_items's team: a TILE of scratch per thread
         nt = <int>j.n_tiles
-    if nt > 1:
-        cl = claims_new(j.n_tiles)
-    if cl == NULL:
-        nt = 1
     j.scratch = <double *>malloc(nt * TILE * sizeof(double))
     if j.scratch == NULL:
-        free(cl)
         return -1
-    if nt == 1:
-        for t in range(j.n_tiles):
-            fn(j, t)
-    else:
-        t_start = cc_now()
-        with parallel(num_threads=nt):
-            run_claimed(cl, j.n_tiles, fn, j, cc_team_rank(), cc_team_size())
-            if cc_team_rank() == 0:
-                free_at[0] = cc_now()
-        t_end = cc_now()
-        note_wait(t_end - t_free, t_end - t_start)
-    free(cl)
+    run_items(j.n_tiles, fn, j, nt)
     free(j.scratch)
     return 0
 

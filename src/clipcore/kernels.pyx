@@ -56,13 +56,12 @@ cdef extern from * nogil:
 # Chunks (kernels.pxd) hold at least CHUNK_MIN elements and there are at most
 # MAX_CHUNKS of them, so a team's per-chunk state is small (and on the heap: a
 # kernel may run in a thread with a small stack). Below PARALLEL_MIN elements
-# one thread does the work: even an awake team costs more than it saves. When n_threads is not given, one thread also does
-# work below AUTO_PARALLEL_MIN elements (2.5 MiB of float32). OpenMP's idle
-# threads soon sleep (GOMP_SPINCOUNT, see __init__.py); on a VM, waking one
-# costs its waker 15-25 us and it starts 50-70 us later, while one core reads a
-# list that fits its L2 fast. Measured on lists written just before each call,
-# as a training loop writes its gradients: 2 threads win from about 2.6 MB (4
-# MB: 230 against 280 us), one thread below (2 MB: 108 against 128 us).
+# one thread does the work: even an awake team costs more than it saves. When
+# n_threads is not given, one thread also does work below _auto_parallel_min
+# elements: OpenMP's idle threads soon sleep (GOMP_SPINCOUNT, see __init__.py),
+# and one woken costs its waker time and starts late, while one core reads a
+# list that fits its L2 fast. The crossover is found per machine on lists
+# written just before each call, as a training loop writes its gradients.
 # A team has at most THREADS_PER_PROC threads per processor: more only costs
 # memory and thread creation (which can fail and abort the process), and the
 # results are the same bits for any team size. More than one per processor
@@ -219,10 +218,9 @@ cdef double pass_all(const Layout *lay, const Pass *ps, bint backward=False) noe
 # In a team, each thread runs through its own block of chunks, claiming each,
 # then takes from the end of the other blocks what their threads have not
 # reached: the first thread starts at once, and one that OpenMP must first wake
-# (see AUTO_PARALLEL_MIN) does less instead of making the others wait for its
+# (see _auto_parallel_min) does less instead of making the others wait for its
 # block. A thread's chunks stay contiguous, so its prefetches run ahead into its
-# own next chunk (claiming single chunks in turn was 25% slower than blocks).
-# 2000x512 on 2 threads, restored before each call: 259-283 -> 231-237 us.
+# own next chunk (claiming single chunks in turn is slower than blocks).
 ctypedef struct Team:
     Claims *cl
     double *partials                # chunk c's reduction
@@ -231,6 +229,7 @@ ctypedef struct Team:
 
 
 cdef Claims *claims_new(Py_ssize_t n_chunks) noexcept nogil:
+    """Claims for n_chunks chunks, no pass begun (one block: free() it); NULL out of memory."""
     cdef Claims *cl = <Claims *>malloc(sizeof(Claims) + 2 * n_chunks * sizeof(int))
     cdef Py_ssize_t c
     if cl == NULL:
@@ -257,14 +256,16 @@ cdef void note_wait(double waited, double total) noexcept nogil:
     _serial_until = cc_now() + _late_backoff
 
 
-cdef int team_open(Team *team, Py_ssize_t n_chunks) noexcept nogil:
-    """A team's state for n_chunks chunks, on the heap; 0, or -1 out of memory
-    (then nothing is left to free)."""
+cdef int team_open(Team *team, Py_ssize_t n_chunks, bint partials=True) noexcept nogil:
+    """A team's state for n_chunks chunks, on the heap (partials: room for
+    per-chunk results); 0, or -1 out of memory (then nothing is left to free)."""
     team.waited = 0.0
     team.t_free = 0.0
     team.cl = claims_new(n_chunks)
-    team.partials = <double *>malloc((n_chunks + 1) * sizeof(double))   # + 1: never malloc(0)
-    if team.cl == NULL or team.partials == NULL:
+    team.partials = NULL
+    if partials:
+        team.partials = <double *>malloc((n_chunks + 1) * sizeof(double))   # + 1: never malloc(0)
+    if team.cl == NULL or (partials and team.partials == NULL):
         team_close(team)
         return -1
     return 0
@@ -285,8 +286,9 @@ cdef inline bint claim(Claims *cl, Py_ssize_t c) noexcept nogil:
 
 cdef void run_claimed(Claims *cl, Py_ssize_t n_chunks, chunk_fn fn, const void *ctx,
                       int rank, int size) noexcept nogil:
-    """This thread's share of a pass: its block of chunks in order, then what
-    is left of the other blocks, last chunk first."""
+    """In every thread of a team, inside its region: fn(ctx, c) for the chunks
+    this thread claims in the current pass: its block of chunks in order, then
+    what is left of the other blocks, last chunk first."""
     cdef Py_ssize_t first, end, i, c
     cdef int r, other
     for r in range(size):
@@ -298,6 +300,26 @@ cdef void run_claimed(Claims *cl, Py_ssize_t n_chunks, chunk_fn fn, const void *
             if claim(cl, c):
                 cl.owner[c] = rank
                 fn(ctx, c)
+
+
+cdef void run_items(Py_ssize_t n_items, chunk_fn fn, const void *ctx,
+                    int n_threads) noexcept nogil:
+    """fn(ctx, i) for every item, on a team of n_threads claiming them (kernels.pxd)."""
+    cdef Team team
+    cdef Py_ssize_t i
+    cdef double t_start
+    if n_threads > n_items:
+        n_threads = <int>n_items
+    if n_threads <= 1 or team_open(&team, n_items, False) != 0:
+        for i in range(n_items):
+            fn(ctx, i)
+        return
+    t_start = cc_now()
+    with parallel(num_threads=n_threads):
+        run_claimed(team.cl, n_items, fn, ctx, cc_team_rank(), cc_team_size())
+        team_done(&team, cc_team_rank())
+    note_team(&team, t_start)
+    team_close(&team)
 
 
 ctypedef struct LayoutPass:
@@ -357,20 +379,13 @@ cdef void note_team(Team *team, double t_start) noexcept nogil:
 
 
 cdef void run_pass(const Layout *lay, const Pass *ps, int n_threads) noexcept nogil:
-    """The pass over every chunk, on the threads resolve_threads gives (one
-    thread when a team's state cannot be allocated: the same result)."""
-    cdef int nt = resolve_threads(lay.n_total, n_threads)
-    cdef Team team
-    cdef double t_start
-    if nt > 1 and team_open(&team, chunk_count(lay.n_total)) == 0:
-        t_start = cc_now()
-        with parallel(num_threads=nt):
-            pass_claimed(lay, ps, &team, cc_team_rank(), cc_team_size())
-            team_done(&team, cc_team_rank())
-        note_team(&team, t_start)
-        team_close(&team)
-    else:
-        pass_all(lay, ps)
+    """A pass that writes (no per-chunk results) over every chunk, on the
+    threads resolve_threads gives."""
+    cdef LayoutPass job
+    job.lay = lay
+    job.ps = ps
+    run_items(chunk_count(lay.n_total), layout_pass_chunk, &job,
+              resolve_threads(lay.n_total, n_threads))
 
 
 # The norm and the clip run as a team: the threads of one parallel region
