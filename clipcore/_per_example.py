@@ -1,9 +1,10 @@
 """Per-example clipping (DP-SGD) and adaptive gradient clipping (AGC) over lists of arrays.
 
 Arguments are validated and converted here, every one before anything is
-written; the kernels are the per-axis engine's reductions (clipcore._ops'
-_reduce and _l2 over clipcore._elementwise) and the weighted sum over the
-batch axis (clipcore._weighted). clipcore.torch's clip_and_accumulate_ and
+written; the kernels are the weighted sum over the batch axis
+(clipcore._weighted), AGC's unit-wise passes over whole lists
+(clipcore._unitwise) and, for the arrays those do not take, the per-axis
+engine's reductions (clipcore._ops' _reduce and _l2). clipcore.torch's clip_and_accumulate_ and
 adaptive_clip_grad_ run on the helpers here.
 """
 import numpy as np

@@ -203,6 +203,9 @@ TEAM_CALLS = {   # each runs at least one team of 2 threads (explicit n_threads:
         clipcore.clip_by_global_norm(t, 1.0, use_norm=10.0, n_threads=2),
     "relu_": lambda x=_rng.standard_normal(1 << 18).astype(np.float32):
         clipcore.relu_(x, n_threads=2),
+    "adaptive_grad_clip_": lambda g=_rng.standard_normal((512, 1024)).astype(np.float32),
+        p=_rng.standard_normal((512, 1024)).astype(np.float32):
+        clipcore.adaptive_grad_clip_([g], [p], 1e-3, n_threads=2),
 }
 
 

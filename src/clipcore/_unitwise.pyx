@@ -8,13 +8,11 @@ whose factor is not 1. Work items hold whole units (blocks of rows, tiles of
 columns), so each unit's sum is one thread's, in one order: the same bits
 for any thread count.
 """
-from cython.parallel cimport parallel
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
-from clipcore.kernels cimport (resolve_threads, Claims, claims_new, run_claimed, note_wait,
-                               chunk_fn, tuning_table)
-from clipcore._loops cimport cc_team_rank, cc_team_size, cc_now, cc_use_tuning
+from clipcore.kernels cimport resolve_threads, run_items, tuning_table
+from clipcore._loops cimport cc_use_tuning
 
 cnp.import_array()
 
@@ -144,27 +142,6 @@ cdef void scale_item(const void *ctx, Py_ssize_t item) noexcept nogil:
                           q.sr, q.sc)
 
 
-cdef void run_job(UnitJob *j, chunk_fn fn, int nt) noexcept nogil:
-    """fn over every item, on nt threads claiming items (one thread when the
-    claims cannot be allocated)."""
-    cdef Claims *cl = claims_new(j.n_items) if nt > 1 and j.n_items > 1 else NULL
-    cdef Py_ssize_t i
-    cdef double t_start, t_end, t_free = 0.0
-    cdef double *free_at = &t_free        # written by thread 0 inside the region
-    if cl == NULL:
-        for i in range(j.n_items):
-            fn(j, i)
-        return
-    t_start = cc_now()
-    with parallel(num_threads=nt):
-        run_claimed(cl, j.n_items, fn, j, cc_team_rank(), cc_team_size())
-        if cc_team_rank() == 0:
-            free_at[0] = cc_now()
-    t_end = cc_now()
-    note_wait(t_end - t_free, t_end - t_start)
-    free(cl)
-
-
 cdef Py_ssize_t set_parts(UnitJob *j, list grads, list params, list factors,
                           tuple by_cols) except -1:
     """j's parts, one per (grad, param or factors) pair; returns the grads' elements."""
@@ -224,7 +201,7 @@ def unit_reduce(list grads, list params, tuple by_cols, int kind, int n_threads)
     try:
         total = set_parts(&j, grads, params, None, by_cols)
         with nogil:
-            run_job(&j, reduce_item, resolve_threads(total, n_threads))
+            run_items(j.n_items, reduce_item, &j, resolve_threads(total, n_threads))
     finally:
         free(j.parts)
     return gn, pn
@@ -242,6 +219,6 @@ def unit_scale(list grads, list factors, tuple by_cols, int n_threads):
     try:
         total = set_parts(&j, grads, None, factors, by_cols)
         with nogil:
-            run_job(&j, scale_item, resolve_threads(total, n_threads))
+            run_items(j.n_items, scale_item, &j, resolve_threads(total, n_threads))
     finally:
         free(j.parts)
