@@ -5,6 +5,7 @@ Environment switches (read at build time):
   CLIPCORE_DISABLE_OPENMP=1  build serial on purpose
   CLIPCORE_NATIVE=1          tune for this machine (-march=native); not portable
 """
+import glob
 import os
 import shutil
 import subprocess
@@ -101,9 +102,13 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+# The C headers include one another, beyond what Cython tracks: a change to
+# any of them rebuilds every extension.
+HEADERS = sorted(glob.glob(os.path.join(NATIVE_DIR, "cc_*.h")))
+
 extensions = [
     Extension(f"clipcore.{name}", [os.path.join(NATIVE_DIR, f"{source}.pyx")],
-              include_dirs=[NATIVE_DIR, np.get_include()],
+              include_dirs=[NATIVE_DIR, np.get_include()], depends=HEADERS,
               define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")])
     for name, source in MODULES.items()
 ]

@@ -10,7 +10,9 @@ sdist, wheel = sys.argv[1:3]
 in_sdist = {name.split("/", 1)[-1] for name in tarfile.open(sdist).getnames()}
 need = ["LICENSE", "MANIFEST.in", "setup.py", "pyproject.toml", "clipcore/kernels.pxd",
         "src/clipcore/kernels.pyx", "src/clipcore/_lists.pxd", "src/clipcore/_loops.pxd",
-        "src/clipcore/cc_loops.h", "src/clipcore/cc_elementwise.h", "tests/conftest.py"]
+        "src/clipcore/cc_platform.h", "src/clipcore/cc_half.h", "src/clipcore/cc_reduce.h",
+        "src/clipcore/cc_scale.h", "src/clipcore/cc_elementwise.h", "src/clipcore/cc_axis.h",
+        "src/clipcore/cc_probe.h", "tests/conftest.py"]
 missing = [n for n in need if n not in in_sdist]
 assert not missing, f"{sdist}: missing {missing}"
 generated = sorted(n for n in in_sdist if n.startswith("src/") and n.endswith(".c"))

@@ -4,8 +4,8 @@
     python benchmarks/test_bench_cimport.py            # per-call table
 
 A tiny Cython extension (built into a temporary directory) times, in a nogil
-loop, (a) the C inner loop of cc_loops.h called directly: the kernel itself,
-(b) kernels.norm_f32 / scale_f32 through the .pxd: the C-level API,
+loop, (a) the C inner loops (cc_reduce.h, cc_scale.h) called directly: the kernel
+itself, (b) kernels.norm_f32 / scale_f32 through the .pxd: the C-level API,
 (c) kernels.layout_norm on a prebuilt Layout. The difference (b) - (a) is the
 API's overhead per call (function pointer, layout set-up, chunk loop).
 """
@@ -30,10 +30,12 @@ from libc.math cimport sqrt
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from clipcore cimport kernels
 
-cdef extern from "cc_loops.h" nogil:
+cdef extern from "cc_reduce.h" nogil:
     int CC_SUMSQ
     double cc_reduce_one_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind,
                              double p, double scale)
+
+cdef extern from "cc_scale.h" nogil:
     void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
 
 cdef double now() noexcept nogil:

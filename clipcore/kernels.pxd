@@ -86,7 +86,7 @@ cdef Claims *claims_new(Py_ssize_t n_chunks) noexcept nogil
 cdef void run_claimed(Claims *cl, Py_ssize_t n_chunks, chunk_fn fn, const void *ctx,
                       int rank, int size) noexcept nogil
 
-# The process's tuning table (cc_loops.h CC_TUNE_*): every module that includes
+# The process's tuning table (cc_platform.h CC_TUNE_*): every module that includes
 # the loops points its cc_tuning here when it loads.
 cdef int *tuning_table() noexcept nogil
 

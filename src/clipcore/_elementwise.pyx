@@ -25,16 +25,24 @@ from clipcore._loops cimport cc_use_tuning
 
 cnp.import_array()
 
-cc_use_tuning(tuning_table())       # the kernels module's choices (cc_loops.h)
+cc_use_tuning(tuning_table())       # the kernels module's choices (cc_platform.h)
+
+cdef extern from "cc_reduce.h" nogil:
+    int CC_SUMSQ, CC_SUMABS, CC_MAXABS
+    double cc_max_nan(double a, double b)
+    double cc_reduce_one_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind,
+                         double p, double scale)
+    double cc_reduce_one_f64(const double *x, Py_ssize_t n, Py_ssize_t stride, int kind,
+                         double p, double scale)
 
 cdef extern from "cc_elementwise.h" nogil:
-    int CC_SUMSQ, CC_SUMABS, CC_MAXABS
     int CC_F32, CC_F64, CC_I8, CC_I16, CC_I32, CC_I64, CC_U8, CC_U16, CC_U32, CC_U64, CC_NTYPES
     int CC_OP_MAX, CC_OP_MIN, CC_OP_CLIP, CC_OP_MUL
     ctypedef void (*cc_loop_fn)(char **p, const Py_ssize_t *s, Py_ssize_t n) noexcept nogil
     cc_loop_fn cc_get_loop(int tcode, int op)
     cc_loop_fn cc_get_loop_for(int tcode, int op, Py_ssize_t out_bytes)
-    double cc_max_nan(double a, double b)
+
+cdef extern from "cc_axis.h" nogil:
     double cc_norm_scale(double sumsq, double clip)
     void cc_rows_reduce_f32(const float *x, Py_ssize_t nrows, Py_ssize_t sa,
                             Py_ssize_t n, Py_ssize_t s, int kind, double *res)
@@ -44,10 +52,6 @@ cdef extern from "cc_elementwise.h" nogil:
                           Py_ssize_t s, float *o, Py_ssize_t oa, Py_ssize_t os, double clip)
     void cc_rows_clip_f64(const double *x, Py_ssize_t nrows, Py_ssize_t sa, Py_ssize_t n,
                           Py_ssize_t s, double *o, Py_ssize_t oa, Py_ssize_t os, double clip)
-    double cc_reduce_one_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind,
-                         double p, double scale)
-    double cc_reduce_one_f64(const double *x, Py_ssize_t n, Py_ssize_t stride, int kind,
-                         double p, double scale)
     void cc_cols_reduce_f32(const float *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t nb,
                             Py_ssize_t sb, int kind, double *acc)
     void cc_cols_reduce_f64(const double *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t nb,

@@ -22,7 +22,7 @@ cnp.import_array()
 
 cdef type ndarray = np.ndarray
 
-cc_use_tuning(tuning_table())       # the kernels module's choices (cc_loops.h)
+cc_use_tuning(tuning_table())       # the kernels module's choices (cc_platform.h)
 
 cdef extern from "cc_elementwise.h" nogil:
     int CC_F32, CC_F64, CC_OP_MUL

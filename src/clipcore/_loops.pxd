@@ -1,8 +1,8 @@
-# The platform shims of cc_loops.h (OpenMP, the team, the clock), for
-# clipcore's own extensions: one declaration, cimported where they are used.
-# Not installed: the public clipcore/kernels.pxd needs no header.
-cdef extern from "cc_loops.h" nogil:
-    int CC_SUMSQ, CC_SUMABS, CC_MAXABS, CC_SUMPOW
+# The platform shims of cc_platform.h (OpenMP, the team, the clock, the SIMD
+# path, the tuning table), for clipcore's own extensions: one declaration,
+# cimported where they are used. Not installed: the public clipcore/kernels.pxd
+# needs no header.
+cdef extern from "cc_platform.h" nogil:
     int cc_openmp_enabled()
     int cc_max_threads()
     int cc_num_procs()

@@ -10,15 +10,22 @@ from libc.stdlib cimport malloc, free
 
 from clipcore.kernels cimport (Claims, claims_new, run_claimed, resolve_threads, chunk_size,
                                chunk_count, tuning_table)
-from clipcore._loops cimport CC_SUMSQ, cc_team_rank, cc_team_size, cc_use_tuning
+from clipcore._loops cimport cc_team_rank, cc_team_size, cc_use_tuning
 
-cc_use_tuning(tuning_table())       # the kernels module's choices (cc_loops.h)
+cc_use_tuning(tuning_table())       # the kernels module's choices (cc_platform.h)
 
-cdef extern from "cc_loops.h" nogil:
+cdef extern from "cc_platform.h" nogil:
     enum: CC_TUNE_SCALE_BACKWARD
+
+cdef extern from "cc_reduce.h" nogil:
+    int CC_SUMSQ
     double cc_reduce_one_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind,
                              double p, double scale)
+
+cdef extern from "cc_scale.h" nogil:
     void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
+
+cdef extern from "cc_probe.h" nogil:
     float cc_probe_read_f32(const float *x, Py_ssize_t n)
 
 cdef extern from "cc_elementwise.h" nogil:

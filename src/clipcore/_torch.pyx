@@ -8,7 +8,7 @@ from libc.math cimport isfinite
 from clipcore._lists cimport Plan, promote_kind
 from clipcore.kernels cimport SEG_F32, SEG_F64, SEG_F16, SEG_BF16
 
-cdef extern from "cc_loops.h" nogil:
+cdef extern from "cc_half.h" nogil:
     float cc_f16_to_f32(unsigned short h)
     unsigned short cc_f32_to_f16(float f)
     float cc_bf16_to_f32(unsigned short h)

@@ -16,12 +16,18 @@ from clipcore._loops cimport cc_use_tuning
 
 cnp.import_array()
 
-cdef extern from "cc_elementwise.h" nogil:
+cdef extern from "cc_reduce.h" nogil:
     int CC_SUMSQ, CC_SUMABS, CC_MAXABS
     double cc_reduce_one_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind,
                              double p, double scale)
     double cc_reduce_one_f64(const double *x, Py_ssize_t n, Py_ssize_t stride, int kind,
                              double p, double scale)
+
+cdef extern from "cc_scale.h" nogil:
+    void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
+    void cc_scale_f64(double *x, Py_ssize_t n, Py_ssize_t stride, double s)
+
+cdef extern from "cc_axis.h" nogil:
     void cc_cols_reduce_f32(const float *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t nb,
                             Py_ssize_t sb, int kind, double *acc)
     void cc_cols_reduce_f64(const double *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t nb,
@@ -32,10 +38,8 @@ cdef extern from "cc_elementwise.h" nogil:
     void cc_cols_scale_f64(const double *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t sb,
                            const double *f, Py_ssize_t nb, double *o, Py_ssize_t osr,
                            Py_ssize_t osb)
-    void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
-    void cc_scale_f64(double *x, Py_ssize_t n, Py_ssize_t stride, double s)
 
-cc_use_tuning(tuning_table())       # the kernels module's choices
+cc_use_tuning(tuning_table())       # the kernels module's choices (cc_platform.h)
 
 REDUCE_SUMSQ, REDUCE_SUMABS, REDUCE_MAXABS = CC_SUMSQ, CC_SUMABS, CC_MAXABS
 

@@ -16,14 +16,14 @@ from clipcore._loops cimport cc_team_rank, cc_use_tuning
 
 cnp.import_array()
 
-cdef extern from "cc_elementwise.h" nogil:
+cdef extern from "cc_reduce.h" nogil:
     int CC_SUMSQ
     double cc_reduce_one_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind,
                              double p, double scale)
     double cc_reduce_one_f64(const double *x, Py_ssize_t n, Py_ssize_t stride, int kind,
                              double p, double scale)
 
-cc_use_tuning(tuning_table())       # the kernels module's choices (cc_loops.h)
+cc_use_tuning(tuning_table())       # the kernels module's choices (cc_platform.h)
 
 cdef extern from * nogil:
     """

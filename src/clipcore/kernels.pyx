@@ -9,27 +9,10 @@ from cython.parallel cimport parallel
 from libc.math cimport sqrt, pow, ldexp, INFINITY, NAN, isnan
 from libc.stdlib cimport malloc, calloc, free
 
-from clipcore._loops cimport (CC_SUMSQ, CC_SUMABS, CC_MAXABS, CC_SUMPOW, cc_openmp_enabled,
-                              cc_max_threads, cc_num_procs, cc_simd_path, cc_team_rank,
-                              cc_team_size, cc_now)
+from clipcore._loops cimport (cc_openmp_enabled, cc_max_threads, cc_num_procs, cc_simd_path,
+                              cc_team_rank, cc_team_size, cc_now)
 
-cdef extern from "cc_loops.h" nogil:
-    enum: CC_LANES
-    void cc_reduce_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind, double p,
-                       double scale, double *acc)
-    void cc_reduce_f64(const double *x, Py_ssize_t n, Py_ssize_t stride, int kind, double p,
-                       double scale, double *acc)
-    double cc_combine_lanes(double *acc, int is_max)
-    double cc_max_nan(double a, double b)
-    void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
-    void cc_scale_f64(double *x, Py_ssize_t n, Py_ssize_t stride, double s)
-    void cc_reduce_f16(const unsigned short *x, Py_ssize_t n, Py_ssize_t stride, int kind,
-                       double p, double scale, double *acc)
-    void cc_reduce_bf16(const unsigned short *x, Py_ssize_t n, Py_ssize_t stride, int kind,
-                        double p, double scale, double *acc)
-    void cc_scale_f16(unsigned short *x, Py_ssize_t n, Py_ssize_t stride, double s)
-    void cc_scale_bf16(unsigned short *x, Py_ssize_t n, Py_ssize_t stride, double s)
-    float cc_probe_read_f32(const float *x, Py_ssize_t n)
+cdef extern from "cc_platform.h" nogil:
     void cc_team_barrier()
     int cc_exchange(int *x, int v)
     int cc_load(const int *x)
@@ -37,6 +20,29 @@ cdef extern from "cc_loops.h" nogil:
     int cc_in_forked_child()
     enum: CC_TUNE_PREFETCH, CC_TUNE_SCALE_BACKWARD, CC_TUNE_TWINS, CC_TUNE_COUNT
     int *cc_own_tuning()
+
+cdef extern from "cc_reduce.h" nogil:
+    enum: CC_LANES
+    int CC_SUMSQ, CC_SUMABS, CC_MAXABS, CC_SUMPOW
+    void cc_reduce_f32(const float *x, Py_ssize_t n, Py_ssize_t stride, int kind, double p,
+                       double scale, double *acc)
+    void cc_reduce_f64(const double *x, Py_ssize_t n, Py_ssize_t stride, int kind, double p,
+                       double scale, double *acc)
+    void cc_reduce_f16(const unsigned short *x, Py_ssize_t n, Py_ssize_t stride, int kind,
+                       double p, double scale, double *acc)
+    void cc_reduce_bf16(const unsigned short *x, Py_ssize_t n, Py_ssize_t stride, int kind,
+                        double p, double scale, double *acc)
+    double cc_combine_lanes(double *acc, int is_max)
+    double cc_max_nan(double a, double b)
+
+cdef extern from "cc_scale.h" nogil:
+    void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
+    void cc_scale_f64(double *x, Py_ssize_t n, Py_ssize_t stride, double s)
+    void cc_scale_f16(unsigned short *x, Py_ssize_t n, Py_ssize_t stride, double s)
+    void cc_scale_bf16(unsigned short *x, Py_ssize_t n, Py_ssize_t stride, double s)
+
+cdef extern from "cc_probe.h" nogil:
+    float cc_probe_read_f32(const float *x, Py_ssize_t n)
 
 cdef extern from * nogil:
     """

@@ -1,0 +1,200 @@
+/* What clipcore's C loops need from the platform, in one place: the single
+ * home of every OpenMP call (the team, its atomics, the clock), the fork
+ * guard, the process's tuning table, the choice of instruction set and
+ * software prefetch.
+ *
+ * Portability: the default build has no -march flag. On x86-64 Linux with GCC
+ * the hot loops are compiled three times (AVX-512, AVX2, baseline) with
+ * target_clones and the loader picks one per machine (an ifunc). Define
+ * CLIPCORE_NATIVE (the CLIPCORE_NATIVE=1 build option adds -march=native) to
+ * build one copy for the build machine instead.
+ */
+#ifndef CLIPCORE_CC_PLATFORM_H
+#define CLIPCORE_CC_PLATFORM_H
+
+#include <stddef.h>
+
+/* Every loop is static (one copy per extension module that includes its
+ * header); not every module uses every loop or the fork flag. */
+#if defined(__GNUC__)
+#define CC_UNUSED __attribute__((unused))
+#else
+#define CC_UNUSED
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define CC_RESTRICT __restrict__
+#else
+#define CC_RESTRICT
+#endif
+
+/* Inside a parallel region: this thread's rank, the team's size, a barrier
+ * for the whole team (an orphaned barrier binds to the region the caller runs
+ * in), and the atomics with which the threads claim chunks. */
+#ifdef _OPENMP
+#include <omp.h>
+static inline int cc_openmp_enabled(void) { return 1; }
+static inline int cc_max_threads(void) { return omp_get_max_threads(); }
+static inline int cc_num_procs(void) { return omp_get_num_procs(); }
+static inline int cc_team_rank(void) { return omp_get_thread_num(); }
+static inline int cc_team_size(void) { return omp_get_num_threads(); }
+static inline void cc_team_barrier(void) { _Pragma("omp barrier") }
+static inline int cc_exchange(int *x, int v) {
+    int old;
+    _Pragma("omp atomic capture")
+    { old = *x; *x = v; }
+    return old;
+}
+static inline int cc_load(const int *x) {
+    int v;
+    _Pragma("omp atomic read")
+    v = *x;
+    return v;
+}
+#else
+static inline int cc_openmp_enabled(void) { return 0; }
+static inline int cc_max_threads(void) { return 1; }
+static inline int cc_num_procs(void) { return 1; }
+static inline int cc_team_rank(void) { return 0; }
+static inline int cc_team_size(void) { return 1; }
+static inline void cc_team_barrier(void) { }
+static inline int cc_exchange(int *x, int v) { int old = *x; *x = v; return old; }
+static inline int cc_load(const int *x) { return *x; }
+#endif
+
+/* Fork guard. GNU OpenMP's thread pool does not survive fork(): a child that
+ * starts a parallel region hangs, so a forked child stays serial. A
+ * pthread_atfork handler sees every fork() through the C library, also those
+ * that bypass Python's os.register_at_fork (ctypes, other extensions). The
+ * flag is per module: the module that installs the guard reads it. */
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define CC_HAVE_ATFORK 1
+#endif
+CC_UNUSED static volatile int cc_forked = 0;
+#ifdef CC_HAVE_ATFORK
+CC_UNUSED static void cc_on_fork_child(void) { cc_forked = 1; }
+#endif
+/* 0, or an error number when the guard could not be installed. */
+static inline int cc_install_fork_guard(void) {
+#ifdef CC_HAVE_ATFORK
+    return pthread_atfork(NULL, NULL, cc_on_fork_child);
+#else
+    return 0;
+#endif
+}
+static inline int cc_in_forked_child(void) { return cc_forked; }
+
+/* Run-time choices of the streaming loops (clipcore._tuning picks them per
+ * machine). One table serves the process: the kernels module owns it and
+ * every other module points cc_tuning at it when it loads. */
+enum { CC_TUNE_PREFETCH = 0,      /* software prefetch in the streaming loops */
+       CC_TUNE_SCALE_BACKWARD = 1, /* the scaling pass runs a thread's chunks last first */
+       CC_TUNE_TWINS = 2,         /* the hand-written AVX-512 loops, where the CPU has them */
+       CC_TUNE_COUNT = 3 };
+CC_UNUSED static int cc_tuning_table[CC_TUNE_COUNT] = { 1, 1, 1 };
+CC_UNUSED static int *cc_tuning = cc_tuning_table;
+static inline int *cc_own_tuning(void) { return cc_tuning_table; }
+static inline void cc_use_tuning(int *table) { cc_tuning = table; }
+
+/* Seconds on a monotonic clock. */
+#ifdef _OPENMP
+static inline double cc_now(void) { return omp_get_wtime(); }
+#else
+#include <time.h>
+static inline double cc_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+#endif
+
+/* Software prefetch for the streaming loops: each block of CC_BLOCK_BYTES
+ * first asks for its lines CC_PREFETCH_BYTES ahead into L1 and
+ * CC_PREFETCH_L2_BYTES ahead into L2. The hardware prefetcher alone left the
+ * sum of squares at 60% of a plain read loop's speed on data in a large L3
+ * (ResNet-50's 102 MB of gradients on a server CPU), the near prefetch alone
+ * at 60-90% on data in L3 and in memory; with both it runs at a read loop's
+ * speed (2 threads: ResNet-50 3.3 -> 1.9 ms, GPT-2's 498 MB 20.6 -> 15.3 ms),
+ * for 7% on a list that sits in L2. A prefetch past the end of a buffer
+ * never faults. */
+#if defined(__GNUC__) || defined(__clang__)
+#define CC_PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#define CC_PREFETCH_L2(p) __builtin_prefetch((p), 0, 2)
+#else
+#define CC_PREFETCH(p) ((void)0)
+#define CC_PREFETCH_L2(p) ((void)0)
+#endif
+#define CC_PREFETCH_BYTES 2048
+#define CC_PREFETCH_L2_BYTES 8192
+#define CC_BLOCK_BYTES 256
+#define CC_PREFETCH_LINE_ALWAYS(p)                                             \
+    { CC_PREFETCH((const char *)(p) + CC_PREFETCH_BYTES);                      \
+      CC_PREFETCH_L2((const char *)(p) + CC_PREFETCH_L2_BYTES); }
+#define CC_PREFETCH_LINE(p)                                                    \
+    { if (cc_tuning[CC_TUNE_PREFETCH]) CC_PREFETCH_LINE_ALWAYS(p) }
+#define CC_PREFETCH_AHEAD(p, bytes)                                            \
+    { if (cc_tuning[CC_TUNE_PREFETCH])                                         \
+          for (int line_ = 0; line_ < (int)(bytes); line_ += 64)               \
+              CC_PREFETCH_LINE_ALWAYS((const char *)(p) + line_) }
+/* for (i = 0; i < n; i++) BODY over a contiguous array of T at base, in
+ * blocks that prefetch ahead (the inner loop has a constant trip count, so
+ * it still vectorizes). BODY is a statement using i. */
+#define CC_BLOCK_OF(T) ((ptrdiff_t)(CC_BLOCK_BYTES / sizeof(T)))
+#define CC_FOR_PREFETCHED(T, base, n, ...)                                     \
+    { ptrdiff_t i_ = 0;                                                        \
+      for (; i_ + CC_BLOCK_OF(T) <= (n); i_ += CC_BLOCK_OF(T)) {               \
+          CC_PREFETCH_AHEAD((base) + i_, CC_BLOCK_BYTES)                       \
+          for (ptrdiff_t i = i_; i < i_ + CC_BLOCK_OF(T); i++) { __VA_ARGS__; } } \
+      for (ptrdiff_t i = i_; i < (n); i++) { __VA_ARGS__; } }
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
+    defined(__linux__) && !defined(CLIPCORE_NATIVE)
+#define CC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+/* A few loops also have hand-written AVX-512 forms, compiled for x86-64-v4
+ * and taken when the CPU has it (cc_avx512_usable). */
+#define CC_AVX512_PATHS 1
+#include <immintrin.h>
+#define CC_AVX512 __attribute__((target("arch=x86-64-v4")))
+static inline int cc_avx512_usable(void) {
+    return cc_tuning[CC_TUNE_TWINS] && __builtin_cpu_supports("x86-64-v4");
+}
+static inline const char *cc_simd_path(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return "avx512 (x86-64-v4, runtime dispatch)";
+    if (__builtin_cpu_supports("x86-64-v3")) return "avx2 (x86-64-v3, runtime dispatch)";
+    return "baseline (x86-64, runtime dispatch)";
+}
+#else
+#define CC_CLONES
+static inline const char *cc_simd_path(void) {
+#if defined(CLIPCORE_NATIVE)
+    return "native (-march=native build)";
+#else
+    return "compiler default (no runtime dispatch on this platform)";
+#endif
+}
+#endif
+
+/* Under the AVX-512 paths: `if (COND && the CPU has them) { CALL; return; }`. */
+#ifdef CC_AVX512_PATHS
+#define CC_TWIN(COND, CALL) if ((COND) && cc_avx512_usable()) { CALL; return; }
+#else
+#define CC_TWIN(COND, CALL)
+#endif
+
+#ifdef CC_AVX512_PATHS
+/* Masks selecting the first `left` of the next 8 (16, 32) elements: the
+ * hand-written loops' tails. */
+CC_AVX512 static inline __mmask8 cc_mask8(ptrdiff_t left) {
+    return left >= 8 ? 0xff : left > 0 ? (__mmask8)((1u << left) - 1) : 0;
+}
+CC_AVX512 static inline __mmask16 cc_mask16(ptrdiff_t left) {
+    return left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+}
+CC_AVX512 static inline __mmask32 cc_mask32(ptrdiff_t left) {
+    return left >= 32 ? 0xffffffffu : left > 0 ? (__mmask32)((1u << left) - 1) : 0;
+}
+#endif
+
+#endif
