@@ -257,9 +257,9 @@ static const cc_loop_fn cc_packed_loops[2][CC_NOPS] = { CC_ROW(f32, _packed), CC
 
 /* The loop for an output of out_bytes bytes (in place or not): for the float
  * types the twins' dispatcher, streaming when the output is at least
- * CC_STREAM_MIN_BYTES (half the L3 cache of the machines we measured on; a
- * smaller output stays in the cache for its next use). Callers decide by the
- * whole output: a call sees one chunk. */
+ * CC_STREAM_MIN_BYTES, more than a large L3 cache keeps for its next use (a
+ * smaller output stays in the cache). Callers decide by the whole output: a
+ * call sees one chunk. */
 #define CC_STREAM_MIN_BYTES ((ptrdiff_t)1 << 24)
 CC_UNUSED static inline cc_loop_fn cc_get_loop_for(int tcode, int op, ptrdiff_t out_bytes) {
 #ifdef CC_AVX512_PATHS

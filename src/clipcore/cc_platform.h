@@ -111,13 +111,10 @@ static inline double cc_now(void) {
 
 /* Software prefetch for the streaming loops: each block of CC_BLOCK_BYTES
  * first asks for its lines CC_PREFETCH_BYTES ahead into L1 and
- * CC_PREFETCH_L2_BYTES ahead into L2. The hardware prefetcher alone left the
- * sum of squares at 60% of a plain read loop's speed on data in a large L3
- * (ResNet-50's 102 MB of gradients on a server CPU), the near prefetch alone
- * at 60-90% on data in L3 and in memory; with both it runs at a read loop's
- * speed (2 threads: ResNet-50 3.3 -> 1.9 ms, GPT-2's 498 MB 20.6 -> 15.3 ms),
- * for 7% on a list that sits in L2. A prefetch past the end of a buffer
- * never faults. */
+ * CC_PREFETCH_L2_BYTES ahead into L2. The hardware prefetcher alone does not
+ * keep a reduction at a plain read loop's speed on data in a large L3 or in
+ * memory, nor does the near prefetch alone; with both it keeps up. A prefetch
+ * past the end of a buffer never faults. */
 #if defined(__GNUC__) || defined(__clang__)
 #define CC_PREFETCH(p) __builtin_prefetch((p), 0, 3)
 #define CC_PREFETCH_L2(p) __builtin_prefetch((p), 0, 2)

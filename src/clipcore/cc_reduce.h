@@ -105,10 +105,10 @@ CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
 
 #ifdef CC_AVX512_PATHS
 
-/* Hand-written AVX-512 form of the contiguous float32 sum-of-squares, sum-abs
- * and max-abs reductions. GCC's vectorized generic loop runs about 15% slower
- * (its converts don't take memory operands) and its scalar tail makes each
- * small buffer cost more; here the tail is a masked load. In the sums every
+/* Hand-written AVX-512 form of the contiguous sum-of-squares, sum-abs and
+ * max-abs reductions. GCC's vectorized generic loop is slower (its converts
+ * don't take memory operands) and its scalar tail makes each small buffer
+ * cost more; here the tail is a masked load. In the sums every
  * element goes to the same lane (its index modulo CC_LANES) with the same
  * operations as in the generic loop, so the result does not depend on which
  * path ran; a maximum is exact in any order. Max-abs works on the bits: for

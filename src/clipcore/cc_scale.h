@@ -19,8 +19,8 @@
 /* x[i] = OPV(x[i]) in place over a contiguous run, four AVX-512 vectors per
  * block after a prefetch; OPS is the same for one element (the tail). The
  * operation sees the scalars a and b (va, vb as vectors). Hand-written:
- * the compiler's vectorized form of the same loop ran at memory speed or
- * 15-20% below it depending on where the linker placed it (Xeon, GCC 12). */
+ * the compiler's vectorized form of the same loop reached memory speed or
+ * not depending on where the linker placed it. */
 #define CC_DEFINE_PACKED_IN_PLACE(NAME, T, VT, W, SET1, LOADU, STOREU, OPS, OPV) \
 CC_AVX512 CC_UNUSED static void NAME(T *x, T a, T b, ptrdiff_t n) {            \
     const VT va = SET1(a), vb = SET1(b);                                        \
