@@ -1,13 +1,16 @@
 /* What clipcore's C loops need from the platform, in one place: the single
  * home of every OpenMP call (the team, its atomics, the clock), the fork
- * guard, the process's tuning table, the choice of instruction set and
- * software prefetch.
+ * guard, the process's tuning table, the choice of instruction set (run-time
+ * dispatch or the build's target) and software prefetch.
  *
- * Portability: the default build has no -march flag. On x86-64 Linux with GCC
- * the hot loops are compiled three times (AVX-512, AVX2, baseline) with
- * target_clones and the loader picks one per machine (an ifunc). Define
- * CLIPCORE_NATIVE (the CLIPCORE_NATIVE=1 build option adds -march=native) to
- * build one copy for the build machine instead.
+ * Instruction sets: the default build has no -march flag. On x86-64 Linux
+ * with GCC the hot loops are compiled three times (AVX-512, AVX2, baseline)
+ * with target_clones and the loader picks one per machine (an ifunc); the
+ * hand-written AVX-512 loops are compiled for x86-64-v4 and taken when the
+ * CPU has it. Elsewhere, and in a CLIPCORE_NATIVE build (the CLIPCORE_NATIVE=1
+ * build option adds -march=native), each loop is compiled once for the
+ * build's target; the hand-written AVX-512 loops are in when that target has
+ * AVX-512, with no run-time check.
  */
 #ifndef CLIPCORE_CC_PLATFORM_H
 #define CLIPCORE_CC_PLATFORM_H
@@ -145,11 +148,13 @@ static inline double cc_now(void) {
           for (ptrdiff_t i = i_; i < i_ + CC_BLOCK_OF(T); i++) { __VA_ARGS__; } } \
       for (ptrdiff_t i = i_; i < (n); i++) { __VA_ARGS__; } }
 
+/* The instruction sets. CC_CLONES marks a loop to compile once per level for
+ * run-time dispatch (empty: once, for the build's target). CC_AVX512_PATHS
+ * means the hand-written AVX-512 loops are compiled (CC_AVX512 marks them),
+ * and cc_avx512_usable() says whether to take them now. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
     defined(__linux__) && !defined(CLIPCORE_NATIVE)
 #define CC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-/* A few loops also have hand-written AVX-512 forms, compiled for x86-64-v4
- * and taken when the CPU has it (cc_avx512_usable). */
 #define CC_AVX512_PATHS 1
 #include <immintrin.h>
 #define CC_AVX512 __attribute__((target("arch=x86-64-v4")))
@@ -164,9 +169,25 @@ static inline const char *cc_simd_path(void) {
 }
 #else
 #define CC_CLONES
+/* The build's target has what the hand-written loops use (x86-64-v4's
+ * AVX-512 subsets, F16C): every machine this build runs on has them. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__) && defined(__F16C__)
+#define CC_AVX512_PATHS 1
+#include <immintrin.h>
+#define CC_AVX512
+static inline int cc_avx512_usable(void) { return cc_tuning[CC_TUNE_TWINS]; }
+#define CC_TARGET_SIMD "avx512"
+#elif defined(__AVX2__)
+#define CC_TARGET_SIMD "avx2"
+#endif
 static inline const char *cc_simd_path(void) {
-#if defined(CLIPCORE_NATIVE)
+#if defined(CLIPCORE_NATIVE) && defined(CC_TARGET_SIMD)
+    return CC_TARGET_SIMD " (-march=native build, no runtime dispatch)";
+#elif defined(CLIPCORE_NATIVE)
     return "native (-march=native build)";
+#elif defined(CC_TARGET_SIMD)
+    return CC_TARGET_SIMD " (the compiler's target, no runtime dispatch)";
 #else
     return "compiler default (no runtime dispatch on this platform)";
 #endif
