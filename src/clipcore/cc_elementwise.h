@@ -259,12 +259,15 @@ static const cc_loop_fn cc_packed_loops[2][CC_NOPS] = { CC_ROW(f32, _packed), CC
  * types the twins' dispatcher, streaming when the output is at least
  * CC_STREAM_MIN_BYTES, more than a large L3 cache keeps for its next use (a
  * smaller output stays in the cache). Callers decide by the whole output: a
- * call sees one chunk. */
+ * call sees one chunk. Each table is indexed on its own, so that a caller
+ * with constant tcode and op gets just that loop's address, and a module that
+ * asks for one loop does not carry every loop of the tables. */
 #define CC_STREAM_MIN_BYTES ((ptrdiff_t)1 << 24)
 CC_UNUSED static inline cc_loop_fn cc_get_loop_for(int tcode, int op, ptrdiff_t out_bytes) {
 #ifdef CC_AVX512_PATHS
     if ((tcode == CC_F32 || tcode == CC_F64) && op >= 0 && op < CC_NOPS)
-        return (out_bytes >= CC_STREAM_MIN_BYTES ? cc_stream_loops : cc_packed_loops)[tcode][op];
+        return out_bytes >= CC_STREAM_MIN_BYTES ? cc_stream_loops[tcode][op]
+                                                : cc_packed_loops[tcode][op];
 #else
     (void)out_bytes;
 #endif
