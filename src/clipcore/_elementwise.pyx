@@ -22,6 +22,9 @@ cimport numpy as cnp
 
 from clipcore.kernels cimport resolve_threads, run_items, tuning_table, chunk_size, chunk_count
 from clipcore._loops cimport cc_use_tuning
+from clipcore._axis cimport (cc_norm_scale, cc_rows_reduce_f32, cc_rows_reduce_f64,
+                             cc_rows_clip_f32, cc_rows_clip_f64, cc_cols_reduce_f32,
+                             cc_cols_reduce_f64, cc_cols_scale_f32, cc_cols_scale_f64)
 
 cnp.import_array()
 
@@ -41,27 +44,6 @@ cdef extern from "cc_elementwise.h" nogil:
     ctypedef void (*cc_loop_fn)(char **p, const Py_ssize_t *s, Py_ssize_t n) noexcept nogil
     cc_loop_fn cc_get_loop(int tcode, int op)
     cc_loop_fn cc_get_loop_for(int tcode, int op, Py_ssize_t out_bytes)
-
-cdef extern from "cc_axis.h" nogil:
-    double cc_norm_scale(double sumsq, double clip)
-    void cc_rows_reduce_f32(const float *x, Py_ssize_t nrows, Py_ssize_t sa,
-                            Py_ssize_t n, Py_ssize_t s, int kind, double *res)
-    void cc_rows_reduce_f64(const double *x, Py_ssize_t nrows, Py_ssize_t sa,
-                            Py_ssize_t n, Py_ssize_t s, int kind, double *res)
-    void cc_rows_clip_f32(const float *x, Py_ssize_t nrows, Py_ssize_t sa, Py_ssize_t n,
-                          Py_ssize_t s, float *o, Py_ssize_t oa, Py_ssize_t os, double clip)
-    void cc_rows_clip_f64(const double *x, Py_ssize_t nrows, Py_ssize_t sa, Py_ssize_t n,
-                          Py_ssize_t s, double *o, Py_ssize_t oa, Py_ssize_t os, double clip)
-    void cc_cols_reduce_f32(const float *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t nb,
-                            Py_ssize_t sb, int kind, double *acc)
-    void cc_cols_reduce_f64(const double *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t nb,
-                            Py_ssize_t sb, int kind, double *acc)
-    void cc_cols_scale_f32(const float *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t sb,
-                           const float *f, Py_ssize_t nb, float *o, Py_ssize_t osr,
-                           Py_ssize_t osb)
-    void cc_cols_scale_f64(const double *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t sb,
-                           const double *f, Py_ssize_t nb, double *o, Py_ssize_t osr,
-                           Py_ssize_t osb)
 
 cdef enum:
     MAXD = 64          # NumPy's limit on dimensions

@@ -13,6 +13,8 @@ cimport numpy as cnp
 
 from clipcore.kernels cimport resolve_threads, run_items, tuning_table
 from clipcore._loops cimport cc_use_tuning
+from clipcore._axis cimport (cc_cols_reduce_f32, cc_cols_reduce_f64, cc_cols_scale_f32,
+                             cc_cols_scale_f64)
 
 cnp.import_array()
 
@@ -26,18 +28,6 @@ cdef extern from "cc_reduce.h" nogil:
 cdef extern from "cc_scale.h" nogil:
     void cc_scale_f32(float *x, Py_ssize_t n, Py_ssize_t stride, double s)
     void cc_scale_f64(double *x, Py_ssize_t n, Py_ssize_t stride, double s)
-
-cdef extern from "cc_axis.h" nogil:
-    void cc_cols_reduce_f32(const float *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t nb,
-                            Py_ssize_t sb, int kind, double *acc)
-    void cc_cols_reduce_f64(const double *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t nb,
-                            Py_ssize_t sb, int kind, double *acc)
-    void cc_cols_scale_f32(const float *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t sb,
-                           const float *f, Py_ssize_t nb, float *o, Py_ssize_t osr,
-                           Py_ssize_t osb)
-    void cc_cols_scale_f64(const double *x, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t sb,
-                           const double *f, Py_ssize_t nb, double *o, Py_ssize_t osr,
-                           Py_ssize_t osb)
 
 cc_use_tuning(tuning_table())       # the kernels module's choices (cc_platform.h)
 
