@@ -301,26 +301,30 @@ def _unit_view(g, p, axes, norm_type):
     return g.reshape(shape), p.reshape(shape), by_cols
 
 
-def _fused_adaptive_clip(grads, params, axes, clipping, eps, norm_type, nt):
-    """AGC over the arrays _unit_view accepts: one pass for the grads' and the
-    params' unit norms, one for the scaling."""
+def _fused_adaptive_clip(grads, params, axes, views, clipping, eps, norm_type, nt):
+    """AGC over the arrays _unit_view accepted (views: its answers): one pass for
+    the grads' and the params' unit norms, one for the scaling; the factors are
+    computed for the whole list at once, once per dtype."""
     if not grads:
         return
-    views = [_unit_view(g, p, a, norm_type) for g, p, a in zip(grads, params, axes)]
     g2, p2, by_cols = [v[0] for v in views], [v[1] for v in views], tuple(v[2] for v in views)
-    gsum, psum = _uw.unit_reduce(g2, p2, by_cols, _UNIT_KINDS[norm_type], nt)
-    counts = [v.shape[1] if c else v.shape[0] for v, c in zip(g2, by_cols)]
+    gn, pn = _uw.unit_reduce(g2, p2, by_cols, _UNIT_KINDS[norm_type], nt)
+    counts = np.array([v.shape[1] if c else v.shape[0] for v, c in zip(g2, by_cols)])
     ends = np.cumsum(counts)
-    gn, pn = np.split(gsum, ends[:-1]), np.split(psum, ends[:-1])
+    starts = ends - counts
     if norm_type == 2.0:
-        for k, (g, p, a) in enumerate(zip(grads, params, axes)):
-            gn[k], pn[k] = np.sqrt(gn[k]), np.sqrt(pn[k])
-            if g.dtype == _F64 and not (_range_safe(gn[k]) and _range_safe(pn[k])):
-                gn[k] = _unit_norms(g, a, 2.0, nt).ravel()
-                pn[k] = _unit_norms(p, a, 2.0, nt).ravel()
-    factors = [_agc_factor(g_, p_, g.dtype.type, clipping, eps) for g_, p_, g in zip(gn, pn, grads)]
-    if not all((f == 1).all() for f in factors):
-        _uw.unit_scale(g2, factors, by_cols, nt)
+        gn, pn = np.sqrt(gn, out=gn), np.sqrt(pn, out=pn)
+        for k, g in enumerate(grads):
+            s, e = starts[k], ends[k]
+            if g.dtype == _F64 and not (_range_safe(gn[s:e]) and _range_safe(pn[s:e])):
+                gn[s:e] = _unit_norms(g, axes[k], 2.0, nt).ravel()
+                pn[s:e] = _unit_norms(params[k], axes[k], 2.0, nt).ravel()
+    dtypes = [g.dtype for g in grads]
+    factor = {t: _agc_factor(gn, pn, t.type, clipping, eps) for t in set(dtypes)}
+    unit_dtype = np.repeat(np.array([t == _F64 for t in dtypes]), counts)
+    if all(((factor[t] == 1) | (unit_dtype != (t == _F64))).all() for t in factor):
+        return
+    _uw.unit_scale(g2, [factor[t][s:e] for t, s, e in zip(dtypes, starts, ends)], by_cols, nt)
 
 
 def _range_safe(l2):
@@ -363,9 +367,11 @@ def adaptive_clip(grads, params, clipping, eps, layout, norm_type, nt):
             raise ValueError(f"grads[{k}] has shape {g.shape}, params[{k}] has {p.shape}")
         axes[k] = units(g.shape, f"params[{k}]")
     check_apart([garr[k] for k in todo], [parr[k] for k in todo], "grads", "params")
-    fused = [k for k in todo if _unit_view(garr[k], parr[k], axes[k], norm_type) is not None]
+    views = {k: _unit_view(garr[k], parr[k], axes[k], norm_type) for k in todo}
+    fused = [k for k in todo if views[k] is not None]
     _fused_adaptive_clip([garr[k] for k in fused], [parr[k] for k in fused],
-                         [axes[k] for k in fused], clipping, eps, norm_type, nt)
+                         [axes[k] for k in fused], [views[k] for k in fused],
+                         clipping, eps, norm_type, nt)
     for k in sorted(set(todo) - set(fused)):
         g, p = garr[k], parr[k]
         if g.size == 0:
