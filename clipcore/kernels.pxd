@@ -55,6 +55,19 @@ cdef inline Py_ssize_t chunk_size(Py_ssize_t n_total) noexcept nogil:
 cdef inline Py_ssize_t chunk_count(Py_ssize_t n_total) noexcept nogil:
     return (n_total + chunk_size(n_total) - 1) // chunk_size(n_total)
 
+# The index of the run holding position pos, given the runs' ascending first
+# positions starts[0..n-1] (starts[0] <= pos): a layout's segment, a job's part.
+cdef inline Py_ssize_t run_holding(const Py_ssize_t *starts, Py_ssize_t n,
+                                   Py_ssize_t pos) noexcept nogil:
+    cdef Py_ssize_t lo = 0, hi = n - 1, mid
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if starts[mid] <= pos:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
 # One item of work (a chunk, a block of rows, a tile), run without the GIL.
 ctypedef void (*chunk_fn)(const void *ctx, Py_ssize_t i) noexcept nogil
 

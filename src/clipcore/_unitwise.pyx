@@ -11,7 +11,7 @@ for any thread count.
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
-from clipcore.kernels cimport resolve_threads, run_items, tuning_table
+from clipcore.kernels cimport chunk_fn, resolve_threads, run_holding, run_items, tuning_table
 from clipcore._loops cimport cc_use_tuning
 from clipcore._axis cimport (cc_cols_reduce_f32, cc_cols_reduce_f64, cc_cols_scale_f32,
                              cc_cols_scale_f64)
@@ -44,29 +44,17 @@ ctypedef struct UnitPart:
     Py_ssize_t R, C         # rows, columns
     Py_ssize_t sr, sc       # strides in elements, the same for grad and param
     Py_ssize_t per_item     # rows (units on rows) or columns (units on columns) per item
-    Py_ssize_t first        # index of the part's first item
     Py_ssize_t unit0        # index of its first unit in the norms
     bint by_cols
     bint f64
 
 ctypedef struct UnitJob:
     UnitPart *parts
+    Py_ssize_t *firsts      # per part: the index of its first item
     Py_ssize_t n_parts, n_items
     int kind
     double *gn              # per unit: the grads' reductions
     double *pn              # and the params'
-
-
-cdef inline const UnitPart *part_of(const UnitJob *j, Py_ssize_t item) noexcept nogil:
-    """The part holding item (binary search over the parts' first items)."""
-    cdef Py_ssize_t lo = 0, hi = j.n_parts - 1, mid
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if j.parts[mid].first <= item:
-            lo = mid
-        else:
-            hi = mid - 1
-    return &j.parts[lo]
 
 
 cdef inline double reduce_run(const char *x, Py_ssize_t n, Py_ssize_t s, bint f64,
@@ -78,8 +66,9 @@ cdef inline double reduce_run(const char *x, Py_ssize_t n, Py_ssize_t s, bint f6
 
 cdef void reduce_item(const void *ctx, Py_ssize_t item) noexcept nogil:
     cdef const UnitJob *j = <const UnitJob *>ctx
-    cdef const UnitPart *q = part_of(j, item)
-    cdef Py_ssize_t i0 = (item - q.first) * q.per_item, i, n, b
+    cdef Py_ssize_t k = run_holding(j.firsts, j.n_parts, item)
+    cdef const UnitPart *q = &j.parts[k]
+    cdef Py_ssize_t i0 = (item - j.firsts[k]) * q.per_item, i, n, b
     cdef Py_ssize_t size = 8 if q.f64 else 4
     cdef double *gacc
     cdef double *pacc
@@ -105,8 +94,9 @@ cdef void reduce_item(const void *ctx, Py_ssize_t item) noexcept nogil:
 
 cdef void scale_item(const void *ctx, Py_ssize_t item) noexcept nogil:
     cdef const UnitJob *j = <const UnitJob *>ctx
-    cdef const UnitPart *q = part_of(j, item)
-    cdef Py_ssize_t i0 = (item - q.first) * q.per_item, i, n, b
+    cdef Py_ssize_t k = run_holding(j.firsts, j.n_parts, item)
+    cdef const UnitPart *q = &j.parts[k]
+    cdef Py_ssize_t i0 = (item - j.firsts[k]) * q.per_item, i, n, b
     cdef Py_ssize_t size = 8 if q.f64 else 4
     cdef double s
     cdef char *g
@@ -161,13 +151,31 @@ cdef Py_ssize_t set_parts(UnitJob *j, list grads, list params, list factors,
         else:
             q.per_item = max(1, ITEM_ELEMENTS // max(1, q.C))
             n_items = (q.R + q.per_item - 1) // q.per_item
-        q.first = items
+        j.firsts[k] = items
         q.unit0 = units
         items += n_items
         units += q.C if q.by_cols else q.R
         total += q.R * q.C
     j.n_items = items
     return total
+
+
+cdef int run_job(UnitJob *j, list grads, list params, list factors, tuple by_cols,
+                 chunk_fn fn, int n_threads) except -1:
+    """fn over every item of j's parts (grads with params or factors)."""
+    cdef Py_ssize_t total
+    j.n_parts = len(grads)
+    j.parts = <UnitPart *>malloc((j.n_parts + 1) * (sizeof(UnitPart) + sizeof(Py_ssize_t)))
+    if j.parts == NULL:
+        raise MemoryError()
+    j.firsts = <Py_ssize_t *>(j.parts + j.n_parts + 1)
+    try:
+        total = set_parts(j, grads, params, factors, by_cols)
+        with nogil:
+            run_items(j.n_items, fn, j, resolve_threads(total, n_threads))
+    finally:
+        free(j.parts)
+    return 0
 
 
 def unit_reduce(list grads, list params, tuple by_cols, int kind, int n_threads):
@@ -180,24 +188,15 @@ def unit_reduce(list grads, list params, tuple by_cols, int kind, int n_threads)
     checks ranges).
     """
     cdef UnitJob j
-    cdef Py_ssize_t total, units = 0, k
+    cdef Py_ssize_t units = 0, k
     for k in range(len(grads)):
         units += (<cnp.ndarray>grads[k]).shape[1 if by_cols[k] else 0]
     gn = cnp.PyArray_EMPTY(1, [units], cnp.NPY_DOUBLE, 0)
     pn = cnp.PyArray_EMPTY(1, [units], cnp.NPY_DOUBLE, 0)
-    j.n_parts = len(grads)
     j.kind = kind
     j.gn = <double *>cnp.PyArray_DATA(gn)
     j.pn = <double *>cnp.PyArray_DATA(pn)
-    j.parts = <UnitPart *>malloc((j.n_parts + 1) * sizeof(UnitPart))
-    if j.parts == NULL:
-        raise MemoryError()
-    try:
-        total = set_parts(&j, grads, params, None, by_cols)
-        with nogil:
-            run_items(j.n_items, reduce_item, &j, resolve_threads(total, n_threads))
-    finally:
-        free(j.parts)
+    run_job(&j, grads, params, None, by_cols, reduce_item, n_threads)
     return gn, pn
 
 
@@ -205,14 +204,4 @@ def unit_scale(list grads, list factors, tuple by_cols, int n_threads):
     """grads[k]'s units times factors[k] (1-d, the grad's dtype, one per unit),
     in place; units whose factor is 1 are not written."""
     cdef UnitJob j
-    cdef Py_ssize_t total
-    j.n_parts = len(grads)
-    j.parts = <UnitPart *>malloc((j.n_parts + 1) * sizeof(UnitPart))
-    if j.parts == NULL:
-        raise MemoryError()
-    try:
-        total = set_parts(&j, grads, None, factors, by_cols)
-        with nogil:
-            run_items(j.n_items, scale_item, &j, resolve_threads(total, n_threads))
-    finally:
-        free(j.parts)
+    run_job(&j, grads, None, factors, by_cols, scale_item, n_threads)

@@ -11,7 +11,7 @@ sum in one fixed order: the results are the same bits for any thread count.
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
-from clipcore.kernels cimport resolve_threads, run_items, chunk_fn, tuning_table
+from clipcore.kernels cimport resolve_threads, run_holding, run_items, chunk_fn, tuning_table
 from clipcore._loops cimport cc_team_rank, cc_use_tuning
 
 cnp.import_array()
@@ -67,11 +67,11 @@ ctypedef struct WsPart:
     char *o                 # out[0]
     Py_ssize_t n            # columns
     Py_ssize_t sr, sb, so   # strides in elements: x's rows and columns, out's
-    Py_ssize_t first        # index of the part's first tile
     bint f64
 
 ctypedef struct WsJob:
     WsPart *parts
+    Py_ssize_t *firsts      # per part: the index of its first tile
     Py_ssize_t n_parts, n_tiles, B
     const double *w
     double *scratch         # TILE doubles per thread of the team
@@ -79,23 +79,12 @@ ctypedef struct WsJob:
     double *part            # row_sumsq: n_tiles x B sums of squares
 
 
-cdef inline const WsPart *part_of(const WsJob *j, Py_ssize_t t) noexcept nogil:
-    """The part holding tile t (binary search over the parts' first tiles)."""
-    cdef Py_ssize_t lo = 0, hi = j.n_parts - 1, mid
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if j.parts[mid].first <= t:
-            lo = mid
-        else:
-            hi = mid - 1
-    return &j.parts[lo]
-
-
 cdef void ss_tile(const void *ctx, Py_ssize_t t) noexcept nogil:
     """Tile t: each row's float64 sum of squares over the tile's columns."""
     cdef const WsJob *j = <const WsJob *>ctx
-    cdef const WsPart *p = part_of(j, t)
-    cdef Py_ssize_t b0 = (t - p.first) * TILE, i
+    cdef Py_ssize_t k = run_holding(j.firsts, j.n_parts, t)
+    cdef const WsPart *p = &j.parts[k]
+    cdef Py_ssize_t b0 = (t - j.firsts[k]) * TILE, i
     cdef Py_ssize_t nb = p.n - b0 if p.n - b0 < TILE else TILE
     for i in range(j.B):
         if p.f64:
@@ -110,9 +99,10 @@ cdef void ws_tile(const void *ctx, Py_ssize_t t) noexcept nogil:
     """Tile t: its columns' weighted sums, written to out in its dtype."""
     cdef const WsJob *j = <const WsJob *>ctx
     cdef Py_ssize_t b0, nb, b
-    cdef const WsPart *p = part_of(j, t)
+    cdef Py_ssize_t k = run_holding(j.firsts, j.n_parts, t)
+    cdef const WsPart *p = &j.parts[k]
     cdef double *acc = j.scratch + cc_team_rank() * TILE
-    b0 = (t - p.first) * TILE
+    b0 = (t - j.firsts[k]) * TILE
     nb = p.n - b0 if p.n - b0 < TILE else TILE
     if p.f64:
         for b in range(nb):
@@ -164,7 +154,7 @@ cdef Py_ssize_t set_parts(WsJob *j, list xs, list outs) except -1:
         p.sr = cnp.PyArray_STRIDE(x, 0) // itemsize
         p.sb = cnp.PyArray_STRIDE(x, 1) // itemsize
         p.f64 = cnp.PyArray_TYPE(x) == cnp.NPY_DOUBLE
-        p.first = j.n_tiles
+        j.firsts[j.n_parts] = j.n_tiles
         j.n_tiles += (p.n + TILE - 1) // TILE
         total += p.n
         j.n_parts += 1
@@ -183,9 +173,10 @@ def weighted_sum(list xs, const double[::1] w, list outs, bint accumulate, int n
     cdef int nt, rc
     if B == 0 or len(xs) == 0:
         return
-    job.parts = <WsPart *>malloc(len(xs) * sizeof(WsPart))
+    job.parts = <WsPart *>malloc(len(xs) * (sizeof(WsPart) + sizeof(Py_ssize_t)))
     if job.parts == NULL:
         raise MemoryError()
+    job.firsts = <Py_ssize_t *>(job.parts + len(xs))
     try:
         total = set_parts(&job, xs, outs)
         if job.n_parts == 0:
@@ -213,10 +204,11 @@ def row_sumsq(list xs, Py_ssize_t B, int n_threads):
     cdef double *r = <double *>cnp.PyArray_DATA(res)
     if B == 0 or len(xs) == 0:
         return res
-    job.parts = <WsPart *>malloc(len(xs) * sizeof(WsPart))
+    job.parts = <WsPart *>malloc(len(xs) * (sizeof(WsPart) + sizeof(Py_ssize_t)))
     job.part = NULL
     if job.parts == NULL:
         raise MemoryError()
+    job.firsts = <Py_ssize_t *>(job.parts + len(xs))
     try:
         total = set_parts(&job, xs, None)
         if job.n_parts == 0:

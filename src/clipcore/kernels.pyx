@@ -118,18 +118,6 @@ cdef int resolve_threads(Py_ssize_t n_total, int n_threads) noexcept nogil:
     return n_threads if n_threads > 0 else 1
 
 
-cdef inline Py_ssize_t find_segment(const Layout *lay, Py_ssize_t pos) noexcept nogil:
-    """Index of the segment holding element pos (binary search over starts)."""
-    cdef Py_ssize_t lo = 0, hi = lay.n_segs - 1, mid
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if lay.starts[mid] <= pos:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 # One pass over a layout: every chunk, each cut into its segments' pieces.
 cdef enum:
     PASS_REDUCE = 0    # reduction of chunk c (kind, p, and scale: |x| / scale for CC_SUMPOW)
@@ -151,7 +139,7 @@ cdef double pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize
     """Run the pass over chunk c; returns its result (0 for a pass that writes).
     A reduction's pieces share one set of lanes."""
     cdef double acc[CC_LANES]
-    cdef Py_ssize_t lo = c * chunk, hi = lo + chunk, s = find_segment(lay, lo), off, take, k
+    cdef Py_ssize_t lo = c * chunk, hi = lo + chunk, s = run_holding(lay.starts, lay.n_segs, lo), off, take, k
     cdef const Segment *seg
     cdef char *x
     cdef float sink = 0
