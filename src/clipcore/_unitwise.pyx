@@ -57,6 +57,14 @@ ctypedef struct UnitJob:
     double *pn              # and the params'
 
 
+cdef inline const UnitPart *part_at(const UnitJob *j, Py_ssize_t item,
+                                   Py_ssize_t *i0) noexcept nogil:
+    """The part holding item, and (in i0) the item's first row or column there."""
+    cdef Py_ssize_t k = run_holding(j.firsts, j.n_parts, item)
+    i0[0] = (item - j.firsts[k]) * j.parts[k].per_item
+    return &j.parts[k]
+
+
 cdef inline double reduce_run(const char *x, Py_ssize_t n, Py_ssize_t s, bint f64,
                               int kind) noexcept nogil:
     if f64:
@@ -66,9 +74,8 @@ cdef inline double reduce_run(const char *x, Py_ssize_t n, Py_ssize_t s, bint f6
 
 cdef void reduce_item(const void *ctx, Py_ssize_t item) noexcept nogil:
     cdef const UnitJob *j = <const UnitJob *>ctx
-    cdef Py_ssize_t k = run_holding(j.firsts, j.n_parts, item)
-    cdef const UnitPart *q = &j.parts[k]
-    cdef Py_ssize_t i0 = (item - j.firsts[k]) * q.per_item, i, n, b
+    cdef Py_ssize_t i0, i, n, b
+    cdef const UnitPart *q = part_at(j, item, &i0)
     cdef Py_ssize_t size = 8 if q.f64 else 4
     cdef double *gacc
     cdef double *pacc
@@ -94,9 +101,8 @@ cdef void reduce_item(const void *ctx, Py_ssize_t item) noexcept nogil:
 
 cdef void scale_item(const void *ctx, Py_ssize_t item) noexcept nogil:
     cdef const UnitJob *j = <const UnitJob *>ctx
-    cdef Py_ssize_t k = run_holding(j.firsts, j.n_parts, item)
-    cdef const UnitPart *q = &j.parts[k]
-    cdef Py_ssize_t i0 = (item - j.firsts[k]) * q.per_item, i, n, b
+    cdef Py_ssize_t i0, i, n, b
+    cdef const UnitPart *q = part_at(j, item, &i0)
     cdef Py_ssize_t size = 8 if q.f64 else 4
     cdef double s
     cdef char *g
