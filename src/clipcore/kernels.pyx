@@ -41,9 +41,6 @@ cdef extern from "cc_scale.h" nogil:
     void cc_scale_f16(unsigned short *x, Py_ssize_t n, Py_ssize_t stride, double s)
     void cc_scale_bf16(unsigned short *x, Py_ssize_t n, Py_ssize_t stride, double s)
 
-cdef extern from "cc_probe.h" nogil:
-    float cc_probe_read_f32(const float *x, Py_ssize_t n)
-
 cdef extern from * nogil:
     """
     /* Clamp a contiguous float32 run into [lo, hi]: max first, then min (as
@@ -124,7 +121,6 @@ cdef enum:
     PASS_SCALE = 1     # x *= factor (SEG_F64_COPY segments are left alone; 16-bit ones
                        # by the factor as float32, rounded once to their type)
     PASS_CLAMP = 2     # x = min(max(x, lo), hi): float32 segments, contiguous
-    PASS_READ = 3      # plain float32 sum of chunk c: the benchmarks' read probe
 
 ctypedef struct Pass:
     int what
@@ -142,7 +138,6 @@ cdef double pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize
     cdef Py_ssize_t lo = c * chunk, hi = lo + chunk, s = run_holding(lay.starts, lay.n_segs, lo), off, take, k
     cdef const Segment *seg
     cdef char *x
-    cdef float sink = 0
     if hi > lay.n_total:
         hi = lay.n_total
     if ps.what == PASS_REDUCE:
@@ -173,19 +168,17 @@ cdef double pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize
                 cc_scale_f16(<unsigned short *>x, take, seg.stride, ps.factor)
             elif seg.kind == SEG_BF16:
                 cc_scale_bf16(<unsigned short *>x, take, seg.stride, ps.factor)
-        elif ps.what == PASS_CLAMP:
-            cc_clamp_f32(<float *>x, take, ps.lo, ps.hi)
         else:
-            sink += cc_probe_read_f32(<const float *>x, take)
+            cc_clamp_f32(<float *>x, take, ps.lo, ps.hi)
         lo += take
         s += 1
     if ps.what == PASS_REDUCE:
         return cc_combine_lanes(acc, ps.kind == CC_MAXABS)
-    return sink
+    return 0.0
 
 
 cdef inline bint has_result(const Pass *ps) noexcept nogil:
-    return ps.what == PASS_REDUCE or ps.what == PASS_READ
+    return ps.what == PASS_REDUCE
 
 
 cdef inline double combine(int kind, double acc, double v) noexcept nogil:
