@@ -130,6 +130,15 @@ cdef int ws_run(WsJob *j, chunk_fn fn, int nt) noexcept nogil:
     return 0
 
 
+cdef int alloc_parts(WsJob *j, Py_ssize_t n) except -1:
+    """Room for n parts and their first tiles, in one block (free j.parts)."""
+    j.parts = <WsPart *>malloc(n * (sizeof(WsPart) + sizeof(Py_ssize_t)))
+    if j.parts == NULL:
+        raise MemoryError()
+    j.firsts = <Py_ssize_t *>(j.parts + n)
+    return 0
+
+
 cdef Py_ssize_t set_parts(WsJob *j, list xs, list outs) except -1:
     """j's parts for xs (and outs, or None); returns the number of elements."""
     cdef Py_ssize_t k, total = 0, itemsize
@@ -173,10 +182,7 @@ def weighted_sum(list xs, const double[::1] w, list outs, bint accumulate, int n
     cdef int nt, rc
     if B == 0 or len(xs) == 0:
         return
-    job.parts = <WsPart *>malloc(len(xs) * (sizeof(WsPart) + sizeof(Py_ssize_t)))
-    if job.parts == NULL:
-        raise MemoryError()
-    job.firsts = <Py_ssize_t *>(job.parts + len(xs))
+    alloc_parts(&job, len(xs))
     try:
         total = set_parts(&job, xs, outs)
         if job.n_parts == 0:
@@ -204,11 +210,8 @@ def row_sumsq(list xs, Py_ssize_t B, int n_threads):
     cdef double *r = <double *>cnp.PyArray_DATA(res)
     if B == 0 or len(xs) == 0:
         return res
-    job.parts = <WsPart *>malloc(len(xs) * (sizeof(WsPart) + sizeof(Py_ssize_t)))
     job.part = NULL
-    if job.parts == NULL:
-        raise MemoryError()
-    job.firsts = <Py_ssize_t *>(job.parts + len(xs))
+    alloc_parts(&job, len(xs))
     try:
         total = set_parts(&job, xs, None)
         if job.n_parts == 0:
