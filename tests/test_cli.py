@@ -193,8 +193,20 @@ def test_worker_answers_each_command(small):
     assert setup["impls"] == {"ceiling": {"status": "ok"}, "clipcore": {"status": "ok"},
                               "clipcore Plan": {"status": "ok"}}
     assert timed["status"] == "ok" and len(timed["times_s"]) == 3
-    assert ceiling["status"] == "ok" and len(ceiling["times_s"]) == 8    # one round's probes
+    assert ceiling["status"] == "ok" and len(ceiling["times_s"]) == 8    # one per probe
     assert freed == {"event": "freed"}
+
+
+def test_the_ceiling_answers_each_probes_median_over_the_calls(monkeypatch):
+    # Its fastest probe is then timed as the rows are (the median of a
+    # round's calls), not picked as the luckiest of many single runs.
+    runs = iter([[3.0, 9.0], [1.0, 7.0], [2.0, 8.0], [0.5, 0.5]])
+    monkeypatch.setattr(impls, "probe_ceiling", lambda data, kind: next(runs))
+    *_, ceiling, _ = serve([
+        {"family": "clipcore", "threads": 1, "seed": 0},
+        {"cmd": "load", "workload": "mlp"}, {"cmd": "setup", "op": "clip"},
+        {"cmd": "time", "impl": "ceiling", "calls": 3, "warmup": 0}, {"cmd": "free"}])
+    assert ceiling["times_s"] == [2.0, 8.0]
 
 
 def test_worker_reports_wrong_and_failing_implementations_as_errors(monkeypatch):

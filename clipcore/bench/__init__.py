@@ -46,9 +46,9 @@ Results JSON (``results.json``), schema ``clipcore-bench/3``::
                                    "gbps", "pct_ceiling": ratio | null, "message"}},
                 "speedup": {peer: {clipcore impl: ratio of peer time / its time}}}]}
 
-``times_s`` holds every timed call (the ceiling: every probe), ``rounds_s``
-the same per round, ``per_round_s`` what each round counts as (the median of
-its calls; the ceiling's fastest probe). A ratio is ``{"median", "min",
+``times_s`` holds every timed call (the ceiling: each probe's median over a
+round's calls), ``rounds_s`` the same per round, ``per_round_s`` what each
+round counts as (the median of its calls; the ceiling's fastest probe). A ratio is ``{"median", "min",
 "max", "rounds": [the ratio of each round's per_round_s]}``.
 
 A default run (no ``--threads``) on a machine with more than one thread runs

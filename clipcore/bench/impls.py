@@ -72,7 +72,7 @@ CEILINGS = {"read": "one read pass", "rw": "one read-write pass",
 
 
 def probe_ceiling(data, kind):
-    """One round of the ceiling's probes over data.work: their seconds, one per variant.
+    """One run of each of the ceiling's probes over data.work: their seconds, one per variant.
 
     kind: "read" (a read pass), "rw" (a read-write pass on its own: what an
     in-place elementwise op moves) or "read+rw" (a read pass and the

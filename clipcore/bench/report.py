@@ -108,12 +108,13 @@ def format_table(results):
                     (f"{name.split()[-1]} " if name != "clipcore" else "")
                     + _fmt_spread(x, _fmt_ratio, "x") for name, x in ups.items())
             lines.append(row)
-    lines += ["", "range: the fastest and the slowest call (ceiling: the fastest probe of the "
-                  "fastest and of the slowest round).",
+    lines += ["", "range: the fastest and the slowest call (ceiling: the fastest probe's median "
+                  "in the fastest and in the slowest round).",
               "GB/s: the bytes the operation must move at least (clipping: read for the norm, "
               "read + write to scale) / median time.",
               "ceiling: the fastest bandwidth probe over as many bytes (the plain loops and the "
-              "tuned ones, the run's threads and one), each on freshly restored data.",
+              "tuned ones, the run's threads and one), each on freshly restored data, "
+              "each probe's time the median of as many calls per round as the rows'.",
               "% ceiling and speed-ups are taken in each round (the ceiling's time / the row's; "
               "the row's time / clipcore's, Plan: / the Plan's): their median, (range).",
               "Each family ran in a process of its own, all with the same thread count; in each "

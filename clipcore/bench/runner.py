@@ -6,7 +6,7 @@ of the workload, the runner goes round: in each round every implementation
 order every other round. The memory bandwidth of a shared machine swings
 within seconds, so times measured a minute apart are not comparable, but
 times of one round are: the speed-ups and ``% ceiling`` are computed per
-round, from the round's medians (the ceiling's: its fastest probe), and
+round, from the round's medians (the ceiling's: its fastest probe's), and
 reported as the median and range of those ratios.
 """
 import json
@@ -277,7 +277,8 @@ def spread(per_round):
 
 def round_value(impl, times):
     """What one round of an implementation counts as: the median of its calls;
-    the ceiling's fastest probe (noise only ever slows a probe down)."""
+    the ceiling's fastest probe (times holds each probe's median over the
+    round's calls: worker.py)."""
     return min(times) if impls.IMPLS[impl].self_timed else _median(times)
 
 
