@@ -30,8 +30,10 @@ def build_parser():
 
     b = sub.add_parser(
         "bench", help="time clipcore against NumPy, PyTorch and TensorFlow on real model shapes",
-        description="Clip the core workloads (MNIST MLP, 2000x512, ResNet-50, GPT-2 small) and "
-                    "the elementwise ops with clipcore and with NumPy, PyTorch, TensorFlow and "
+        description="Clip the core workloads (MNIST MLP, 2000x512, ResNet-50, GPT-2 small, "
+                    "GPT-2 in bfloat16), run the elementwise ops, AGC on ResNet-50 and DP-SGD's "
+                    "per-example clip on the MLP's batch of 64, with clipcore and with NumPy, "
+                    "PyTorch, TensorFlow and "
                     "JAX (when installed), each family in a worker process of its own, and "
                     "measure the memory-bandwidth ceiling alongside: in rounds, each asking "
                     "every implementation in turn for a few timed calls, so that ratios are "

@@ -13,6 +13,7 @@ import clipcore
 from clipcore import bench, kernels
 from clipcore.__main__ import main
 from clipcore.bench import impls, report, runner, worker
+from clipcore.bench.cases import as_float32
 from clipcore.bench._probe import bandwidth_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(clipcore.__file__)))
@@ -125,14 +126,22 @@ def test_numpy_baseline_agrees_with_clipcore(small):
         np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
-@pytest.mark.parametrize("op", ["clip", "noclip", "clip_by_value", "relu", "clip_by_norm"])
+BATCH = (("w", (8, 5, 3)), ("b", (8, 5)))
+
+
+@pytest.mark.parametrize("op", ["clip", "noclip", "clip_by_value", "relu", "clip_by_norm",
+                                "agc", "per_example", "clip_bf16"])
 def test_verify_catches_a_wrong_answer(op):
-    data = bench.Data(SMALL if op in ("clip", "noclip") else (("x", (5000,)),), seed=1)
-    correct = bench.make_call("numpy", op, data)
+    data = bench.Data(BATCH if op == "per_example" else SMALL if op in (
+        "clip", "noclip", "agc", "clip_bf16") else (("x", (5000,)),), seed=1,
+        dtype="bfloat16" if op == "clip_bf16" else None, batched=op == "per_example")
+    correct = bench.make_call("clipcore" if op == "clip_bf16" else "numpy", op, data)
     data.restore()
-    bench.verify(op, data, correct())
+    out = correct()
+    bench.verify(op, data, out)
     data.restore()
-    wrong = [a * np.float32(0.9) for a in data.arrays]      # e.g. scaled by the wrong factor
+    wrong = [as_float32(a) * np.float32(0.9)                # e.g. scaled by the wrong factor
+             for a in (out or data.arrays)]
     with pytest.raises(AssertionError):
         bench.verify(op, data, wrong)
     data.restore()
@@ -151,7 +160,7 @@ def test_elementwise_cases_run_clipcore_and_check_it():
 
 
 @pytest.mark.parametrize("kind, read, probes", [("read+rw", True, 8), ("read", True, 8),
-                                                ("rw", False, 4)])
+                                                ("rw", False, 4), ("read+read+rw", True, 8)])
 def test_ceiling_probes_every_variant_after_a_restore(monkeypatch, small, kind, read, probes):
     # The plain loops and the tuned ones, the run's threads and one, and for a
     # read pass the plain sum and the norm's loop; each on restored data.
@@ -165,9 +174,9 @@ def test_ceiling_probes_every_variant_after_a_restore(monkeypatch, small, kind, 
         log.append((kernels.get_tuning()["prefetch"], n_threads, read, square))
         return (1.0 if read else None), 2.0
     monkeypatch.setattr(impls, "bandwidth_probe", probe)
-    seconds = bench.make_call("ceiling", {"read+rw": "clip", "read": "noclip",
-                                          "rw": "relu"}[kind], small)()
-    assert seconds == [{"read+rw": 3.0, "read": 1.0, "rw": 2.0}[kind]] * probes
+    seconds = bench.make_call("ceiling", {"read+rw": "clip", "read": "noclip", "rw": "relu",
+                                          "read+read+rw": "agc"}[kind], small)()
+    assert seconds == [{"read+rw": 3.0, "read": 1.0, "rw": 2.0, "read+read+rw": 4.0}[kind]] * probes
     squares = (False, True) if read else (False,)
     assert sorted(log) == sorted((pf, nt, read, sq) for pf in (False, tuned["prefetch"])
                                  for nt in (1, 2) for sq in squares)
@@ -228,6 +237,13 @@ def test_worker_reports_wrong_and_failing_implementations_as_errors(monkeypatch)
     setup = serve(commands[:3])[-1]
     assert setup["impls"] == {"numpy": {"status": "error",
                                         "message": "RuntimeError: no such device"}}
+
+    def needs_a_module(d, p):
+        import clipcore_no_such_module  # noqa: F401
+    monkeypatch.setitem(ops, "clip", ("", needs_a_module))
+    setup = serve(commands[:3])[-1]
+    assert setup["impls"]["numpy"]["status"] == "not installed"
+    assert "clipcore_no_such_module" in setup["impls"]["numpy"]["message"]
 
 
 # --- the rounds --------------------------------------------------------------
@@ -431,12 +447,13 @@ def test_quick_run_with_numpy_only(quick_run):
     assert "[1/" in r.stderr                        # progress
     table = r.stdout
     for label in ("2000x512", "MNIST MLP", "ResNet-50", "GPT-2 small", "GPT-2, no clip needed",
-                  "clip_by_value 16M", "relu 16M", "clip_by_norm 16M"):
+                  "clip_by_value 16M", "relu 16M", "clip_by_norm 16M", "GPT-2 small, bfloat16",
+                  "AGC, ResNet-50 (timm's units)", "per-example clip, MLP, batch 64"):
         assert f"\n{label}: " in table
     runs = 2 if clipcore.kernels.max_threads() > 1 else 1    # 1 thread, then all of them
-    assert table.count("torch          not installed") == 7 * runs      # all but clip_by_norm
-    assert table.count("tensorflow     not installed") == 8 * runs
-    assert table.count("jax            not installed") == 5 * runs      # the global-norm cases
+    assert table.count("torch          not installed\n") == 10 * runs    # all but clip_by_norm
+    assert table.count("tensorflow     not installed\n") == 8 * runs     # the TF-named ops
+    assert table.count("jax            not installed\n") == 6 * runs     # global and per-example
     if runs == 2:
         assert "1 thread for everyone" in table
     assert "SIMD " + clipcore.kernels.simd_path() in table
@@ -468,8 +485,13 @@ def test_quick_run_json(quick_run):
         assert {c["key"] for c in one["cases"]} == set(cases)
     assert cases["gpt2"]["params"]["clip_norm"] * 4 == pytest.approx(
         cases["gpt2-noclip"]["params"]["clip_norm"])
-    for key in ("clip_by_value", "relu", "clip_by_norm"):
+    for key in ("clip_by_value", "relu", "clip_by_norm", "agc", "per_example"):
         assert cases[key]["results"]["numpy"]["status"] == "ok"
+    for key in ("agc", "per_example", "gpt2-bf16"):
+        assert cases[key]["results"]["clipcore"]["status"] == (
+            "not installed" if key == "gpt2-bf16" and not impls.installed("ml_dtypes") else "ok")
+    assert cases["agc"]["ceiling"]["kind"] == "read+read+rw"
+    assert cases["gpt2-bf16"]["traffic_bytes"] == 3 * 2 * 124_439_808      # 2 bytes a value
 
 
 @pytest.mark.requires_matplotlib

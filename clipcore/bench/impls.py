@@ -68,15 +68,17 @@ def _in_place(f, *args, **kwargs):
 
 PLAIN_LOOPS = {"prefetch": False, "scale_backward": False}
 CEILINGS = {"read": "one read pass", "rw": "one read-write pass",
-            "read+rw": "a read pass + a read-write pass"}
+            "read+rw": "a read pass + a read-write pass",
+            "read+read+rw": "two read passes + a read-write pass"}
 
 
 def probe_ceiling(data, kind):
-    """One run of each of the ceiling's probes over data.work: their seconds, one per variant.
+    """One run of each of the ceiling's probes over data.probe_buffer: their seconds, one per variant.
 
     kind: "read" (a read pass), "rw" (a read-write pass on its own: what an
-    in-place elementwise op moves) or "read+rw" (a read pass and the
-    read-write pass that follows it: what a clip does). Each probe runs after
+    in-place elementwise op moves), "read+rw" (a read pass and the
+    read-write pass that follows it: what a clip does) or "read+read+rw"
+    (AGC, which reads its parameters too: the read pass counted twice). Each probe runs after
     ``data.restore()``, as every timed call does: a pass straight after the
     restore also pays for writing the restored data back from the cache,
     which a pass after the read pass has already done. The variants: the
@@ -86,7 +88,7 @@ def probe_ceiling(data, kind):
     and the norm's own loop. Each is the faster somewhere: the ceiling is the
     fastest.
     """
-    times = []
+    times, parts = [], kind.split("+")
     tuned = kernels.get_tuning()
     counts = sorted({data.threads or kernels.max_threads(), 1})
     try:
@@ -95,8 +97,9 @@ def probe_ceiling(data, kind):
             for nt in counts:
                 for square in (False,) if kind == "rw" else (False, True):
                     data.restore()
-                    r, w = bandwidth_probe(data.work, nt, read=kind != "rw", square=square)
-                    times.append(w if kind == "rw" else r if kind == "read" else r + w)
+                    r, w = bandwidth_probe(data.probe_buffer, nt, read=kind != "rw",
+                                           square=square)
+                    times.append(parts.count("read") * (r or 0.0) + (w if "rw" in parts else 0.0))
     finally:
         kernels.set_tuning(**tuned)
     return times
@@ -123,12 +126,26 @@ def _clip_list(d, p):
 
 
 def _clip_plan(d, p):
-    return _in_place(clipcore.Plan(d.arrays).clip_by_global_norm_, p["clip_norm"])
+    return _in_place(clipcore.Plan(d.typed()).clip_by_global_norm_, p["clip_norm"])
+
+
+def _clipcore_agc(d, p):
+    # What clipcore.torch.adaptive_clip_grad_ runs, on the NumPy arrays (timm's units).
+    from clipcore._per_example import adaptive_clip
+    return _in_place(adaptive_clip, d.arrays, d.weights, p["clipping"], p["eps"], "torch",
+                     2.0, 0)
 
 
 CLIPCORE = Impl("clipcore", {
     "clip": ("clip_by_global_norm_(list)", _clip_list),
     "noclip": ("clip_by_global_norm_(list)", _clip_list),
+    "clip_bf16": ("clip_by_global_norm_(list), ml_dtypes",
+                  lambda d, p: _in_place(clipcore.clip_by_global_norm_, d.typed(),
+                                         p["clip_norm"])),
+    "agc": ("adaptive_clip_grad_'s kernel", _clipcore_agc),
+    "per_example": ("per_example_global_norm_clip",
+                    lambda d, p: lambda: clipcore.per_example_global_norm_clip(
+                        d.arrays, p["l2_norm_clip"])[0]),
     "clip_by_value": ("clip_by_value_(x, lo, hi)",
                       lambda d, p: _in_place(clipcore.clip_by_value_, d.x, p["lo"], p["hi"])),
     "relu": ("relu_(x)", lambda d, p: _in_place(clipcore.relu_, d.x)),
@@ -136,7 +153,8 @@ CLIPCORE = Impl("clipcore", {
                      lambda d, p: lambda: [clipcore.clip_by_norm(d.x, p["clip_norm"])]),
 })
 PLAN = Impl("clipcore Plan", {"clip": ("Plan.clip_by_global_norm_", _clip_plan),
-                              "noclip": ("Plan.clip_by_global_norm_", _clip_plan)})
+                              "noclip": ("Plan.clip_by_global_norm_", _clip_plan),
+                              "clip_bf16": ("Plan.clip_by_global_norm_", _clip_plan)})
 
 
 # --- NumPy ---------------------------------------------------------------------------
@@ -160,6 +178,24 @@ def _numpy_clip_by_norm(d, p):
     return lambda: [x * np.float32(c / max(math.sqrt(float(np.dot(v, v))), c))]
 
 
+def numpy_adaptive_clip(grads, weights, clipping, eps):
+    """timm's adaptive_clip_grad formula in NumPy, per array."""
+    for g, w in zip(grads, weights):
+        axes = tuple(range(1, g.ndim)) if g.ndim > 1 else None
+        g_norm = np.sqrt(np.sum(g * g, axis=axes, keepdims=True))
+        max_norm = clipping * np.maximum(np.sqrt(np.sum(w * w, axis=axes, keepdims=True)), eps)
+        np.multiply(g, np.where(g_norm < max_norm, np.float32(1),
+                                max_norm / np.maximum(g_norm, 1e-6)).astype(np.float32), out=g)
+
+
+def numpy_per_example_clip(grads, l2_norm_clip):
+    """optax's per_example_global_norm_clip in NumPy: row norms, multipliers, tensordot."""
+    rows = [g.reshape(len(g), -1) for g in grads]
+    norms = np.sqrt(sum(np.einsum("ij,ij->i", r, r) for r in rows))
+    mult = np.where(norms > l2_norm_clip, l2_norm_clip / np.where(norms > 0, norms, 1), 1)
+    return [np.tensordot(mult.astype(g.dtype), g, axes=1) for g in grads]
+
+
 def _numpy_threads(threads):
     return np.__version__, threads     # OPENBLAS_NUM_THREADS is set for the worker
 
@@ -176,6 +212,10 @@ NUMPY = Impl("numpy", {
     "relu": ("np.maximum(x, 0, out=x)",
              lambda d, p: _in_place(np.maximum, d.x, np.float32(0), out=d.x)),
     "clip_by_norm": ("x * (c / max(norm, c))", _numpy_clip_by_norm),
+    "agc": ("timm's formula, NumPy ops per array", lambda d, p: _in_place(
+        numpy_adaptive_clip, d.arrays, d.weights, p["clipping"], p["eps"])),
+    "per_example": ("row norms + tensordot per array", lambda d, p: lambda:
+                    numpy_per_example_clip(d.arrays, p["l2_norm_clip"])),
 })
 
 
@@ -187,14 +227,46 @@ def _torch_threads(threads):
     return torch.__version__, torch.get_num_threads()
 
 
-def _torch_clip(d, p):
+def _torch_params(d, weights=None):
+    """Parameters whose .grad is d.arrays' memory (bfloat16 for a bfloat16 workload)."""
     import torch
     params = []
-    for a in d.arrays:
-        param = torch.nn.Parameter(torch.empty(a.shape))   # never touched
-        param.grad = torch.from_numpy(a)                   # the same memory as a
+    for k, a in enumerate(d.arrays):
+        grad = torch.from_numpy(a)                          # the same memory as a
+        if d.dtype == "bfloat16":
+            grad = grad.view(torch.bfloat16)
+        data = torch.empty(a.shape, dtype=grad.dtype) if weights is None else \
+            torch.from_numpy(weights[k])                    # never written
+        param = torch.nn.Parameter(data)
+        param.grad = grad
         params.append(param)
-    return _in_place(torch.nn.utils.clip_grad_norm_, params, p["clip_norm"])
+    return params
+
+
+def _torch_clip(d, p):
+    import torch
+    return _in_place(torch.nn.utils.clip_grad_norm_, _torch_params(d), p["clip_norm"])
+
+
+def torch_adaptive_clip(parameters, clip_factor, eps):
+    """timm's adaptive_clip_grad: per parameter, unit norms and torch.where."""
+    import torch
+    for p in parameters:
+        g, w = p.grad.detach(), p.detach()
+        dims = tuple(range(1, g.ndim)) if g.ndim > 1 else None
+        g_norm = g.norm(2.0, dim=dims, keepdim=True) if dims else g.norm(2.0)
+        max_norm = (w.norm(2.0, dim=dims, keepdim=True) if dims else w.norm(2.0)).clamp_(min=eps)
+        max_norm.mul_(clip_factor)
+        g.copy_(torch.where(g_norm < max_norm, g, g * (max_norm / g_norm.clamp(min=1e-6))))
+
+
+def torch_per_example_clip(grads, l2_norm_clip):
+    """Opacus's clip_and_accumulate steps with optax's multiplier: a norm per
+    array per example, their norm, the multipliers, an einsum per array."""
+    import torch
+    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grads], dim=1).norm(2, dim=1)
+    mult = torch.where(norms > l2_norm_clip, l2_norm_clip / norms, torch.ones_like(norms))
+    return [torch.einsum("i,i...", mult, g) for g in grads]
 
 
 def _torch_clamp(d, p):
@@ -207,9 +279,19 @@ def _torch_relu(d, p):
     return _in_place(torch.relu_, torch.from_numpy(d.x))
 
 
+def _torch_per_example(d, p):
+    import torch
+    grads = [torch.from_numpy(a) for a in d.arrays]
+    return lambda: torch_per_example_clip(grads, p["l2_norm_clip"])
+
+
 TORCH = Impl("torch", {
     "clip": ("torch.nn.utils.clip_grad_norm_", _torch_clip),
     "noclip": ("torch.nn.utils.clip_grad_norm_", _torch_clip),
+    "clip_bf16": ("torch.nn.utils.clip_grad_norm_", _torch_clip),
+    "agc": ("timm's adaptive_clip_grad (torch ops)", lambda d, p: _in_place(
+        torch_adaptive_clip, _torch_params(d, d.weights), p["clipping"], p["eps"])),
+    "per_example": ("Opacus's steps (norms, stack, einsum)", _torch_per_example),
     "clip_by_value": ("torch.clamp_(x, lo, hi)", _torch_clamp),
     "relu": ("torch.relu_(x)", _torch_relu),
 })
@@ -271,8 +353,19 @@ def _jax_clip(d, p):
     return lambda: jax.block_until_ready(step(grads))
 
 
+def _jax_per_example(d, p):
+    import jax
+    import optax
+    grads = [jax.device_put(a) for a in d.arrays]
+    step = jax.jit(lambda g: optax.per_example_global_norm_clip(g, p["l2_norm_clip"])[0])
+    jax.block_until_ready(step(grads))
+    return lambda: jax.block_until_ready(step(grads))
+
+
 JAX = Impl("jax", {"clip": ("optax.clip_by_global_norm (jax.jit)", _jax_clip),
-                   "noclip": ("optax.clip_by_global_norm (jax.jit)", _jax_clip)})
+                   "noclip": ("optax.clip_by_global_norm (jax.jit)", _jax_clip),
+                   "per_example": ("optax.per_example_global_norm_clip (jit)",
+                                   _jax_per_example)})
 
 
 FAMILIES = (

@@ -292,6 +292,8 @@ def _row(case, impl, measured, families):
         if fam.get("status") == "not installed":
             return dict(r, status="not installed")
         return dict(r, status="error", message=fam.get("message", "no result from the worker"))
+    if row["status"] == "not installed":
+        return dict(r, status="not installed", message=row.get("message"))
     if row["status"] != "ok" or not row["rounds_s"]:
         return dict(r, status="error", message=row.get("message", "not measured"))
     times = [t for rs in row["rounds_s"] for t in rs]
@@ -331,7 +333,7 @@ def assemble(cases, measured, families, params, *, threads, repeat, warmup, argv
                                  if results.get(impl, {}).get("status") == "ok"}
         out_cases.append({"key": case.key, "label": case.label, "workload": case.workload,
                           "op": case.op, "tensors": len(DATA[case.workload]),
-                          "values": case.values, "bytes": 4 * case.values,
+                          "values": case.values, "bytes": case.itemsize * case.values,
                           "traffic_bytes": traffic,
                           "params": params.get(case.workload, {}).get(case.op, {}),
                           "ceiling": ceiling, "results": results, "speedup": speedup})

@@ -68,6 +68,8 @@ class Worker:
                 continue
             try:
                 self.calls[impl.name] = impls.make_call(impl.name, op, self.data)
+            except ImportError as exc:   # a module only this op needs (ml_dtypes)
+                status[impl.name] = {"status": "not installed", "message": _message(exc)}
             except Exception as exc:   # a peer that fails to set up
                 status[impl.name] = {"status": "error", "message": _message(exc)}
             else:
