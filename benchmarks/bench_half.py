@@ -1,6 +1,7 @@
 """16-bit (and float64) GPT-2 gradients: clipcore.torch.clip_grad_norm_ against torch's.
 
     python benchmarks/bench_half.py [--reps 7] [--threads 1,2] [--dtypes bfloat16,float16,float64]
+                                    [--passes]
 
 For each dtype, GPT-2 small's 148 gradient tensors (clipcore.workloads'
 shapes, 124,439,808 values) are clipped by clipcore.torch.clip_grad_norm_ and
@@ -13,6 +14,11 @@ types, twice as many for float64). Medians of --reps calls, at each thread
 count of --threads (torch.set_num_threads; clipcore.torch follows torch's
 count). Targets: clipcore >= 0.9 of the ceiling, and ahead of torch. Not run
 by the tests.
+
+With --passes, the two passes are also timed apart, each against its own
+part of the ceiling: the norm alone (clipcore.torch.get_total_norm) against
+the probe's read pass, and the scaling alone (clipcore.torch.clip_grads_with_norm_,
+by about 0.5) against its read-write pass.
 """
 import argparse
 import statistics
@@ -49,9 +55,20 @@ def time_clip(fn, params, saved, max_norm, reps):
 
 
 def ceiling(n_bytes, n_threads, reps):
+    """Medians of the probe's (read pass, read-write pass) over n_bytes."""
     buf = np.ones(n_bytes // 4, np.float32)
-    times = [sum(bandwidth_probe(buf, n_threads)) for _ in range(reps + 1)]
-    return statistics.median(times[1:])
+    times = [bandwidth_probe(buf, n_threads) for _ in range(reps + 1)][1:]
+    return tuple(statistics.median(t[k] for t in times) for k in (0, 1))
+
+
+def passes(params, saved, max_norm, reps):
+    """Medians of the norm alone and of the scaling alone (by about 0.5)."""
+    total = torch.tensor(2.0 * max_norm)
+    norm = time_clip(lambda ps, _: cct.get_total_norm([p.grad for p in ps]), params, saved,
+                     max_norm, reps)
+    scale = time_clip(lambda ps, m: cct.clip_grads_with_norm_(ps, m, total), params, saved,
+                      max_norm, reps)
+    return norm, scale
 
 
 def main():
@@ -59,6 +76,8 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--dtypes", default="bfloat16,float16,float64")
+    ap.add_argument("--passes", action="store_true",
+                    help="also time the norm and the scaling apart")
     args = ap.parse_args()
     print(f"clipcore {clipcore.__version__ if hasattr(clipcore, '__version__') else ''} "
           f"simd {kernels.simd_path()}, torch {torch.__version__}; medians of {args.reps}, ms")
@@ -73,13 +92,20 @@ def main():
         max_norm = 0.5 * norm                        # every call clips
         for n_threads in map(int, args.threads.split(",")):
             torch.set_num_threads(n_threads)
-            ceil = ceiling(n_bytes, n_threads, args.reps)
+            ceil_read, ceil_rw = ceiling(n_bytes, n_threads, args.reps)
+            ceil = ceil_read + ceil_rw
             ours = time_clip(cct.clip_grad_norm_, params, saved, max_norm, args.reps)
             theirs = time_clip(torch.nn.utils.clip_grad_norm_, params, saved, max_norm,
                                args.reps)
             print(f"{name:9} {n_threads:>3} {n_bytes / 1e6:>6.0f} {ceil * 1e3:>8.1f} "
                   f"{ours * 1e3:>9.1f} {theirs * 1e3:>8.1f} {ceil / ours:>8.2f} "
                   f"{theirs / ours:>8.2f}", flush=True)
+            if args.passes:
+                norm, scale = passes(params, saved, max_norm, args.reps)
+                print(f"{'':9} {'':>3} {'':>6} norm  {norm * 1e3:.1f} ms = read ceiling "
+                      f"{ceil_read * 1e3:.1f} / {ceil_read / norm:.2f}; scale "
+                      f"{scale * 1e3:.1f} ms = read-write ceiling {ceil_rw * 1e3:.1f} / "
+                      f"{ceil_rw / scale:.2f}", flush=True)
         del params, saved
 
 

@@ -197,6 +197,19 @@ def test_nan_results_are_quiet_and_keep_their_sign(twins):
         assert b[0] & quiet and b[1] & quiet and not b[0] & 0x8000 and b[1] & 0x8000
 
 
+@pytest.mark.parametrize("name", HALF)
+@pytest.mark.parametrize("factor", [0.3, -7.5, INF, 0.0])
+def test_every_nan_keeps_its_payload_quieted(name, factor, twins):
+    """A NaN element times a number is that NaN with the quiet bit set, sign and
+    payload kept (the bfloat16 twin relies on the product's low bits being zero)."""
+    x = every_value(name)
+    nan = np.isnan(x.astype(np.float32))
+    y = x.copy()
+    _lists.scale_(clipcore.Plan([y]), factor)
+    quiet = 0x0200 if name == "float16" else 0x0040
+    assert np.array_equal(bits(y)[nan], bits(x)[nan] | quiet)
+
+
 @pytest.mark.parametrize("n_threads", [1, 2, 7])
 def test_mixed_list_in_one_call(n_threads):
     pytest.importorskip("ml_dtypes")

@@ -120,18 +120,16 @@ CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
  * over whole blocks of CC_LANES, then once more over the last partial block
  * with masked loads (masked-off elements read as 0). */
 #define CC_EACH8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
-#define CC_AVX512_BLOCKS(STEP)                                                 \
+#define CC_AVX512_BLOCKS(EACH, STEP)                                           \
     for (; i + CC_LANES <= n; i += CC_LANES) {                                 \
         CC_PREFETCH_AHEAD(x + i, sizeof *x * CC_LANES)                         \
-        const ptrdiff_t left = CC_LANES; CC_EACH8(STEP) }                      \
-    if (i < n) { const ptrdiff_t left = n - i; CC_EACH8(STEP) }
+        const ptrdiff_t left = CC_LANES; EACH(STEP) }                          \
+    if (i < n) { const ptrdiff_t left = n - i; EACH(STEP) }
 #define CC_LOAD8(j) cc_mask8(left - 8 * j), x + i + 8 * j
-/* Eight elements (the arguments: mask, address) as float32: loaded, or widened from the
- * 16-bit types (F16C's vcvtph2ps; bfloat16 shifted into the top half). */
+/* Eight elements (the arguments: mask, address) as float32: loaded, or widened from
+ * float16 (F16C's vcvtph2ps). */
 #define CC_PS8_F32(...) _mm256_maskz_loadu_ps(__VA_ARGS__)
 #define CC_PS8_F16(...) _mm256_cvtph_ps(_mm_maskz_loadu_epi16(__VA_ARGS__))
-#define CC_PS8_BF16(...) _mm256_castsi256_ps(_mm256_slli_epi32(                \
-        _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(__VA_ARGS__)), 16))
 #define CC_SUMSQ_STEP(PS8, j) { const __m512d v = _mm512_cvtps_pd(PS8(CC_LOAD8(j))); \
                                 a##j = _mm512_fmadd_pd(v, v, a##j); }
 #define CC_SUMABS_STEP(PS8, j) { const __m512d v = _mm512_cvtps_pd(PS8(CC_LOAD8(j))); \
@@ -140,8 +138,6 @@ CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
 #define CC_SUMABS_F32(j) CC_SUMABS_STEP(CC_PS8_F32, j)
 #define CC_SUMSQ_F16(j) CC_SUMSQ_STEP(CC_PS8_F16, j)
 #define CC_SUMABS_F16(j) CC_SUMABS_STEP(CC_PS8_F16, j)
-#define CC_SUMSQ_BF16(j) CC_SUMSQ_STEP(CC_PS8_BF16, j)
-#define CC_SUMABS_BF16(j) CC_SUMABS_STEP(CC_PS8_BF16, j)
 /* Max-abs keeps 64 float lanes as 4 registers of 16 (m0 holds lanes 0-15);
  * the 16-bit types as 2 registers of 32 16-bit lanes (the same bit order). */
 #define CC_MAXABS_STEP(q) m##q = _mm512_max_epu32(m##q, _mm512_and_si512(abs_bits, \
@@ -194,9 +190,9 @@ CC_AVX512 CC_UNUSED static void NAME(const T *x, ptrdiff_t n, int kind,        \
     if (kind == CC_MAXABS) { MAXABS(x, n, acc); return; }                      \
     CC_EACH8(CC_LOAD_ACC)                                                      \
     if (kind == CC_SUMSQ) {                                                    \
-        CC_AVX512_BLOCKS(SUMSQ)                                                \
+        CC_AVX512_BLOCKS(CC_EACH8, SUMSQ)                                      \
     } else {                                                                   \
-        CC_AVX512_BLOCKS(SUMABS)                                               \
+        CC_AVX512_BLOCKS(CC_EACH8, SUMABS)                                     \
     }                                                                          \
     CC_EACH8(CC_STORE_ACC)                                                     \
 }
@@ -206,8 +202,48 @@ CC_DEFINE_REDUCE_AVX512(cc_reduce_f32_avx512, float, cc_maxabs_f32_avx512,
                         CC_SUMSQ_F32, CC_SUMABS_F32)
 CC_DEFINE_REDUCE_AVX512(cc_reduce_f16_avx512, uint16_t, cc_maxabs_f16_avx512,
                         CC_SUMSQ_F16, CC_SUMABS_F16)
-CC_DEFINE_REDUCE_AVX512(cc_reduce_bf16_avx512, uint16_t, cc_maxabs_bf16_avx512,
-                        CC_SUMSQ_BF16, CC_SUMABS_BF16)
+
+/* bfloat16's sums take 16 elements per load and widen them without moving
+ * any across lanes: the even elements are the low halves of the 32-bit
+ * words (shifted up: their float32 values), the odd ones the high halves
+ * (masked: theirs). So e<p> holds the lanes of a block's elements 16p,
+ * 16p + 2, .., 16p + 14 and o<p> those of 16p + 1, .., 16p + 15: the lanes
+ * are taken from acc in that order and put back at the end, and every
+ * element still goes to lane (its index modulo CC_LANES), as in the generic
+ * loop. */
+#define CC_BF16_STEP(INTO, p) {                                                \
+    const __m256i w = _mm256_maskz_loadu_epi16(cc_mask16(left - 16 * p), x + i + 16 * p); \
+    INTO(e##p, _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)))) \
+    INTO(o##p, _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_and_si256(w, high)))) }
+#define CC_SQ_INTO(a, v) { const __m512d v_ = (v); a = _mm512_fmadd_pd(v_, v_, a); }
+#define CC_ABS_INTO(a, v) a = _mm512_add_pd(a, _mm512_abs_pd(v));
+#define CC_SUMSQ_BF16(p) CC_BF16_STEP(CC_SQ_INTO, p)
+#define CC_SUMABS_BF16(p) CC_BF16_STEP(CC_ABS_INTO, p)
+#define CC_BF16_LOAD_ACC(p)                                                    \
+    const __m512d lo##p = _mm512_loadu_pd(acc + 16 * p), hi##p = _mm512_loadu_pd(acc + 16 * p + 8); \
+    __m512d e##p = _mm512_permutex2var_pd(lo##p, evens, hi##p);                \
+    __m512d o##p = _mm512_permutex2var_pd(lo##p, odds, hi##p);
+#define CC_BF16_STORE_ACC(p)                                                   \
+    _mm512_storeu_pd(acc + 16 * p, _mm512_permutex2var_pd(e##p, low_half, o##p)); \
+    _mm512_storeu_pd(acc + 16 * p + 8, _mm512_permutex2var_pd(e##p, high_half, o##p));
+CC_AVX512 CC_UNUSED static void cc_reduce_bf16_avx512(const uint16_t *x, ptrdiff_t n, int kind,
+                                                      double *restrict acc) {
+    ptrdiff_t i = 0;
+    if (kind == CC_MAXABS) { cc_maxabs_bf16_avx512(x, n, acc); return; }
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    /* permutex2var indices: 0-7 pick from the first operand, 8-15 from the second */
+    const __m512i evens = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odds = _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1);
+    const __m512i low_half = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
+    const __m512i high_half = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
+    CC_EACH4(CC_BF16_LOAD_ACC)
+    if (kind == CC_SUMSQ) {
+        CC_AVX512_BLOCKS(CC_EACH4, CC_SUMSQ_BF16)
+    } else {
+        CC_AVX512_BLOCKS(CC_EACH4, CC_SUMABS_BF16)
+    }
+    CC_EACH4(CC_BF16_STORE_ACC)
+}
 #undef CC_EACH8
 #undef CC_EACH4
 #undef CC_EACH2
@@ -219,6 +255,13 @@ CC_DEFINE_REDUCE_AVX512(cc_reduce_bf16_avx512, uint16_t, cc_maxabs_bf16_avx512,
 #undef CC_MAXABS16_STEP
 #undef CC_LOAD_ACC
 #undef CC_STORE_ACC
+#undef CC_BF16_STEP
+#undef CC_SQ_INTO
+#undef CC_ABS_INTO
+#undef CC_SUMSQ_BF16
+#undef CC_SUMABS_BF16
+#undef CC_BF16_LOAD_ACC
+#undef CC_BF16_STORE_ACC
 #endif
 
 #define CC_AS_IS(v) (v)

@@ -107,20 +107,23 @@ CC_DEFINE_SCALE16_AVX512(cc_scale_f16_avx512, CC_WIDEN16_F16, CC_NARROW16_F16)
 /* bfloat16, 32 at a time without moving any across lanes: the even elements
  * are the low halves of the 32-bit lanes (shifted up: their float32 values),
  * the odd ones the high halves (masked: theirs); each product is rounded in
- * its lane by the bias trick (NaN: quieted), and the two results are merged
- * back by 16-bit blend. The tail is the 16-wide loop's. */
+ * its lane by the bias trick, and the two results are merged back by 16-bit
+ * blend. A NaN needs no quieting here: a NaN product of a bfloat16 element
+ * is that element's NaN, quieted (x86 keeps the NaN operand's payload when
+ * the other is a number), with its low 16 bits zero, so the bias carries
+ * nothing out of them. Only a NaN scale could bring other low bits: it takes
+ * the 16-wide loop, which quiets. The tail is the 16-wide loop's. */
 CC_AVX512 static inline __m512i cc_round16_bf16(__m512 v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
-    return _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), u,
-                                _mm512_set1_epi32(0x00400000));   /* high half: quiet NaN */
+    return _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
 }
 CC_DEFINE_SCALE16_AVX512(cc_scale_bf16_avx512_16, CC_WIDEN16_BF16, CC_NARROW16_BF16)
 CC_AVX512 CC_UNUSED static void cc_scale_bf16_avx512(uint16_t *x, ptrdiff_t n, float s) {
     const __m512 vs = _mm512_set1_ps(s);
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
     ptrdiff_t i = 0;
+    if (s != s) { cc_scale_bf16_avx512_16(x, n, s); return; }
     for (; i + 64 <= n; i += 64) {
         CC_PREFETCH_AHEAD(x + i, 128)
         for (int q = 0; q < 64; q += 32) {
