@@ -55,10 +55,12 @@ def time_clip(fn, params, saved, max_norm, reps):
 
 
 def ceiling(n_bytes, n_threads, reps):
-    """Medians of the probe's (read pass, read-write pass) over n_bytes."""
+    """Medians of the probe's two passes together, of its read pass and of its
+    read-write pass, over n_bytes."""
     buf = np.ones(n_bytes // 4, np.float32)
     times = [bandwidth_probe(buf, n_threads) for _ in range(reps + 1)][1:]
-    return tuple(statistics.median(t[k] for t in times) for k in (0, 1))
+    return (statistics.median(sum(t) for t in times),
+            statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
 
 
 def passes(params, saved, max_norm, reps):
@@ -92,8 +94,7 @@ def main():
         max_norm = 0.5 * norm                        # every call clips
         for n_threads in map(int, args.threads.split(",")):
             torch.set_num_threads(n_threads)
-            ceil_read, ceil_rw = ceiling(n_bytes, n_threads, args.reps)
-            ceil = ceil_read + ceil_rw
+            ceil, ceil_read, ceil_rw = ceiling(n_bytes, n_threads, args.reps)
             ours = time_clip(cct.clip_grad_norm_, params, saved, max_norm, args.reps)
             theirs = time_clip(torch.nn.utils.clip_grad_norm_, params, saved, max_norm,
                                args.reps)
@@ -102,10 +103,10 @@ def main():
                   f"{theirs / ours:>8.2f}", flush=True)
             if args.passes:
                 norm, scale = passes(params, saved, max_norm, args.reps)
-                print(f"{'':9} {'':>3} {'':>6} norm  {norm * 1e3:.1f} ms = read ceiling "
-                      f"{ceil_read * 1e3:.1f} / {ceil_read / norm:.2f}; scale "
-                      f"{scale * 1e3:.1f} ms = read-write ceiling {ceil_rw * 1e3:.1f} / "
-                      f"{ceil_rw / scale:.2f}", flush=True)
+                print(f"{'':9} {'':>3} {'':>6} norm {norm * 1e3:.1f} ms (read ceiling "
+                      f"{ceil_read * 1e3:.1f}: {ceil_read / norm:.2f}), scale {scale * 1e3:.1f} ms "
+                      f"(read-write ceiling {ceil_rw * 1e3:.1f}: {ceil_rw / scale:.2f})",
+                      flush=True)
         del params, saved
 
 
