@@ -116,9 +116,10 @@ CC_CLONES CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,\
  * are above inf's, so a plain integer max keeps NaN. */
 
 /* The 8 float64 accumulators are named variables, not an array: GCC keeps
- * them in registers only then. STEP(j) handles elements i + 8j .. i + 8j + 7,
- * over whole blocks of CC_LANES, then once more over the last partial block
- * with masked loads (masked-off elements read as 0). */
+ * them in registers only then. EACH(STEP) runs STEP(j) for each j (STEP(j)
+ * handles elements i + 8j .. i + 8j + 7, or for bfloat16 i + 16j ..
+ * i + 16j + 15), over whole blocks of CC_LANES, then once more over the last
+ * partial block with masked loads (masked-off elements read as 0). */
 #define CC_EACH8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
 #define CC_AVX512_BLOCKS(EACH, STEP)                                           \
     for (; i + CC_LANES <= n; i += CC_LANES) {                                 \
