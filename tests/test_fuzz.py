@@ -537,9 +537,11 @@ def call_checked(case, fn, must, *, in_place, what):
     return (result,), before
 
 
-def list_state(case, in_place):
-    """(must, reasons): whether the list ops must take, or must refuse, the entries."""
-    present = [i for i, e in enumerate(case.entries) if e is not None]
+def list_state(case, in_place, indices=None):
+    """Whether the list ops must take (True), must refuse (False) or may do either
+    (None) the entries (those at indices)."""
+    present = [i for i in (range(len(case.entries)) if indices is None else indices)
+               if case.entries[i] is not None]
     for i in present:
         if not readable_ok(case.entries[i]):
             return False
@@ -1166,3 +1168,141 @@ def test_fuzz_clipcore_torch(op, data):
                                        err_msg=f"base {k}")
         else:
             np.testing.assert_array_equal(a, b, err_msg=f"base {k}")
+
+
+# ------------------------------------------------------------------ DP-SGD and AGC
+#
+# The references: optax's formulas (per_example_global_norm_clip with clipcore's
+# NaN rule, adaptive_grad_clip's unitwise_norm) in float64 NumPy.
+
+def _reshaped(draw, spec, shape):
+    """spec (an array entry) with another shape, and values drawn for it."""
+    spec.update(shape=shape, steps=[draw(st.sampled_from([1, 2, -1, -2])) for _ in shape],
+                zero_axis=draw(st.integers(0, max(len(shape) - 1, 0))),
+                values=draw(values(math.prod(shape))))
+
+
+def _sums_close(got, want, scale, dtype, what):
+    """got == want up to one rounding to dtype of sums whose terms add up to
+    scale, and the rounding of the norms the factors come from."""
+    got = np.asarray(got, np.float64)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    assert (np.isnan(got) == np.isnan(want)).all(), what
+    ok = ~np.isnan(want)
+    rtol, atol = tol(dtype, 8)
+    rtol += norm_rtol(2)
+    assert (np.abs(got[ok] - want[ok]) <= rtol * scale[ok] + atol).all(), (what, got, want)
+
+
+@given(data=st.data())
+def test_fuzz_per_example_global_norm_clip(data):
+    draw = data.draw
+    clean = draw(st.booleans(), label="clean")
+    batch = draw(st.integers(0, 4), label="batch")
+    specs = draw(st.lists(entry_spec("np", clean), min_size=1, max_size=4), label="specs")
+    odd = draw(st.integers(-1, 3 * len(specs)), label="entry with another batch size")
+    for k, spec in enumerate(specs):
+        if spec["kind"] in ("array", "masked"):
+            rest = tuple(draw(st.lists(st.integers(0, 3), max_size=2)))
+            _reshaped(draw, spec, (batch + (k == odd),) + rest)
+    case = build(specs)
+    grads = list(case.entries)
+    c, c_ok = clip_norm_arg(draw)
+    nt = draw(THREADS)
+    entries_ok = all(g is not None and readable_ok(g) and g.ndim >= 1 for g in grads)
+    batches = {g.shape[0] for g in grads if g is not None and g.ndim >= 1}
+    must = c_ok and threads_ok(nt) and entries_ok and len(batches) == 1
+    if c_ok and threads_ok(nt) and entries_ok and len(batches) == 1 and any(
+            spec["kind"] == "alias" for spec in specs):
+        must = None                       # an alias's shape may or may not fit the batch
+    with_out = must and draw(st.sampled_from(["none", "none", "good", "readonly", "shape"]))
+    outs = None
+    if with_out and with_out != "none":
+        outs = [np.full(g.shape[1:] if with_out != "shape" else g.shape, -7.0, g.dtype)
+                for g in grads]
+        if with_out == "readonly":
+            outs[-1].flags.writeable = False
+        must = with_out == "good"
+    out_before = None if outs is None else [o.copy() for o in outs]
+    res, _ = call_checked(case, lambda: clipcore.per_example_global_norm_clip(
+        grads, c, out=outs, n_threads=nt), must, in_place=False, what="per_example_global_norm_clip")
+    if res is None:
+        if outs is not None:
+            assert all(np.array_equal(o, b) for o, b in zip(outs, out_before)), "out written"
+        return
+    summed, num_clipped = res[0]
+    b = grads[0].shape[0]
+    rows = [f64(g).reshape(b, math.prod(g.shape[1:])) for g in grads]
+    norms = np.sqrt(sum(np.sum(r * r, axis=1) for r in rows)) if b else np.zeros(0)
+    with np.errstate(all="ignore"):
+        mult = np.where(norms > c, c / norms, 1.0)
+    mult[~np.isfinite(norms)] = NAN
+    assert num_clipped == int(np.count_nonzero(norms > c))
+    if outs is not None:
+        assert all(s is o for s, o in zip(summed, outs))
+    for k, (g, r) in enumerate(zip(grads, rows)):
+        assert summed[k].dtype == g.dtype and summed[k].shape == g.shape[1:]
+        with np.errstate(all="ignore"):
+            want = (mult @ r).reshape(g.shape[1:])
+            scale = (np.abs(mult) @ np.abs(r)).reshape(g.shape[1:])
+        _sums_close(summed[k], want, scale, g.dtype, f"summed[{k}]")
+
+
+def _optax_unit_axes(shape):
+    """optax.unitwise_norm's axes: the whole array when at most one axis is longer than 1."""
+    if sum(n != 1 for n in shape) <= 1:
+        return tuple(range(len(shape)))
+    return {2: (0,), 3: (0,), 4: (0, 1, 2), 5: (0, 1, 2, 3)}[len(shape)]
+
+
+@given(data=st.data())
+def test_fuzz_adaptive_grad_clip_(data):
+    draw = data.draw
+    clean = draw(st.booleans(), label="clean")
+    gspecs = draw(st.lists(entry_spec("np", clean), min_size=1, max_size=4), label="grads")
+    pspecs = []
+    for spec in gspecs:                      # a parameter of the grad's shape, or not
+        p = draw(entry_spec("np", clean))
+        if p["kind"] in ("array", "masked") and spec.get("shape") is not None and draw(
+                st.integers(0, 9)):
+            _reshaped(draw, p, tuple(spec["shape"]))
+        pspecs.append(p)
+    case = build(gspecs + pspecs)
+    n = len(gspecs)
+    grads, params = case.entries[:n], case.entries[n:]
+    clipping = draw(st.sampled_from([0.0, 1e-3, 0.01, 0.5, 1.0, 10.0, INF]))
+    eps = draw(st.sampled_from([1e-3, 0.0, 1.0]))
+    nt = draw(THREADS)
+    present = [k for k, g in enumerate(grads) if g is not None]
+    params_ok = all(params[k] is not None and readable_ok(params[k])
+                    and params[k].shape == grads[k].shape for k in present)
+    must = list_state(case, True, range(n)) if threads_ok(nt) and params_ok else False
+    if must:
+        for k in present:
+            for j in range(n, 2 * n):
+                if (case.entries[j] is not None and math.prod(grads[k].shape)
+                        and math.prod(case.entries[j].shape) and overlapping(case, k, j)):
+                    must = False
+    if any(s["kind"] == "alias" for s in gspecs + pspecs) and must is False:
+        must = None                      # an alias may or may not break a rule above
+    g64 = [None if g is None else f64(g) for g in grads]
+    p64 = [None if p is None else f64(p) for p in params]
+    res, before = call_checked(case, lambda: clipcore.adaptive_grad_clip_(
+        grads, params, clipping, eps, n_threads=nt), must, in_place=True,
+        what="adaptive_grad_clip_")
+    if res is None:
+        return
+    assert res[0] is grads
+    for k in present:
+        g, w = g64[k], p64[k]
+        if g.size == 0:
+            continue
+        axes = _optax_unit_axes(g.shape)
+        with np.errstate(all="ignore"):
+            gn = np.sqrt(np.sum(g * g, axis=axes, keepdims=True))
+            max_norm = clipping * np.maximum(np.sqrt(np.sum(w * w, axis=axes, keepdims=True)),
+                                             eps)
+            factor = np.where(gn < max_norm, 1.0, max_norm / np.maximum(gn, 1e-6))
+            # the grads are multiplied in their own dtype, by the factor in it
+            want = g * factor.astype(dtype_of(grads[k])).astype(np.float64)
+        _sums_close(f64(grads[k]), want, np.abs(want), dtype_of(grads[k]), f"grads[{k}]")
