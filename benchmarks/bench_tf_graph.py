@@ -3,26 +3,38 @@
 Not run by the tests. Run it alone on an idle machine (other work on the
 cores moves every figure):
 
-    PYTHONPATH=. python benchmarks/bench_tf_graph.py [--quick]
+    PYTHONPATH=. python benchmarks/bench_tf_graph.py [--quick] [--rounds N]
 
-Prints medians and ratios (clipcore time / TF time: below 1 is faster) for
+Every comparison runs three compiled steps that differ only in the clipping:
 
+  none      the same step with the clipping left out (same inputs, same
+            outputs: the unclipped tensors and a constant in place of the norm)
+  clipcore  clipcore.clip_by_global_norm / clipcore.keras.with_global_clipnorm
+  tf        tf.clip_by_global_norm / Keras's global_clipnorm
+
+timed in alternating rounds (none, clipcore, tf, none, ...; the order
+rotates each round), so that changes in the machine's load hit all three.
+For each it prints the whole step's median and range over the rounds, and
+the clipping's own cost: per round, (the step with the clip) minus (the step
+without it), median and range. The ratios are TF / clipcore (above 1:
+clipcore is faster), of the clipping's costs and of the whole steps.
+
+* the clipping alone inside tf.function, on the gradient shapes of
+  clipcore.workloads (MNIST MLP, 2000x512, ResNet-50, GPT-2), the gradients
+  captured by the function (as a train step's are made inside it) and, for
+  the small workloads, passed as arguments (tf.function's per-argument and
+  per-result cost, which the step without the clip pays too);
+* a training step compiled with tf.function: a GradientTape over a model of
+  2000 variables of 512, the clip, and SGD (assign_sub per variable);
 * one training step of ``model.fit`` (graph mode: fit compiles its train
-  step) with ``clipcore.keras.with_global_clipnorm(SGD(1.0), 15)`` against
-  ``SGD(1.0, global_clipnorm=15)``, for the lesson's MLP (784-256-128-10,
+  step) with SGD(0.01) clipping at 15, for the lesson's MLP (784-256-128-10,
   batch 32) and for a model of 2000 weight vectors of 512 (batch 32);
-* the clipping alone, ``clipcore.clip_by_global_norm`` against
-  ``tf.clip_by_global_norm``, both inside ``tf.function``, on the gradient
-  shapes of clipcore.workloads (MNIST MLP, 2000x512, ResNet-50, GPT-2): the
-  gradients passed as arguments, then captured by the function (tf.function
-  has a cost of its own per argument and per result; with 2000 tensors that
-  is most of either side's time, and neither side can avoid it);
 * eager calls on a small TF tensor, without and with a recording tape (the
-  cost of the dispatch and of the custom-gradient wrapper).
+  cost of the dispatch and of the custom-gradient wrapper; no "none" step).
 """
+import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -35,23 +47,127 @@ import clipcore  # noqa: E402
 import clipcore.keras  # noqa: E402
 from clipcore import workloads  # noqa: E402
 
-QUICK = "--quick" in sys.argv
+MODES = ("none", "clipcore", "tf")
 
 
-def median_time(fn, repeats, number=1):
-    fn()                                   # warm-up (traces, compiles)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        times.append((time.perf_counter() - t0) / number)
-    return statistics.median(times)
+def rounds(fns, n_rounds, number):
+    """{mode: [seconds per call, one per round]}: the modes alternated, order rotating."""
+    for fn in fns.values():
+        fn()                               # warm-up (traces, compiles)
+    times = {mode: [] for mode in fns}
+    order = list(fns)
+    for r in range(n_rounds):
+        for mode in order[r % len(order):] + order[:r % len(order)]:
+            fn = fns[mode]
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            times[mode].append((time.perf_counter() - t0) / number)
+    return times
 
 
-def row(what, t_cc, t_tf, unit=1e3, label="ms"):
-    print(f"{what:<38} clipcore {t_cc * unit:9.3f} {label}   TF {t_tf * unit:9.3f} {label}   "
-          f"ratio {t_cc / t_tf:5.2f}", flush=True)
+def _fmt(values, unit=1e3):
+    return (f"{statistics.median(values) * unit:8.3f} "
+            f"[{min(values) * unit:7.3f}, {max(values) * unit:8.3f}]")
+
+
+def report(what, times):
+    """The whole steps, the clipping's costs (step minus the step without it), the ratios."""
+    none = times["none"]
+    cost = {m: [t - n for t, n in zip(times[m], none)] for m in ("clipcore", "tf")}
+    print(f"{what}  ({len(none)} rounds; ms, median [range])")
+    for mode in MODES:
+        extra = f"   clip cost {_fmt(cost[mode])}" if mode in cost else ""
+        print(f"  {mode:9s} step {_fmt(times[mode])}{extra}")
+    med = {m: statistics.median(v) for m, v in cost.items()}
+    step_ratio = statistics.median(times["tf"]) / statistics.median(times["clipcore"])
+    clip_ratio = med["tf"] / med["clipcore"] if med["clipcore"] > 0 else float("inf")
+    print(f"  TF / clipcore: clip cost {clip_ratio:6.2f}x   whole step {step_ratio:5.2f}x",
+          flush=True)
+
+
+# -------------------------------------------------------------- clipping
+
+def _no_clip(ts, clip_norm):
+    return list(ts), tf.constant(0.0, ts[0].dtype)
+
+
+CLIPS = {"none": _no_clip, "clipcore": clipcore.clip_by_global_norm,
+         "tf": tf.clip_by_global_norm}
+
+
+def _compiled(clip, captured=None):
+    """tf.function of clip(ts, 1.0): of captured tensors (no arguments), or of its argument."""
+    # a closure, not a default argument: tf.function would trace the function
+    # passed as an argument, not call it
+    if captured is not None:
+        return tf.function(lambda: clip(captured, 1.0))
+    return tf.function(lambda ts: clip(ts, 1.0))
+
+
+def bench_clip(args):
+    print("clip_by_global_norm inside tf.function (clip_norm 1.0: every tensor scaled)")
+    for name in ("mlp", "2000x512", "resnet50", "gpt2"):
+        grads = [tf.constant(g) for g in workloads.make_gradients(name)]
+        big = workloads.n_values(name) > 10_000_000
+        number = 1 if big else (5 if name == "2000x512" else 50)
+        # the results are materialised: .numpy() of the norm ends each call
+        captured = {m: _compiled(clip, grads) for m, clip in CLIPS.items()}
+        report(f"{name}, gradients captured", rounds(
+            {m: (lambda f=f: f()[1].numpy()) for m, f in captured.items()},
+            args.rounds, number))
+        if not big:
+            as_args = {m: _compiled(clip) for m, clip in CLIPS.items()}
+            report(f"{name}, gradients as arguments", rounds(
+                {m: (lambda f=f: f(grads)[1].numpy()) for m, f in as_args.items()},
+                args.rounds, number))
+        del grads, captured
+
+
+def bench_tape_step(args, n_vars=2000, size=512, batch=32):
+    print(f"tf.function training step: GradientTape over {n_vars} variables of {size}, "
+          f"clip, SGD")
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(batch, size)).astype(np.float32))
+    # a target the weights converge to: no decay towards denormals in any mode
+    y = tf.constant(rng.normal(size=(batch, n_vars)).astype(np.float32))
+
+    def make(clip):
+        vs = [tf.Variable(rng.normal(size=size).astype(np.float32) * 0.05)
+              for _ in range(n_vars)]
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                logits = tf.matmul(x, tf.stack(vs), transpose_b=True)
+                loss = tf.reduce_mean(tf.square(logits - y))
+            grads, _ = clip(tape.gradient(loss, vs), 1.0)
+            for v, g in zip(vs, grads):
+                v.assign_sub(0.01 * g)
+            return loss
+        return lambda: step().numpy()
+    report(f"{n_vars}x{size} tape step", rounds({m: make(c) for m, c in CLIPS.items()},
+                                                 args.rounds, 3))
+
+
+# ----------------------------------------------------------------- eager
+
+def bench_eager(args):
+    print("eager calls on a TF tensor of 1000 float32 (dispatch and tape wrapper), us")
+    x = tf.random.normal([1000])
+    cases = (("relu, no tape", lambda: clipcore.relu(x), lambda: tf.nn.relu(x)),
+             ("clip_by_norm, no tape", lambda: clipcore.clip_by_norm(x, 1.0),
+              lambda: tf.clip_by_norm(x, 1.0)))
+    for what, cc, ref in cases:
+        times = rounds({"clipcore": cc, "tf": ref}, args.rounds, 500)
+        print(f"  {what:24s} clipcore {_fmt(times['clipcore'], 1e6)}   "
+              f"TF {_fmt(times['tf'], 1e6)}", flush=True)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        times = rounds({"clipcore": lambda: clipcore.relu(x), "tf": lambda: tf.nn.relu(x)},
+                       args.rounds, 200)
+    print(f"  {'relu, tape recording':24s} clipcore {_fmt(times['clipcore'], 1e6)}   "
+          f"TF {_fmt(times['tf'], 1e6)}", flush=True)
 
 
 # ------------------------------------------------------------------- fit
@@ -67,7 +183,8 @@ class ManyVectors(keras.layers.Layer):
         return (input_shape[0], 10)
 
     def call(self, x):
-        return keras.ops.matmul(x, keras.ops.transpose(keras.ops.stack([v.value for v in self.vs])))[:, :10]
+        stacked = keras.ops.stack([v.value for v in self.vs])
+        return keras.ops.matmul(x, keras.ops.transpose(stacked))[:, :10]
 
 
 def mlp():
@@ -81,73 +198,51 @@ def many():
                              keras.layers.Activation("softmax")])
 
 
-def fit_step_time(make_model, optimizer, n_in, steps, repeats):
+# A small learning rate, so that the step without clipping does not diverge
+# (NaN and denormal arithmetic would time differently); both clips scale
+# every gradient whether or not the norm exceeds clip_norm.
+OPTIMIZERS = {
+    "none": lambda: keras.optimizers.SGD(0.01),
+    "clipcore": lambda: clipcore.keras.with_global_clipnorm(keras.optimizers.SGD(0.01), 15),
+    "tf": lambda: keras.optimizers.SGD(0.01, global_clipnorm=15),
+}
+
+
+def fit_step(make_model, optimizer, n_in, steps):
+    """A function running `steps` training steps of model.fit; returns nothing."""
     keras.utils.set_random_seed(0)
     model = make_model()
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32 * steps, n_in)).astype(np.float32)
     y = rng.integers(0, 10, 32 * steps)
-    return median_time(lambda: model.fit(x, y, batch_size=32, epochs=1, shuffle=False,
-                                         verbose=0), repeats) / steps
+    return lambda: model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
 
 
-def bench_fit():
-    print("model.fit, per training step (graph mode), with_global_clipnorm vs global_clipnorm")
-    for name, make, n_in, steps in (("MNIST MLP", mlp, 784, 50), ("2000x512 vectors", many, 512, 20)):
-        reps = 3 if QUICK else 7
-        t_cc = fit_step_time(make, clipcore.keras.with_global_clipnorm(
-            keras.optimizers.SGD(1.0), 15), n_in, steps, reps)
-        t_tf = fit_step_time(make, keras.optimizers.SGD(1.0, global_clipnorm=15), n_in, steps,
-                             reps)
-        row(f"fit step, {name}", t_cc, t_tf)
+def bench_fit(args):
+    print("model.fit, per training step (graph mode), SGD(0.01) clipping at 15")
+    for name, make, n_in, steps in (("MNIST MLP", mlp, 784, 50),
+                                    ("2000x512 vectors", many, 512, 20)):
+        fns = {m: fit_step(make, opt(), n_in, steps) for m, opt in OPTIMIZERS.items()}
+        times = rounds(fns, max(3, args.rounds // 3), 1)
+        report(f"fit step, {name}", {m: [t / steps for t in v] for m, v in times.items()})
 
 
-# -------------------------------------------------------------- clipping
-
-def bench_clip():
-    print("clip_by_global_norm inside tf.function (clip_norm 1.0: every tensor scaled)")
-    cc = tf.function(lambda ts: clipcore.clip_by_global_norm(ts, 1.0))
-    ref = tf.function(lambda ts: tf.clip_by_global_norm(ts, 1.0))
-    for name in ("mlp", "2000x512", "resnet50", "gpt2"):
-        grads = [tf.constant(g) for g in workloads.make_gradients(name)]
-        big = workloads.n_values(name) > 10_000_000
-        reps, number = (5, 1) if big else (15, 5 if name == "2000x512" else 50)
-        if QUICK:
-            reps = 3
-        # the results are materialised: .numpy() of the norm ends the step
-        t_cc = median_time(lambda: cc(grads)[1].numpy(), reps, number)
-        t_tf = median_time(lambda: ref(grads)[1].numpy(), reps, number)
-        row(f"tf.function clip, {name}", t_cc, t_tf)
-        # the gradients captured (as a train step's are made inside it): no
-        # per-argument cost of tf.function's call, which both sides pay above
-        cc_in = tf.function(lambda: clipcore.clip_by_global_norm(grads, 1.0))
-        ref_in = tf.function(lambda: tf.clip_by_global_norm(grads, 1.0))
-        t_cc = median_time(lambda: cc_in()[1].numpy(), reps, number)
-        t_tf = median_time(lambda: ref_in()[1].numpy(), reps, number)
-        row(f"  captured, {name}", t_cc, t_tf)
-        del grads, cc_in, ref_in
-
-
-def bench_eager():
-    print("eager calls on a TF tensor of 1000 float32 (dispatch and tape wrapper)")
-    x = tf.random.normal([1000])
-    t_plain = median_time(lambda: clipcore.relu(x), 7, 2000)
-    t_tf = median_time(lambda: tf.nn.relu(x), 7, 2000)
-    row("relu, no tape", t_plain, t_tf, 1e6, "us")
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        t_tape = median_time(lambda: clipcore.relu(x), 7, 500)
-        t_tf_tape = median_time(lambda: tf.nn.relu(x), 7, 500)
-    row("relu, tape recording", t_tape, t_tf_tape, 1e6, "us")
-    t_clip = median_time(lambda: clipcore.clip_by_norm(x, 1.0), 7, 2000)
-    t_tfclip = median_time(lambda: tf.clip_by_norm(x, 1.0), 7, 2000)
-    row("clip_by_norm, no tape", t_clip, t_tfclip, 1e6, "us")
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds")
+    parser.add_argument("--only", choices=["eager", "clip", "tape", "fit"], default=None)
+    args = parser.parse_args()
+    if args.rounds is None:
+        args.rounds = 5 if args.quick else 21
+    print(f"clipcore {clipcore.__file__}, TensorFlow {tf.__version__}, Keras {keras.__version__},"
+          f" {os.cpu_count()} CPUs")
+    for part, fn in (("eager", bench_eager), ("clip", bench_clip), ("tape", bench_tape_step),
+                     ("fit", bench_fit)):
+        if args.only in (None, part):
+            fn(args)
 
 
 if __name__ == "__main__":
-    print(f"clipcore {clipcore.__file__}, TensorFlow {tf.__version__}, Keras {keras.__version__},"
-          f" {os.cpu_count()} CPUs")
-    bench_eager()
-    bench_clip()
-    bench_fit()
+    main()

@@ -1,21 +1,23 @@
 """A Lightning training step with and without clipcore.torch.patch().
 
     python benchmarks/bench_torch_trainers.py [--params 2000] [--size 512] [--steps 300]
-                                              [--algorithm norm] [--threads N]
+                                              [--algorithm norm] [--threads 1 2]
 
 The model has --params parameters of --size float32 values each (default
 2000 x 512, the many-small-tensors case where torch's per-tensor work shows),
 its forward one multiply-add per parameter; Lightning's automatic
-optimization runs SGD with Trainer(gradient_clip_val=0.5). The two runs
-alternate in blocks (unpatched, patched, unpatched, ...) so drifts in the
-machine's load hit both; each reports, over all timed steps after a warm-up:
+optimization runs SGD with Trainer(gradient_clip_val=0.5). For each thread
+count the two modes alternate in blocks (unpatched, patched, patched,
+unpatched, ...: each block a fit of its own) so drifts in the machine's load
+hit both; each reports, over the timed steps of all blocks after a warm-up:
 
   step   on_train_batch_start to on_train_batch_end (forward, backward,
          clipping, SGD update)
   clip   Lightning's clip_gradients call alone (what patch() changes)
 
-Medians, in milliseconds; torch's intra-op threads as --threads (default:
-torch's own choice). Not run by the tests.
+Medians and [ranges of the per-block medians], in milliseconds; the ratios
+torch / clipcore (above 1: patched is faster) of the medians and, in
+brackets, the range of the per-block-pair ratios. Not run by the tests.
 """
 import argparse
 import logging
@@ -82,43 +84,64 @@ def run(args, steps):
     return timer
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=int, default=2000)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=300, help="timed steps per mode")
-    parser.add_argument("--blocks", type=int, default=3, help="alternating runs per mode")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per run")
-    parser.add_argument("--algorithm", choices=["norm", "value"], default="norm")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+def block_medians(blocks):
+    """The median of each block's timed steps."""
+    return [statistics.median(b) for b in blocks]
 
+
+def bench(args, threads):
+    torch.set_num_threads(threads)
     per_run = max(1, args.steps // args.blocks)
+    # {mode: ([step times per block], [clip times per block])}
     times = {"torch": ([], []), "clipcore": ([], [])}
-    for _ in range(args.blocks):
-        for mode in times:
+    for b in range(args.blocks):
+        for mode in (("torch", "clipcore") if b % 2 == 0 else ("clipcore", "torch")):
             if mode == "clipcore":
                 with ct.patch():
                     timer = run(args, per_run + args.warmup)
             else:
                 timer = run(args, per_run + args.warmup)
-            times[mode][0].extend(timer.steps[args.warmup:])
-            times[mode][1].extend(timer.clips[args.warmup:])
+            times[mode][0].append(timer.steps[args.warmup:])
+            times[mode][1].append(timer.clips[args.warmup:])
 
     print(f"Lightning step, {args.params} parameters x {args.size} float32, "
           f"gradient_clip_algorithm={args.algorithm!r}, {torch.get_num_threads()} threads, "
-          f"{len(times['torch'][0])} steps each (medians, ms)")
-    print(f"{'':10s} {'step':>9s} {'clip':>9s}")
-    med = {mode: (statistics.median(s) * 1e3, statistics.median(c) * 1e3)
-           for mode, (s, c) in times.items()}
-    for mode, (step, clip) in med.items():
-        print(f"{mode:10s} {step:9.3f} {clip:9.3f}")
-    (ts, tc), (cs, cc) = med["torch"], med["clipcore"]
-    print(f"{'ratio':10s} {ts / cs:8.2f}x {tc / cc:8.2f}x   (torch / clipcore)")
+          f"{args.blocks} blocks of {per_run} steps per mode (ms)")
+    print(f"{'':10s} {'step median [block range]':>32s} {'clip median [block range]':>32s}")
+    for mode, (steps, clips) in times.items():
+        cells = []
+        for blocks in (steps, clips):
+            meds = block_medians(blocks)
+            every = [t for blk in blocks for t in blk]
+            cells.append(f"{statistics.median(every) * 1e3:9.3f} "
+                         f"[{min(meds) * 1e3:8.3f}, {max(meds) * 1e3:8.3f}]")
+        print(f"{mode:10s} {cells[0]:>32s} {cells[1]:>32s}")
+    cells = []
+    for k in (0, 1):
+        ref, got = times["torch"][k], times["clipcore"][k]
+        med = (statistics.median([t for blk in ref for t in blk])
+               / statistics.median([t for blk in got for t in blk]))
+        pairs = [a / b for a, b in zip(block_medians(ref), block_medians(got))]
+        cells.append(f"{med:8.2f}x [{min(pairs):5.2f}, {max(pairs):5.2f}]")
+    print(f"{'ratio':10s} {cells[0]:>32s} {cells[1]:>32s}   (torch / clipcore)", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=300, help="timed steps per mode")
+    parser.add_argument("--blocks", type=int, default=4, help="alternating runs per mode")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per run")
+    parser.add_argument("--algorithm", choices=["norm", "value"], default="norm")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="torch's intra-op thread counts to run, one after the other")
+    args = parser.parse_args()
+    for name in ("lightning", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    for threads in args.threads:
+        bench(args, threads)
 
 
 if __name__ == "__main__":

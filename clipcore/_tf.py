@@ -25,11 +25,13 @@ only then, so ``import clipcore`` never imports TensorFlow.
   internal ``record.record_operation`` (what tf.custom_gradient does eagerly,
   without its wrapping; tf.custom_gradient where it is missing).
 * **global_norm, clip_by_global_norm in graph mode** pass the tensors end to
-  end (Reshape to vectors, one Concat) as the numpy_function's one input and
-  get one flat output back (Split, Reshape): numpy_function converts every
-  input and output on its own, which cost more than the clipping. The core
-  sees the same elements in the same order, so its results are bitwise the
-  list's.
+  end (one ConcatV2; a Reshape to a vector only for a tensor that is not one)
+  as the numpy_function's one input and get one flat output back (one SplitV;
+  a Reshape only where the shape needs it): numpy_function converts every
+  input and output on its own, which cost more than the clipping. Besides
+  those Reshapes the graph has a fixed number of ops whatever the list's
+  length (global_norm's gradient is taken on the flat vector). The core sees
+  the same elements in the same order, so its results are bitwise the list's.
   clip_by_global_norm and clip_by_average_norm have no gradient (they clip
   gradients; TF's would flow, clipcore's results are constants to a tape).
 """
@@ -185,7 +187,8 @@ def _run(op, tensors, eager, reference, grad=None, specs=None, single=True, grap
     mode, eager tensors in eager mode); reference(*tensors) is TF's own op;
     grad(tensors, result, upstream) gives TF's gradients of the tensors.
     single: one result (else a list of them). graph(*tensors), if given,
-    builds the graph-mode forward in place of one numpy_function of eager.
+    builds the whole graph-mode op (its gradient included) in place of one
+    numpy_function of eager under tf.custom_gradient.
     """
     why = _off_cpu(tensors)
     if why:
@@ -212,7 +215,7 @@ def _run(op, tensors, eager, reference, grad=None, specs=None, single=True, grap
             return eager(*tensors)
         forward = eager
     elif graph is not None:
-        forward = graph
+        return graph(*tensors)
     else:
         specs = specs if specs is not None else _static_specs(reference, tensors)
 
@@ -515,10 +518,19 @@ def global_norm(t_list, name=None, *, norm_type=2.0, n_threads=None):
     if _flat_pays(tensors):
         # One input (the tensors end to end), one scalar output: numpy_function's
         # per-tensor conversions cost more than the norm. Same elements in the
-        # same order: the core's chunks and so its bits are the list's.
+        # same order: the core's chunks and so its bits are the list's. The
+        # gradient is taken on the flat vector (Concat's gradient cuts it back),
+        # so the graph holds no per-tensor op for it.
+        def norm_of(flat):
+            return _graph_call(eager, [(tf.TensorShape([]), dtype)], [flat])[0]
+
+        @tf.custom_gradient
+        def norm_with_grad(flat):
+            n = norm_of(flat)
+            return n, lambda dn: grad([flat], n, dn)[0]
+
         def graph(*ts):
-            return _graph_call(lambda flat: eager(flat), [(tf.TensorShape([]), dtype)],
-                               [_flatten(ts)])[0]
+            return (norm_with_grad if grad is not None else norm_of)(_flatten(ts))
     return _run("global_norm", tensors, eager, reference, grad,
                 specs=[(tf.TensorShape([]), dtype)], graph=graph)
 
@@ -564,6 +576,8 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_thread
     if tensors and _flat_pays(tensors):
         # One flat input and one flat output, cut back with Split and Reshape
         # (metadata): numpy_function converts each input and output on its own.
+        # No tf.custom_gradient around it (no gradient): its IdentityN and
+        # Identity ops would be per tensor.
         def graph(*vals):
             flat = _flatten(vals[:n])
             fspecs = [(flat.shape, flat.dtype)]

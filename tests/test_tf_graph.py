@@ -7,6 +7,7 @@ gradients against TF's (eager and graph, ties and zero norms included), the
 XLA fallback, Keras's fit with clipcore's clipping, and TF's dtype rule for
 Python lists.
 """
+import collections
 import importlib.util
 import os
 import subprocess
@@ -312,6 +313,48 @@ def test_graph_global_ops_bitwise_equal_eager(dtype, flat, monkeypatch):
     assert got_norm.numpy() == ref_norm
     for g, r in zip(got_outs, ref_outs):
         assert g.shape == r.shape and g.numpy().tobytes() == r.tobytes()
+
+
+def _added_ops(fn, tensors):
+    """Op types (and counts) fn's graph adds besides its inputs, constants and returned values."""
+    graph = tf.function(fn).get_concrete_function(
+        [tf.TensorSpec(t.shape, t.dtype) for t in tensors]).graph
+    returned = {t.op.name for t in graph.outputs}
+    return collections.Counter(op.type for op in graph.get_operations()
+                               if op.type not in ("Placeholder", "Const")
+                               and op.name not in returned)
+
+
+@pytest.mark.parametrize("n", [3, 40])
+def test_graph_global_ops_have_a_fixed_number_of_ops(n):
+    # One ConcatV2, one numpy_function, one SplitV whatever the list's length;
+    # a Reshape only for a tensor that is not a vector (in, and out again).
+    vectors = [tf.ones([5]) * i for i in range(n)]
+    matrices = [tf.ones([2, 3]) * i for i in range(n)]
+    clip = lambda l: clipcore.clip_by_global_norm(l, 1.0)  # noqa: E731
+    assert _added_ops(clip, vectors) == {"ConcatV2": 1, "PyFuncStateless": 1, "SplitV": 1}
+    assert _added_ops(clip, matrices) == {"ConcatV2": 1, "PyFuncStateless": 1, "SplitV": 1,
+                                          "Reshape": 2 * n}
+    # global_norm's gradient is taken on the flat vector (tf.custom_gradient's
+    # IdentityN and Identity, once)
+    norm_ops = {"ConcatV2": 1, "PyFuncStateless": 1, "IdentityN": 1, "Identity": 1}
+    assert _added_ops(clipcore.global_norm, vectors) == norm_ops
+    assert _added_ops(clipcore.global_norm, matrices) == dict(norm_ops, Reshape=n)
+
+
+def test_graph_global_norm_gradient_bitwise_equal_eager():
+    ts = [t for t in _ragged_list(np.float32) if t.shape.num_elements()]
+
+    def grads(l, m=clipcore):
+        with tf.GradientTape() as tape:
+            tape.watch(l)
+            n = getattr(m, "linalg", m).global_norm(l)
+        return tape.gradient(n, l, output_gradients=tf.constant(0.75))
+    eager, graph = grads(ts), tf.function(grads)(ts)
+    ref = tf.function(lambda l: grads(l, tf))(ts)
+    for e, g, r, t in zip(eager, graph, ref, ts):
+        assert g.shape == t.shape and g.numpy().tobytes() == e.numpy().tobytes()
+        np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=2e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------- fallback
