@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 from clipcore._elementwise import TYPE_CODES
-from clipcore._lists import buffer_view, check_writable, framework
+from clipcore._lists import buffer_view, check_writable, framework, needs_copy
 
 # Results larger than this go to TensorFlow through DLPack (no copy); smaller
 # ones are copied, which is faster than setting up the capsule.
@@ -49,18 +49,12 @@ def is_real(dtype):
 
 def type_code(arr):
     """The elementwise kernels' type code for arr (clipcore._elementwise.TYPE_CODES),
-    or None when NumPy must do the work."""
-    dt = arr.dtype
-    if not dt.isnative:
+    or None when NumPy must do the work (also for memory the kernels cannot
+    read as it is: clipcore._lists.needs_copy)."""
+    if needs_copy(arr):
         return None
+    dt = arr.dtype
     return TYPE_CODES.get((dt.kind, dt.itemsize))
-
-
-def native(arr):
-    """arr, or an aligned native-byte-order copy of it when it is not."""
-    if arr.dtype.isnative and arr.flags.aligned:
-        return arr
-    return np.array(arr, dtype=arr.dtype.newbyteorder("="))
 
 
 def numpy_result(res):
