@@ -28,7 +28,8 @@ from clipcore._elementwise import TYPE_CODES
 from clipcore._lists import buffer_view, check_writable, framework, needs_copy
 
 # Results larger than this go to TensorFlow through DLPack (no copy); smaller
-# ones are copied, which is faster than setting up the capsule.
+# ones are copied, which is faster than setting up the capsule. (Bytes: not
+# the kernels' 65536-element ITEM_ELEMENTS or PARALLEL_MIN, another idea.)
 _TF_DLPACK_MIN_BYTES = 1 << 16
 
 

@@ -29,10 +29,11 @@ cnp.import_array()
 
 cdef type ndarray = np.ndarray
 
-# What clipcore.torch takes memory for (tensor_memory, tensor_array): a norm
-# (False), a norm and a scaling (True), or any write (the clamp).
+# What memory is taken for (tensor_memory, tensor_array): a norm (False), a
+# norm and a scaling (True), any read, any write.
 FOR_NORM = USE_NORM
 FOR_SCALE = USE_SCALE
+FOR_READ = USE_READ
 FOR_WRITE = USE_WRITE
 
 # The segment kinds, for plan_over_memory's callers.
