@@ -444,10 +444,12 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
 
 # --- per-example clipping (Opacus) and adaptive gradient clipping (timm) -----------------
 
-def _fast_tensor(t):
-    """A plain CPU float32/float64 strided tensor that clipcore reads in place."""
-    return (type(t) in _PLAIN_TYPES and t.is_cpu and t.layout is _strided
-            and (t.dtype is _f32 or t.dtype is _f64))
+def _fast_tensor(t, use=_lists.FOR_NORM):
+    """A plain float32/float64 strided tensor whose memory clipcore takes in place
+    for use (clipcore._lists.FOR_*): on the CPU and, to be written, not tracked
+    by autograd (clipcore._lists.tensor_refusal, 0: nothing refused)."""
+    return (type(t) in _PLAIN_TYPES and t.layout is _strided
+            and (t.dtype is _f32 or t.dtype is _f64) and not _lists.tensor_refusal(t, use))
 
 
 def _grad_sample(p):
@@ -640,8 +642,8 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     if not params:
         return None
     grads = [p.grad for p in params]
-    if not (all(map(_fast_tensor, grads)) and all(map(_fast_tensor, params))
-            and not any(g.requires_grad for g in grads)):
+    if not (all(_fast_tensor(g, _lists.FOR_SCALE) for g in grads)
+            and all(map(_fast_tensor, params))):
         return _adaptive_clip_grad_torch(params, clip_factor, eps, norm_type)
     nt = _threads(n_threads)
     _per_example.adaptive_clip(grads, [p.detach() for p in params], clip_factor, eps,

@@ -83,7 +83,7 @@ cdef inline bint reads_as_is(cnp.ndarray arr) noexcept:
     aligned for its dtype. Else it reads a working copy (as_native)."""
     return cnp.PyArray_ISNOTSWAPPED(arr) and cnp.PyArray_ISALIGNED(arr)
 
-cdef int tensor_refusal(object t, int use) except -1
+cpdef int tensor_refusal(object t, int use) except -1
 cdef int segment_kind(cnp.ndarray arr) except -3
 cdef void extent_of(Extent *e, cnp.ndarray arr, Py_ssize_t pos) noexcept
 cpdef cnp.ndarray buffer_view(object obj, str name, bint writable)

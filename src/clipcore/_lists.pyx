@@ -221,9 +221,9 @@ cdef int refuse_masked(object obj, str name) except -1:
     return 0
 
 
-cdef int tensor_refusal(object t, int use) except -1:
+cpdef int tensor_refusal(object t, int use) except -1:
     """Why a PyTorch tensor's memory cannot serve use (USE_*) as it is
-    (NOT_CPU, REQUIRES_GRAD, SIGN_BIT), or TENSOR_OK.
+    (NOT_CPU, REQUIRES_GRAD, SIGN_BIT), or TENSOR_OK (0).
 
     The one decision on tensors: buffer_view raises for a refusal,
     clipcore.torch's fast path (tensor_memory, tensor_array's fallback mode)
