@@ -452,7 +452,7 @@ def _counting_torch(monkeypatch):
     calls = []
 
     def wrap(name):
-        real = getattr(torch_or_skip().nn.utils, name)
+        real = getattr(cct._torch, name)
         return lambda *a, **k: calls.append(name) or real(*a, **k)
     names = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_"]
     monkeypatch.setattr(cct, "_torch", types.SimpleNamespace(**{n: wrap(n) for n in names}))

@@ -253,21 +253,16 @@ cdef int raise_refusal(int why, object t, str name) except -1:
                     f"t.resolve_neg() / t.resolve_conj() first")
 
 
-try:                                     # bfloat16 arrays (clipcore.torch's views)
-    from ml_dtypes import bfloat16 as _np_bfloat16
-except ImportError:                      # pragma: no cover - torch's path takes them then
-    _np_bfloat16 = None
-
-
 cpdef object tensor_array(object t, str name, int use, object bf16=None):
-    """An ndarray over a PyTorch tensor's memory, for use (USE_*).
+    """An ndarray over a PyTorch tensor's memory, for use (USE_*; FOR_* in Python).
 
     The rules are tensor_refusal's; for reading, memory behind the negative or
     conjugate bit gives way to a resolved copy. name None is clipcore.torch's
     mode: None where the named form raises (torch's own function then takes
     the call). bf16: (torch.bfloat16, torch.int16) to view bfloat16 memory as
-    ml_dtypes' bfloat16 (clipcore.torch's kernels read it); without it such
-    tensors are refused, as the NumPy-based functions cannot compute in it.
+    ml_dtypes' bfloat16 (clipcore.torch's kernels read it; without ml_dtypes,
+    torch's path takes them); without bf16 such tensors are refused, as the
+    NumPy-based functions cannot compute in it.
     """
     cdef int why = tensor_refusal(t, use)
     if why == SIGN_BIT and not use & WRITES:
@@ -280,10 +275,11 @@ cpdef object tensor_array(object t, str name, int use, object bf16=None):
     if not use & WRITES:
         t = t.detach()
     try:
-        if bf16 is not None and _np_bfloat16 is not None and t.dtype is bf16[0]:
-            return np.from_dlpack(t.view(bf16[1])).view(_np_bfloat16)
+        if bf16 is not None and t.dtype is bf16[0]:
+            from ml_dtypes import bfloat16       # imported only then: it is optional
+            return np.from_dlpack(t.view(bf16[1])).view(bfloat16)
         return np.from_dlpack(t)
-    except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+    except (BufferError, RuntimeError, TypeError, ValueError, ImportError) as exc:
         if name is None:
             return None
         raise TypeError(f"{name}: cannot view this {t.dtype} tensor as an array "
