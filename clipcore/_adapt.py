@@ -25,10 +25,11 @@ import sys
 import numpy as np
 
 from clipcore._elementwise import TYPE_CODES
-from clipcore._lists import buffer_view, check_writable, framework
+from clipcore._lists import buffer_view, check_writable, framework, needs_copy
 
 # Results larger than this go to TensorFlow through DLPack (no copy); smaller
-# ones are copied, which is faster than setting up the capsule.
+# ones are copied, which is faster than setting up the capsule. (Bytes: not
+# the kernels' 65536-element ITEM_ELEMENTS or PARALLEL_MIN, another idea.)
 _TF_DLPACK_MIN_BYTES = 1 << 16
 
 
@@ -49,18 +50,12 @@ def is_real(dtype):
 
 def type_code(arr):
     """The elementwise kernels' type code for arr (clipcore._elementwise.TYPE_CODES),
-    or None when NumPy must do the work."""
-    dt = arr.dtype
-    if not dt.isnative:
+    or None when NumPy must do the work (also for memory the kernels cannot
+    read as it is: clipcore._lists.needs_copy)."""
+    if needs_copy(arr):
         return None
+    dt = arr.dtype
     return TYPE_CODES.get((dt.kind, dt.itemsize))
-
-
-def native(arr):
-    """arr, or an aligned native-byte-order copy of it when it is not."""
-    if arr.dtype.isnative and arr.flags.aligned:
-        return arr
-    return np.array(arr, dtype=arr.dtype.newbyteorder("="))
 
 
 def numpy_result(res):

@@ -20,8 +20,8 @@ from clipcore import _elementwise as _ew
 from clipcore import _global
 from clipcore._global import empty_like_many
 from clipcore._adapt import (as_array, as_tensor_array, as_writable, is_float, is_real,
-                             native, result_wrap, tf_aware, type_code)
-from clipcore._lists import as_norm_type, as_scalar, as_threads, as_tuple
+                             result_wrap, tf_aware, type_code)
+from clipcore._lists import as_native, as_norm_type, as_scalar, as_threads, as_tuple, needs_copy
 
 __all__ = ["maximum", "minimum", "relu", "relu_", "clip_by_value", "clip_by_value_",
            "clip_by_norm", "clip_by_norm_", "clip_by_average_norm", "norm",
@@ -140,7 +140,7 @@ def _elementwise(op, inputs, out, nt):
     (the kernel broadcasts them itself)."""
     inputs = [_unalias(a, out) for a in inputs]
     tcode = type_code(out)
-    if tcode is None or not out.flags.aligned:
+    if tcode is None:
         with np.errstate(all="ignore"):
             if op == _ew.OP_MAX:
                 np.maximum(inputs[0], inputs[1], out=out)
@@ -152,7 +152,7 @@ def _elementwise(op, inputs, out, nt):
             else:
                 np.multiply(inputs[0], inputs[1], out=out)
         return
-    operands = [a if a is out else native(a) for a in inputs]
+    operands = [a if a is out else as_native(a) for a in inputs]
     operands.append(out)
     _ew.ew_apply(op, tcode, tuple(operands), nt)
 
@@ -519,17 +519,17 @@ def _clip_by_norm(arr, clip_norm, axes, res, nt):
         _broadcast_into(c_arr, arr.shape, "clip_norm")
         with np.errstate(all="ignore"):
             c64 = np.maximum(c_arr.astype(np.float64), 0).astype(arr.dtype).astype(np.float64)
-            x = native(arr).astype(work_dt, copy=False)
+            x = as_native(arr).astype(work_dt, copy=False)
             l2 = _l2(x, axes, nt)
             np.copyto(res, x.astype(np.float64) * c64 / np.maximum(l2, c64), casting="unsafe")
         return
     c = _clip_norm_value(clip_norm, arr.dtype)
-    if arr.dtype != work_dt or not (arr.dtype.isnative and arr.flags.aligned):
+    if arr.dtype != work_dt or needs_copy(arr):
         work = arr.astype(work_dt)       # a private copy, clipped in place
         _clip_norm_kernel(work, work, axes, c, nt)
         np.copyto(res, work, casting="unsafe")
         return
-    if res.dtype != work_dt or not (res.dtype.isnative and res.flags.aligned):
+    if res.dtype != work_dt or needs_copy(res):
         tmp = np.empty_like(arr)
         _clip_norm_kernel(arr, tmp, axes, c, nt)
         np.copyto(res, tmp, casting="unsafe")
@@ -671,7 +671,7 @@ def clip_by_average_norm(t, clip_norm, name=None, *, out=None, n_threads=None):
     c = float(as_scalar(clip_norm, "clip_norm", True))
     res = _output(out, arr.shape, arr.dtype, fw, arr)
     if arr.size:
-        x = native(arr).astype(_work_dtype(arr.dtype), copy=False)
+        x = as_native(arr).astype(_work_dtype(arr.dtype), copy=False)
         l2 = float(_l2(x, tuple(range(arr.ndim)), nt).reshape(()))
         t = arr.dtype.type
         with np.errstate(all="ignore"):
@@ -897,7 +897,7 @@ def norm(tensor, ord="euclidean", axis=None, keepdims=None, name=None, *, n_thre
             raise ValueError(f"'ord' must be a supported vector norm, got {ord}")
     arr, wrap, fw = as_tensor_array(tensor, "tensor")
     _check_real(arr, "tensor", floats_only=True)
-    x = native(arr).astype(_work_dtype(arr.dtype), copy=False)
+    x = as_native(arr).astype(_work_dtype(arr.dtype), copy=False)
     if is_matrix:
         a0, a1 = (_axes(a, arr.ndim, "axis")[0] for a in axis)
         if a0 == a1:

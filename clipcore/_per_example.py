@@ -12,8 +12,8 @@ import numpy as np
 from clipcore import _elementwise as _ew
 from clipcore import _unitwise as _uw
 from clipcore import _weighted as _w
-from clipcore._lists import (as_scalar, as_threads, as_tuple, buffer_view, check_apart,
-                             writable_arrays)
+from clipcore._lists import (as_native, as_scalar, as_threads, as_tuple, buffer_view,
+                             check_apart, needs_copy, writable_arrays)
 from clipcore._ops import _elementwise, _l2, _reduce
 
 __all__ = ["per_example_global_norm_clip", "adaptive_grad_clip_"]
@@ -56,9 +56,7 @@ def _work(arr):
     (float16 becomes a float32 copy, the others a native copy)."""
     if arr.dtype == _F16:
         return arr.astype(_F32)
-    if not (arr.dtype.isnative and arr.flags.aligned):
-        return np.array(arr, dtype=arr.dtype.newbyteorder("="))
-    return arr
+    return as_native(arr)
 
 
 def _batch_size(arrays, name):
@@ -137,7 +135,7 @@ def weighted_sums(works, weights, outs, accumulate, nt):
             o1 = np.reshape(o, (-1,), copy=False) if o.dtype == x.dtype else None
         except ValueError:
             o1 = None
-        if o1 is None or not (o1.dtype.isnative and o1.flags.aligned):
+        if o1 is None or needs_copy(o1):
             o1 = o.astype(x.dtype).reshape(-1) if accumulate else np.empty(x.shape[1], x.dtype)
             back.append((o, o1))
         xs.append(x)
@@ -285,9 +283,8 @@ def _unit_view(g, p, axes, norm_type):
     on the rows or the columns), or None when they need the per-array path
     (float16, mixed dtypes, non-contiguous or misaligned arrays, other p-norms)."""
     if (norm_type not in _UNIT_KINDS or g.size == 0 or g.dtype != p.dtype
-            or g.dtype not in (_F32, _F64) or not g.dtype.isnative
-            or not (g.flags.c_contiguous and p.flags.c_contiguous
-                    and g.flags.aligned and p.flags.aligned)):
+            or g.dtype not in (_F32, _F64) or needs_copy(g) or needs_copy(p)
+            or not (g.flags.c_contiguous and p.flags.c_contiguous)):
         return None
     nd, m = g.ndim, len(axes)
     if m == nd:                                    # the whole array is one unit

@@ -55,6 +55,13 @@ cdef inline Py_ssize_t chunk_size(Py_ssize_t n_total) noexcept nogil:
 cdef inline Py_ssize_t chunk_count(Py_ssize_t n_total) noexcept nogil:
     return (n_total + chunk_size(n_total) - 1) // chunk_size(n_total)
 
+# Elements per work item where an engine groups an array's rows into items of
+# its own (the per-axis engine's blocks and pieces of rows, AGC's blocks of
+# units). kernels.pyx's PARALLEL_MIN has the same value for another idea: the
+# size of a whole call below which one thread does the work.
+cdef enum:
+    ITEM_ELEMENTS = 65536
+
 # The index of the run holding position pos, given the runs' ascending first
 # positions starts[0..n-1] (starts[0] <= pos): a layout's segment, a job's part.
 cdef inline Py_ssize_t run_holding(const Py_ssize_t *starts, Py_ssize_t n,

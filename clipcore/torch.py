@@ -99,40 +99,29 @@ _bf16 = torch.bfloat16
 _DTYPE_OF_KIND = {_lists.KIND_F32: _f32, _lists.KIND_F64: _f64, _lists.KIND_F16: torch.float16,
                   _lists.KIND_BF16: _bf16}
 _KIND_OF_DTYPE = {dtype: kind for kind, dtype in _DTYPE_OF_KIND.items()}
-try:                                   # NumPy views of strided bfloat16 tensors
-    from ml_dtypes import bfloat16 as _np_bfloat16
-except ImportError:                    # pragma: no cover - then torch's path takes them
-    _np_bfloat16 = None
+_BF16_AS_BITS = (_bf16, torch.int16)   # strided bfloat16 memory, viewed for NumPy
 _strided = torch.strided
 _grad_of = operator.attrgetter("grad")
 
 
-def _memory(tensors, writable):
+def _memory(tensors, use):
     """(addresses, lengths, kinds, the total norm's kind) of plain contiguous CPU
     float32/float64/float16/bfloat16 tensors, "strided" when some are strided,
-    or None for torch's own path (see clipcore._torch.tensor_memory)."""
-    return _compiled.tensor_memory(tensors, writable, _PLAIN_TYPES, _DTYPE_OF_KIND, _strided)
-
-
-def _numpy_view(t, writable):
-    """A NumPy view of t's memory (bfloat16 through ml_dtypes' dtype)."""
-    if not writable:
-        t = t.detach()
-    if t.dtype is _bf16:
-        if _np_bfloat16 is None or t.is_neg():
-            raise TypeError("no NumPy view of this bfloat16 tensor")
-        return t.view(torch.int16).numpy().view(_np_bfloat16)
-    return t.numpy()
+    or None for torch's own path (see clipcore._torch.tensor_memory). use:
+    clipcore._lists.FOR_NORM (False), FOR_SCALE (True) or FOR_WRITE."""
+    return _compiled.tensor_memory(tensors, use, _PLAIN_TYPES, _DTYPE_OF_KIND, _strided)
 
 
 def _strided_views(tensors, writable):
-    """NumPy views over the tensors' memory, or None when torch's path is needed."""
+    """NumPy views over the tensors' memory, or None when torch's path is needed
+    (clipcore._lists.tensor_array's fallback mode)."""
+    use = _lists.FOR_SCALE if writable else _lists.FOR_NORM
     views = []
     for t in tensors:
-        try:
-            views.append(_numpy_view(t, writable))
-        except (RuntimeError, TypeError):    # e.g. the negative bit
+        view = _lists.tensor_array(t, None, use, _BF16_AS_BITS)
+        if view is None:
             return None
+        views.append(view)
     return views
 
 
@@ -444,11 +433,10 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
     parameters = _as_list(parameters)
     clip_value = float(clip_value)
     grads = [g for g in map(_grad_of, parameters) if g is not None]
-    memory = _memory(grads, True)
-    # The clamp, unlike a scaling, is not symmetric in sign: a tensor with the
-    # negative bit (memory holding -value) goes to torch too.
-    if (not isinstance(memory, tuple) or any(k != _lists.KIND_F32 for k in memory[2])
-            or any(map(_Tensor.is_neg, grads))):
+    # The clamp, unlike a scaling, is not symmetric in sign: any write, for
+    # which a tensor with the negative bit (memory holding -value) goes to torch.
+    memory = _memory(grads, _lists.FOR_WRITE)
+    if not isinstance(memory, tuple) or any(k != _lists.KIND_F32 for k in memory[2]):
         return _torch.clip_grad_value_(parameters, clip_value, foreach)
     _kernels._clip_value_f32_(memory[0], memory[1], -clip_value, clip_value, _threads())
     return None
@@ -456,10 +444,12 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
 
 # --- per-example clipping (Opacus) and adaptive gradient clipping (timm) -----------------
 
-def _fast_tensor(t):
-    """A plain CPU float32/float64 strided tensor that clipcore reads in place."""
-    return (type(t) in _PLAIN_TYPES and t.is_cpu and t.layout is _strided
-            and (t.dtype is _f32 or t.dtype is _f64))
+def _fast_tensor(t, use=_lists.FOR_NORM):
+    """A plain float32/float64 strided tensor whose memory clipcore takes in place
+    for use (clipcore._lists.FOR_*): on the CPU and, to be written, not tracked
+    by autograd (clipcore._lists.tensor_refusal, 0: nothing refused)."""
+    return (type(t) in _PLAIN_TYPES and t.layout is _strided
+            and (t.dtype is _f32 or t.dtype is _f64) and not _lists.tensor_refusal(t, use))
 
 
 def _grad_sample(p):
@@ -652,8 +642,8 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     if not params:
         return None
     grads = [p.grad for p in params]
-    if not (all(map(_fast_tensor, grads)) and all(map(_fast_tensor, params))
-            and not any(g.requires_grad for g in grads)):
+    if not (all(_fast_tensor(g, _lists.FOR_SCALE) for g in grads)
+            and all(map(_fast_tensor, params))):
         return _adaptive_clip_grad_torch(params, clip_factor, eps, norm_type)
     nt = _threads(n_threads)
     _per_example.adaptive_clip(grads, [p.detach() for p in params], clip_factor, eps,

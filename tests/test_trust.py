@@ -396,3 +396,126 @@ def test_max_norm_over_an_empty_tensor_raises_as_in_torch(fn):
                                 [float("inf")]))
     assert q.grad.tolist() == [3.0, -4.0]
     assert "empty tensor" in str(want.value)
+
+
+# --- issue 14: one way to take memory, the same answer at every entry point ----------------------
+
+def _needing_copies():
+    """float32 [3, -4, 12] whose memory a kernel cannot read as it is (fresh each call)."""
+    v = np.array([3.0, -4.0, 12.0], np.float32)
+    raw = np.zeros(v.nbytes + 1, np.uint8)
+    unaligned = raw[1:].view(np.float32)
+    unaligned[:] = v
+    return {"byteswapped": v.astype(v.dtype.newbyteorder()), "unaligned": unaligned}
+
+
+@pytest.mark.parametrize("kind", ["byteswapped", "unaligned"])
+def test_working_copy_inputs_agree_on_every_entry_point(kind):
+    ref = np.array([3.0, -4.0, 12.0], np.float32)
+    x = _needing_copies()[kind]
+    assert _lists.needs_copy(x) and not _lists.needs_copy(ref)
+    assert _lists.as_native(ref) is ref
+    assert _lists.as_native(x).dtype.isnative and _lists.as_native(x).flags.aligned
+    np.testing.assert_array_equal(_lists.as_native(x), ref)
+    # lists: the layout (in place too) and the out-of-place pairs
+    assert clipcore.global_norm([x]) == clipcore.global_norm([ref]) == 13.0
+    (got,), norm = clipcore.clip_by_global_norm([x], 1.0)
+    (want,), _ = clipcore.clip_by_global_norm([ref], 1.0)
+    assert norm == 13.0
+    np.testing.assert_array_equal(got, want)
+    y, y_ref = _needing_copies()[kind], ref.copy()
+    assert clipcore.clip_by_global_norm_([y], 1.0) == clipcore.clip_by_global_norm_([y_ref], 1.0)
+    # (the kernel scales float32 by a float32 factor, NumPy a working copy's
+    # original by a float64 one: the same to a float32 rounding)
+    np.testing.assert_allclose(y, y_ref, rtol=np.finfo(np.float32).eps, atol=0)
+    # the TF-named ops: as an input, and as out=
+    np.testing.assert_array_equal(clipcore.clip_by_norm(x, 1.0), clipcore.clip_by_norm(ref, 1.0))
+    np.testing.assert_array_equal(clipcore.maximum(x, 0.0), np.maximum(ref, 0.0))
+    for op, expected in [(lambda t, out: clipcore.clip_by_value(t, -3.5, 3.5, out=out),
+                          np.clip(ref, -3.5, 3.5)),
+                         (lambda t, out: clipcore.clip_by_norm(t, 1.0, out=out),
+                          clipcore.clip_by_norm(ref, 1.0))]:
+        out = _needing_copies()[kind]            # out= takes the input's dtype
+        op(x, out)
+        np.testing.assert_array_equal(out, expected)
+    # per-example clipping reads a working copy too
+    (summed,), clipped = clipcore.per_example_global_norm_clip([x.reshape(1, 3)], 1.0)
+    (summed_ref,), _ = clipcore.per_example_global_norm_clip([ref.reshape(1, 3)], 1.0)
+    assert clipped == 1
+    np.testing.assert_array_equal(summed, summed_ref)
+
+
+def _counting_torch(monkeypatch):
+    """clipcore.torch's fallbacks, counted by name (and still run)."""
+    import types
+    import clipcore.torch as cct
+    calls = []
+
+    def wrap(name):
+        real = getattr(cct._torch, name)
+        return lambda *a, **k: calls.append(name) or real(*a, **k)
+    names = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_"]
+    monkeypatch.setattr(cct, "_torch", types.SimpleNamespace(**{n: wrap(n) for n in names}))
+    return cct, calls
+
+
+def test_requires_grad_is_decided_alike_on_every_entry_point(monkeypatch):
+    torch = torch_or_skip()
+    cct, calls = _counting_torch(monkeypatch)
+    r = torch.tensor([3.0, 4.0], requires_grad=True)
+    writes = [lambda: clipcore.clip_by_global_norm_([r], 1.0),
+              lambda: clipcore.clip_by_norm_(r, 1.0),
+              lambda: clipcore.clip_by_norm(np.ones(2, np.float32), 1.0, out=r),
+              lambda: _lists.tensor_array(r, "t", _lists.FOR_SCALE)]
+    for write in writes:
+        with pytest.raises(ValueError, match="requires grad"):
+            write()
+    assert r.detach().tolist() == [3.0, 4.0]
+    # read: the values, on every path (clipcore.torch's fast path too)
+    assert clipcore.global_norm([r]) == 5.0
+    np.testing.assert_allclose(clipcore.clip_by_norm(r, 1.0).detach().numpy(), [0.6, 0.8])
+    assert cct.get_total_norm([r]).item() == 5.0 and calls == []
+    # written by clipcore.torch: where the others raise, torch's own function
+    assert _lists.tensor_array(r, None, _lists.FOR_SCALE) is None
+    assert cct._memory([r], _lists.FOR_SCALE) is None
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = r
+    cct.clip_grad_norm_([p], 1.0)
+    assert calls == ["clip_grad_norm_"]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_negative_bit_is_decided_alike_on_every_entry_point(layout, monkeypatch):
+    torch = torch_or_skip()
+    cct, calls = _counting_torch(monkeypatch)
+
+    def make():                                    # values [-3, 4], memory [3, -4]
+        v = torch._neg_view(torch.tensor([3.0, -4.0]))
+        if layout == "strided":
+            v = negative_bit_tensor()
+            assert not v.is_contiguous()
+        assert v.is_neg()
+        return v
+    v = make()
+    for write in [lambda: clipcore.clip_by_global_norm_([v], 1.0),
+                  lambda: clipcore.clip_by_value_(v, -1.0, 1.0),
+                  lambda: clipcore.clip_by_norm(np.ones(2, np.float32), 1.0, out=v),
+                  lambda: _lists.tensor_array(v, "t", _lists.FOR_WRITE)]:
+        with pytest.raises(TypeError, match="negative or conjugate bit"):
+            write()
+    assert v.tolist() == [-3.0, 4.0]
+    assert _lists.tensor_array(v, "t", _lists.FOR_READ).tolist() == [-3.0, 4.0]   # resolved
+    np.testing.assert_allclose(clipcore.maximum(v, 0.0).numpy(), [0.0, 4.0])
+    # clipcore.torch: a norm and a scaling do not look at signs (its fast path takes
+    # the memory); the clamp does (torch's own function takes it)
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = make()
+    assert cct.clip_grad_norm_([p], 1.0).item() == 5.0
+    np.testing.assert_allclose(p.grad.tolist(), [-0.6, 0.8], rtol=1e-6)
+    assert cct.get_total_norm([make()]).item() == 5.0
+    assert calls == []
+    assert _lists.tensor_array(v, None, _lists.FOR_WRITE) is None
+    p.grad = make()
+    cct.clip_grad_value_([p], 1.0, foreach=False)      # (torch's foreach clamp refuses it)
+    assert p.grad.tolist() == [-1.0, 1.0]
+    assert calls == ["clip_grad_value_"]

@@ -20,7 +20,8 @@ kernels' one scheduler, kernels.run_items.
 from libc.stdlib cimport malloc, calloc, free
 cimport numpy as cnp
 
-from clipcore.kernels cimport resolve_threads, run_items, tuning_table, chunk_size, chunk_count
+from clipcore.kernels cimport (resolve_threads, run_items, tuning_table, chunk_size, chunk_count,
+                               ITEM_ELEMENTS)
 from clipcore._loops cimport cc_use_tuning
 from clipcore._axis cimport (cc_norm_scale, cc_rows_reduce_f32, cc_rows_reduce_f64,
                              cc_rows_clip_f32, cc_rows_clip_f64, cc_cols_reduce_f32,
@@ -50,7 +51,7 @@ cdef enum:
     MAXOP = 4          # operands of one loop, output included
     # Per-axis engine tuning (all in elements; choices depend on shape only).
     MANY_ROWS = 64     # at least this many rows: one row per work item
-    PIECE = 65536      # a long row (or column block) is cut into pieces of this size
+    PIECE = ITEM_ELEMENTS   # a long row (or column block) is cut into pieces of this size
     MAX_PIECES = 256
     TILE = 4096        # columns per tile when reducing over a leading axis:
                        # whole rows are read in order, float64 sums stay in L1/L2

@@ -12,7 +12,7 @@ cimport cython
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
-from clipcore._lists cimport _Buffers, collect, as_scalar
+from clipcore._lists cimport _Buffers, collect, as_scalar, reads_as_is
 from clipcore.kernels cimport resolve_threads, run_items, tuning_table, chunk_size, chunk_count
 from clipcore._loops cimport cc_use_tuning
 
@@ -337,8 +337,7 @@ def clip_by_global_norm(list arrays, clip_norm, use_norm, int n_threads):
             continue
         arr = <cnp.ndarray>arrays[i]
         tnum = cnp.PyArray_TYPE(arr)
-        if ((tnum == cnp.NPY_FLOAT or tnum == cnp.NPY_DOUBLE) and cnp.PyArray_ISNOTSWAPPED(arr)
-                and cnp.PyArray_ISALIGNED(arr)
+        if ((tnum == cnp.NPY_FLOAT or tnum == cnp.NPY_DOUBLE) and reads_as_is(arr)
                 and (cnp.PyArray_IS_C_CONTIGUOUS(arr) or cnp.PyArray_IS_F_CONTIGUOUS(arr))):
             fast.append(arr)
             fast_at.append(i)

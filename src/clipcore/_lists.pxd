@@ -62,9 +62,33 @@ cdef inline int promote_kind(int norm_kind, int kind) noexcept nogil:
         return kind
     return SEG_F64 if norm_kind == SEG_F64 or kind == SEG_F64 else SEG_F32
 
+# What an object's memory is taken for: bits of a `use` (buffer_view, tensor_memory).
+cdef enum:
+    WRITES = 1       # written in place: autograd must not track it
+    SIGNED = 2       # the op depends on the values' signs (not only a norm and a scaling)
+    USE_NORM = 0                  # read by a norm
+    USE_SCALE = WRITES            # read by a norm and scaled in place
+    USE_READ = SIGNED             # read by any op
+    USE_WRITE = WRITES | SIGNED   # written by any op
+
+# tensor_refusal's answers: why a tensor's memory cannot serve a use as it is.
+cdef enum:
+    TENSOR_OK = 0
+    NOT_CPU = 1
+    REQUIRES_GRAD = 2    # to be written, but autograd tracks it
+    SIGN_BIT = 3         # the negative or conjugate bit: the memory does not hold the values
+
+cdef inline bint reads_as_is(cnp.ndarray arr) noexcept:
+    """True when a kernel may read arr's memory as it is: native byte order and
+    aligned for its dtype. Else it reads a working copy (as_native)."""
+    return cnp.PyArray_ISNOTSWAPPED(arr) and cnp.PyArray_ISALIGNED(arr)
+
+cpdef int tensor_refusal(object t, int use) except -1
 cdef int segment_kind(cnp.ndarray arr) except -3
 cdef void extent_of(Extent *e, cnp.ndarray arr, Py_ssize_t pos) noexcept
 cpdef cnp.ndarray buffer_view(object obj, str name, bint writable)
+cpdef object tensor_array(object t, str name, int use, object bf16=*)
+cpdef cnp.ndarray as_native(cnp.ndarray arr)
 cpdef int check_writable(cnp.ndarray arr, str name, Py_ssize_t index=*) except -1
 cpdef tuple as_tuple(object t_list, str name)
 cdef _Buffers collect(object t_list, bint in_place, str name)

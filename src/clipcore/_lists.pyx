@@ -5,9 +5,11 @@ call: for a list of many small gradients Python-level checks would cost more
 than the kernels. Every buffer is checked before any is written.
 
 Also here, the one home of each argument rule of the package (the Python
-layer calls them too): how memory is taken from an object (buffer_view) and
-when it may be written (check_writable), number arguments (as_scalar), lists
-(as_tuple) and n_threads (as_threads).
+layer calls them too): how memory is taken from an object (buffer_view;
+tensor_array and tensor_refusal for PyTorch's tensors, which clipcore.torch's
+fast path shares), when a kernel reads a working copy of it instead
+(reads_as_is, as_native), when it may be written (check_writable), number
+arguments (as_scalar), lists (as_tuple) and n_threads (as_threads).
 """
 cimport numpy as cnp
 from libc.limits cimport INT_MAX
@@ -26,6 +28,13 @@ import numpy as np
 cnp.import_array()
 
 cdef type ndarray = np.ndarray
+
+# What memory is taken for (tensor_memory, tensor_array): a norm (False), a
+# norm and a scaling (True), any read, any write.
+FOR_NORM = USE_NORM
+FOR_SCALE = USE_SCALE
+FOR_READ = USE_READ
+FOR_WRITE = USE_WRITE
 
 # The segment kinds, for plan_over_memory's callers.
 KIND_F32 = SEG_F32
@@ -190,8 +199,10 @@ cdef str label_of(str name, Py_ssize_t index):
 # TensorFlow tensors, DLPack, buffers. The rules live here: what is refused for
 # writing (tensors autograd tracks, the negative and conjugate bits, masked
 # arrays; read-only or self-overlapping memory: check_writable), what may be
-# copied for reading, and which objects' memory can move under a kept view
-# (fingerprint).
+# copied for reading, when a kernel reads a working copy (reads_as_is:
+# byte-swapped or unaligned memory), and which objects' memory can move under
+# a kept view (fingerprint). clipcore.torch's fast path takes tensors by the
+# same rules (tensor_refusal), falling back to torch where these raise.
 
 cpdef str framework(object obj):
     """'tf' or 'torch' for their tensors (by type module name), else None."""
@@ -210,25 +221,67 @@ cdef int refuse_masked(object obj, str name) except -1:
     return 0
 
 
-cdef object torch_view(object t, str name, bint writable):
-    if t.device.type != "cpu":
+cpdef int tensor_refusal(object t, int use) except -1:
+    """Why a PyTorch tensor's memory cannot serve use (USE_*) as it is
+    (NOT_CPU, REQUIRES_GRAD, SIGN_BIT), or TENSOR_OK (0).
+
+    The one decision on tensors: buffer_view raises for a refusal,
+    clipcore.torch's fast path (tensor_memory, tensor_array's fallback mode)
+    hands the call to torch. A tensor autograd tracks is never written behind
+    its back; memory behind the negative or conjugate bit holds other values,
+    which a norm and a scaling do not mind (they do not look at signs). The
+    checks run once per tensor per call, the costly ones only when use needs them.
+    """
+    if not t.is_cpu:
+        return NOT_CPU
+    if use & WRITES and t.requires_grad:
+        return REQUIRES_GRAD
+    if use & SIGNED and (t.is_neg() or t.is_conj()):
+        return SIGN_BIT
+    return TENSOR_OK
+
+
+cdef int raise_refusal(int why, object t, str name) except -1:
+    if why == NOT_CPU:
         raise TypeError(f"{name}: expected a CPU tensor, got one on {t.device}")
-    if writable:
-        if t.requires_grad:
-            raise ValueError(f"{name}: the tensor requires grad; modifying it in place "
-                             f"behind autograd's back would give wrong gradients (clip "
-                             f"its .grad, or a tensor that does not require grad)")
-        if t.is_neg() or t.is_conj():
-            raise TypeError(f"{name}: the tensor has its negative or conjugate bit set, "
-                            f"so its memory does not hold its values; call "
-                            f"t.resolve_neg() / t.resolve_conj() first")
-    else:
+    if why == REQUIRES_GRAD:
+        raise ValueError(f"{name}: the tensor requires grad; modifying it in place "
+                         f"behind autograd's back would give wrong gradients (clip "
+                         f"its .grad, or a tensor that does not require grad)")
+    raise TypeError(f"{name}: the tensor has its negative or conjugate bit set, "
+                    f"so its memory does not hold its values; call "
+                    f"t.resolve_neg() / t.resolve_conj() first")
+
+
+cpdef object tensor_array(object t, str name, int use, object bf16=None):
+    """An ndarray over a PyTorch tensor's memory, for use (USE_*; FOR_* in Python).
+
+    The rules are tensor_refusal's; for reading, memory behind the negative or
+    conjugate bit gives way to a resolved copy. name None is clipcore.torch's
+    mode: None where the named form raises (torch's own function then takes
+    the call). bf16: (torch.bfloat16, torch.int16) to view bfloat16 memory as
+    ml_dtypes' bfloat16 (clipcore.torch's kernels read it; without ml_dtypes,
+    torch's path takes them); without bf16 such tensors are refused, as the
+    NumPy-based functions cannot compute in it.
+    """
+    cdef int why = tensor_refusal(t, use)
+    if why == SIGN_BIT and not use & WRITES:
+        t = t.resolve_neg().resolve_conj()      # reading: a resolved copy is harmless
+        why = TENSOR_OK
+    if why != TENSOR_OK:
+        if name is None:
+            return None
+        raise_refusal(why, t, name)
+    if not use & WRITES:
         t = t.detach()
-        if t.is_neg() or t.is_conj():      # reading: a resolved copy is harmless
-            t = t.resolve_neg().resolve_conj()
     try:
+        if bf16 is not None and t.dtype is bf16[0]:
+            from ml_dtypes import bfloat16       # imported only then: it is optional
+            return np.from_dlpack(t.view(bf16[1])).view(bfloat16)
         return np.from_dlpack(t)
-    except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+    except (BufferError, RuntimeError, TypeError, ValueError, ImportError) as exc:
+        if name is None:
+            return None
         raise TypeError(f"{name}: cannot view this {t.dtype} tensor as an array "
                         f"without a copy ({exc})") from None
 
@@ -260,7 +313,7 @@ cpdef cnp.ndarray buffer_view(object obj, str name, bint writable):
         return obj if type(obj) is ndarray else obj.view(ndarray)
     fw = framework(obj)
     if fw == "torch" and hasattr(obj, "requires_grad"):
-        return torch_view(obj, name, writable)
+        return tensor_array(obj, name, USE_WRITE if writable else USE_READ)
     if fw == "tf" and not writable:
         return tf_values(obj, name)
     arr = None
@@ -455,6 +508,21 @@ cdef int segment_kind(cnp.ndarray arr) except -3:
     return OTHER_FLOAT if cnp.PyArray_ISFLOAT(arr) else NOT_FLOAT
 
 
+def needs_copy(cnp.ndarray arr):
+    """True when a kernel must read a working copy of arr (as_native): its
+    memory is byte-swapped or unaligned (see reads_as_is). Which dtypes a
+    kernel takes is the kernel's own question (segment_kind, TYPE_CODES)."""
+    return not reads_as_is(arr)
+
+
+cpdef cnp.ndarray as_native(cnp.ndarray arr):
+    """arr, or its working copy (aligned, native byte order) when a kernel
+    cannot read arr's memory as it is (reads_as_is)."""
+    if reads_as_is(arr):
+        return arr
+    return np.array(arr, dtype=(<object>arr).dtype.newbyteorder("="))
+
+
 def norm_kind(arrays):
     """The total norm's segment kind for float32/float64/float16/bfloat16 arrays, as
     promote_kind decides it for PyTorch's total norm."""
@@ -569,10 +637,10 @@ cdef class _Buffers:
             return 0
         if self.exts != NULL:
             self.add_extent(arr, index)
-        if kind < 0 or not cnp.PyArray_ISNOTSWAPPED(arr) or not cnp.PyArray_ISALIGNED(arr):
+        if kind < 0 or not reads_as_is(arr):
             # long double, byte-swapped or unaligned: the kernels read a float64
-            # copy (refreshed before every norm) and NumPy scales the original
-            # in place (scale_generic).
+            # working copy (refreshed before every norm) and NumPy scales the
+            # original in place (scale_generic).
             copy = np.empty((<object>arr).shape, dtype=np.float64)
             self.generic.append((index, arr, copy))
             self.push(<char *>cnp.PyArray_DATA(copy), n, 1, SEG_F64_COPY)

@@ -5,7 +5,7 @@ torch is never imported here: clipcore.torch passes its types and dtypes in.
 from libc.float cimport FLT_MIN
 from libc.math cimport isfinite
 
-from clipcore._lists cimport Plan, promote_kind
+from clipcore._lists cimport Plan, promote_kind, tensor_refusal, TENSOR_OK
 from clipcore.kernels cimport SEG_F32, SEG_F64, SEG_F16, SEG_BF16
 
 cdef extern from "cc_half.h" nogil:
@@ -15,20 +15,22 @@ cdef extern from "cc_half.h" nogil:
     unsigned short cc_f32_to_bf16(float f)
 
 
-def tensor_memory(list tensors, bint writable, tuple plain_types, dict dtype_of_kind,
+def tensor_memory(list tensors, int use, tuple plain_types, dict dtype_of_kind,
                   strided_layout):
     """Where a list of PyTorch tensors' values lie, for clipcore.torch's fast path.
 
-    Returns (addresses, lengths, kinds, norm_kind) when every tensor's type
-    is one of plain_types and it is a contiguous CPU tensor of layout
+    use: what the memory is taken for (clipcore._lists.FOR_*: a norm, a norm
+    and a scaling, any write); each tensor is taken by clipcore._lists'
+    rules for it (tensor_refusal), and where those refuse, torch takes the
+    call. Returns (addresses, lengths, kinds, norm_kind) when every tensor's
+    type is one of plain_types and it is a contiguous tensor of layout
     strided_layout, of a dtype in dtype_of_kind (torch's dtype of each
-    segment kind clipcore reads: float32, float64, float16, bfloat16), and
-    does not require grad (for writing); kinds[i] is tensor i's segment kind
-    (clipcore._lists.KIND_*), norm_kind that of torch's total norm
-    (promote_kind). "strided" when they are that except that some are not
-    contiguous; None otherwise (torch's own path). Here rather than in Python
-    because it runs for every tensor at every call. torch is not imported:
-    its types and dtypes come in as arguments.
+    segment kind clipcore reads: float32, float64, float16, bfloat16); kinds[i]
+    is tensor i's segment kind (clipcore._lists.KIND_*), norm_kind that of
+    torch's total norm (promote_kind). "strided" when they are that except
+    that some are not contiguous; None otherwise (torch's own path). Here
+    rather than in Python because it runs for every tensor at every call.
+    torch is not imported: its types and dtypes come in as arguments.
     """
     cdef list addresses = [], lengths = [], kinds = []
     cdef object t, dtype
@@ -51,8 +53,7 @@ def tensor_memory(list tensors, bint writable, tuple plain_types, dict dtype_of_
                 kind = SEG_F16
             else:
                 return None
-            if (not t.is_cpu or t.layout is not strided_layout
-                    or (writable and t.requires_grad)):
+            if t.layout is not strided_layout or tensor_refusal(t, use) != TENSOR_OK:
                 return None
             if strided:           # the tensors after a strided one are checked all the same
                 continue

@@ -11,7 +11,8 @@ for any thread count.
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
-from clipcore.kernels cimport chunk_fn, resolve_threads, run_holding, run_items, tuning_table
+from clipcore.kernels cimport (chunk_fn, resolve_threads, run_holding, run_items, tuning_table,
+                               ITEM_ELEMENTS)
 from clipcore._loops cimport cc_use_tuning
 from clipcore._axis cimport (cc_cols_reduce_f32, cc_cols_reduce_f64, cc_cols_scale_f32,
                              cc_cols_scale_f64)
@@ -34,7 +35,6 @@ cc_use_tuning(tuning_table())       # the kernels module's choices (cc_platform.
 REDUCE_SUMSQ, REDUCE_SUMABS, REDUCE_MAXABS = CC_SUMSQ, CC_SUMABS, CC_MAXABS
 
 cdef enum:
-    ITEM_ELEMENTS = 65536   # about this many elements of a grad per work item
     COLS_TILE = 256         # columns per item when units are columns: whole cache lines
 
 ctypedef struct UnitPart:

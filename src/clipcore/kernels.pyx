@@ -70,7 +70,7 @@ cdef extern from * nogil:
 # results are the same bits for any team size. More than one per processor
 # stays possible: the tests use it to make threads take over chunks.
 cdef enum:
-    PARALLEL_MIN = 65536
+    PARALLEL_MIN = 65536    # a whole call's size; kernels.pxd's ITEM_ELEMENTS is another idea
     THREADS_PER_PROC = 4
 # The default policy's crossover (elements); clipcore._tuning sets it per machine.
 cdef Py_ssize_t _auto_parallel_min = 655360
