@@ -125,10 +125,27 @@ def per_example_norms(works, batch, nt):
     return norms
 
 
-def weighted_sums(works, weights, outs, accumulate, nt):
-    """outs[k] (= or +=) sum_i weights[i] * works[k][i]; outs as validated by _outputs."""
-    xs, os_, back = [], [], []
-    for x, o in zip(works, outs):
+# Bytes of per-example gradients per block of the one-read path: a block of
+# examples read for its norms stays in L3 for its weighted sums; above four
+# examples' worth (larger examples), the two-pass path.
+_BLOCK_BYTES = 4 << 20
+RULES = {"optax": _w.RULE_OPTAX, "opacus": _w.RULE_OPACUS}
+
+
+def _block_rows(xs, batch):
+    """Rows per block of the one-read path (a multiple of four), or 0: two passes."""
+    row = sum(x.shape[1] * x.itemsize for x in xs)
+    rows = _BLOCK_BYTES // max(row, 1) // 4 * 4
+    return min(rows, -(-batch // 4) * 4)
+
+
+def clip_sums(works, outs, add, rule, bound, has_f64, batch, nt):
+    """outs[k] (+= where add[k], else =) sum_i w_i * works[k][i], w_i the clip
+    rule's ("optax", "opacus": clipcore._weighted's) weight of example i's
+    norm, bound its bound; has_f64: float64 arrays in the list. works as
+    _rows gives them, outs as validated by _outputs. Returns the norms."""
+    xs, os_, adds, back = [], [], [], []
+    for x, o, a in zip(works, outs, add):
         if x.shape[1] == 0:
             continue
         try:
@@ -136,19 +153,26 @@ def weighted_sums(works, weights, outs, accumulate, nt):
         except ValueError:
             o1 = None
         if o1 is None or needs_copy(o1):
-            o1 = o.astype(x.dtype).reshape(-1) if accumulate else np.empty(x.shape[1], x.dtype)
+            o1 = o.astype(x.dtype).reshape(-1) if a else np.empty(x.shape[1], x.dtype)
             back.append((o, o1))
         xs.append(x)
         os_.append(o1)
-    if len(weights) == 0:
-        for o in outs:
-            if not accumulate:
+        adds.append(bool(a))
+    if batch == 0:
+        for o, a in zip(outs, add):
+            if not a:
                 o[...] = 0
-        return
-    _w.weighted_sum(xs, np.ascontiguousarray(weights, dtype=np.float64), os_,
-                    bool(accumulate), nt)
+        return np.zeros(0)
+    norms = np.empty(batch)
+    block = _block_rows(xs, batch)
+    if not (block and _w.clip_sum(xs, os_, adds, RULES[rule], bound, has_f64, norms, block,
+                                  nt)):
+        norms = per_example_norms(xs, batch, nt)
+        w32, w64 = _w.weights(norms, RULES[rule], bound, has_f64)
+        _w.weighted_sum(xs, os_, adds, w32, w64, nt)
     for o, o1 in back:
         np.copyto(o, o1.reshape(o.shape), casting="unsafe")
+    return norms
 
 
 def per_example_global_norm_clip(grads, l2_norm_clip, *, out=None, n_threads=None):
@@ -226,18 +250,14 @@ def per_example_global_norm_clip(grads, l2_norm_clip, *, out=None, n_threads=Non
     else:
         outs = _outputs(out, arrays)
     works = [_rows(_work(x), batch) for x in arrays]
-    norms = per_example_norms(works, batch, nt)
-    with np.errstate(all="ignore"):
-        mult = np.where(norms > clip, clip / norms, 1.0)
-        mult[~np.isfinite(norms)] = np.nan
-    num_clipped = int(np.count_nonzero(norms > clip))
     if outs is None:
         outs = [np.empty(x.shape[1:], x.dtype) for x in arrays]
         result = outs
     else:
         result = list(as_tuple(out, "out"))
-    weighted_sums(works, mult, outs, False, nt)
-    return result, num_clipped
+    norms = clip_sums(works, outs, [False] * len(works), "optax", clip,
+                      any(x.dtype == _F64 for x in works), batch, nt)
+    return result, int(np.count_nonzero(norms > clip))
 
 
 # ------------------------------------------------------------------------- AGC

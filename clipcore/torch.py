@@ -466,18 +466,6 @@ def _grad_sample(p):
     return gs
 
 
-def _opacus_factor(norms, has_f64, max_grad_norm):
-    """Opacus's ``(max_grad_norm / (norms + 1e-6)).clamp(max=1.0)`` in the norms' dtype
-    (torch: reciprocal(norms + 1e-6) * max_grad_norm, as clipcore._torch.torch_coef)."""
-    with np.errstate(all="ignore"):
-        if has_f64:
-            c = 1.0 / (norms + 1e-6) * max_grad_norm
-        else:
-            one, n = np.float32(1.0), norms.astype(np.float32)
-            c = (one / (n + np.float32(1e-6))) * np.float32(max_grad_norm)
-        return np.where(c > 1, c.dtype.type(1), c)       # clamp(max=1): NaN stays NaN
-
-
 def _clip_and_accumulate_torch(params, samples, max_grad_norm):
     """What Opacus does, in torch ops (devices and dtypes clipcore does not read)."""
     if len(samples[0]) == 0:
@@ -550,25 +538,16 @@ def clip_and_accumulate_(params, max_grad_norm, *, n_threads=None):
                     for s, p in zip(summed, params))):
         return _clip_and_accumulate_torch(params, samples, float(max_grad_norm))
     nt = _threads(n_threads)
-    max_grad_norm = float(max_grad_norm)
     arrays = _per_example._inputs([g.detach() for g in samples], "grad_sample")
     batch = _per_example._batch_size(arrays, "grad_sample")
-    has_f64 = any(a.dtype == np.float64 for a in arrays)
     works = [_per_example._rows(a, batch) for a in arrays]
     # Where a sum exists it is added to; else a new tensor is written.
     outs = [torch.empty(p.shape, dtype=p.dtype) if s is None else s
             for p, s in zip(params, summed)]
     out_arrays = _per_example._outputs(outs, arrays, "summed_grad", "grad_sample")
-    norms = _per_example.per_example_norms(works, batch, nt)
-    factor = _opacus_factor(norms, has_f64, max_grad_norm)
-    for dtype in {a.dtype for a in arrays}:          # the factor in p's dtype, as Opacus
-        ks = [k for k, a in enumerate(arrays) if a.dtype == dtype]
-        for accumulate in (False, True):
-            group = [k for k in ks if (summed[k] is not None) == accumulate]
-            if group:
-                _per_example.weighted_sums([works[k] for k in group],
-                                           factor.astype(dtype).astype(np.float64),
-                                           [out_arrays[k] for k in group], accumulate, nt)
+    _per_example.clip_sums(works, out_arrays, [s is not None for s in summed], "opacus",
+                           float(max_grad_norm), any(a.dtype == np.float64 for a in arrays),
+                           batch, nt)
     for p, s, o in zip(params, summed, outs):
         if s is None:
             p.summed_grad = o

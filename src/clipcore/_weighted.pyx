@@ -1,20 +1,35 @@
-"""Weighted sums over a leading batch axis: ``out[k][j] = sum_i w[i] * x[k][i, j]``.
+"""Per-example clipping's kernels: weighted sums over a leading batch axis,
+``out[k][j] (+)= sum_i w[i] * x[k][i, j]``, with w[i] a clip rule's factor of
+example i's norm over every x[k][i].
 
-The kernel of per-example clipping (clipcore._per_example): each x[k] is a
-2-d (B, N_k) view, each out[k] a 1-d (N_k,) view. The columns of all the
-arrays are cut into tiles of up to TILE columns of one array; a tile's float64
-sums stay in L2 while its rows are read in order, i = 0..B-1 (four at a time,
-their terms added pairwise: an order that depends on B only). Threads claim
-whole tiles (kernels.run_items), so every output element is one thread's
-sum in one fixed order: the results are the same bits for any thread count.
+Each x[k] is a 2-d (B, N_k) view, each out[k] a 1-d (N_k,) view. The columns
+of all the arrays are cut into tiles of up to TILE columns of one array; a
+tile's float64 sums are accumulated over its rows in order, i = 0..B-1 (four
+at a time, their terms added pairwise: an order that depends on B only), and
+each row's sum of squares is taken per tile and added in tile order. Threads
+claim whole tiles, so every output element is one thread's sum in one fixed
+order: the results are the same bits for any thread count.
+
+Two paths give the same bits. The two-pass path reads the x's twice: the
+norms (row_sumsq), then the weighted sums (weighted_sum). The one-read path
+(clip_sum), for examples small enough that a block of them stays in cache,
+runs over blocks of rows (a multiple of four): the block's norms read from
+memory, its weights, then its weighted terms added to float64 sums of every
+column (acc) re-reading the block from cache; out is written after the last block.
 """
+from cython.parallel cimport parallel
+from libc.math cimport sqrt, ldexp, isfinite, INFINITY, NAN
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
-from clipcore.kernels cimport resolve_threads, run_holding, run_items, chunk_fn, tuning_table
-from clipcore._loops cimport cc_team_rank, cc_use_tuning
+from clipcore.kernels cimport (Claims, claims_new, run_claimed, resolve_threads, run_holding,
+                               run_items, chunk_fn, tuning_table)
+from clipcore._loops cimport cc_team_rank, cc_team_size, cc_use_tuning
 
 cnp.import_array()
+
+cdef extern from "cc_platform.h" nogil:
+    void cc_team_barrier()
 
 cdef extern from "cc_reduce.h" nogil:
     int CC_SUMSQ
@@ -62,72 +77,171 @@ cdef enum:
     # (the prefetchers like long runs: wider tiles than 2048 columns are faster).
     TILE = 8192
 
+# The clip rules: example i's weight from its norm (clip_weight).
+cpdef enum:
+    RULE_OPTAX = 0      # min(bound / norm, 1), NaN for a NaN or inf norm
+    RULE_OPACUS = 1     # (bound / (norm + 1e-6)).clamp(max=1) in the norms' dtype
+
+# A float64 sum of squares outside [2^-960, inf) may have lost the norm.
+cdef double SUMSQ_SAFE_MIN = ldexp(1.0, -960)
+
 ctypedef struct WsPart:
     char *x                 # x[0, 0]
     char *o                 # out[0]
     Py_ssize_t n            # columns
     Py_ssize_t sr, sb, so   # strides in elements: x's rows and columns, out's
+    Py_ssize_t at           # position of the part's first column among all parts' columns
     bint f64
+    bint add                # add to out's values instead of overwriting them
 
 ctypedef struct WsJob:
     WsPart *parts
     Py_ssize_t *firsts      # per part: the index of its first tile
-    Py_ssize_t n_parts, n_tiles, B
-    const double *w
-    double *scratch         # TILE doubles per thread of the team
-    bint accumulate         # add to out's values instead of overwriting them
-    double *part            # row_sumsq: n_tiles x B sums of squares
+    Py_ssize_t n_parts, n_tiles, B, n_cols
+    const double *w32       # per example: the weight of float32 parts
+    const double *w64       # and of float64 parts
+    double *scratch         # weighted_sum: TILE doubles per thread of the team
+    double *part            # n_tiles x (rows of a block) sums of squares
+    double *acc             # clip_sum: the float64 sums of every column
+    Py_ssize_t block        # clip_sum: rows per block (a multiple of four)
+    int rule
+    double bound
+    bint has_f64            # the norms' dtype (the clip rules) and their range check
+    double *norms           # clip_sum: B norms, written
+    double *w               # clip_sum: 2 x B weights (w32, then w64), written
+    int status              # clip_sum: 1 when a float64 sum of squares left the range
+
+ctypedef struct Rows:       # what a tile function runs over: job j's rows [i0, i1)
+    WsJob *j
+    Py_ssize_t i0, i1
+
+
+cdef void clip_weight(int rule, double bound, bint f64, double norm,
+                      double *w32, double *w64) noexcept nogil:
+    """The weights of an example of norm norm, for float32 and float64 parts."""
+    cdef float c32
+    cdef double c
+    if rule == RULE_OPTAX:
+        c = (bound / norm if norm > bound else 1.0) if isfinite(norm) else NAN
+        w32[0] = c
+        w64[0] = c
+    elif f64:                 # torch: reciprocal(norm + 1e-6) * bound; clamp keeps NaN
+        c = 1.0 / (norm + 1e-6) * bound
+        w64[0] = 1.0 if c > 1.0 else c
+        w32[0] = <float>w64[0]
+    else:
+        c32 = (<float>1.0 / (<float>norm + <float>1e-6)) * <float>bound
+        w32[0] = 1.0 if c32 > 1.0 else c32
+        w64[0] = w32[0]
+
+
+cdef inline const WsPart *tile_part(const WsJob *j, Py_ssize_t t, Py_ssize_t *b0,
+                                    Py_ssize_t *nb) noexcept nogil:
+    """Tile t's part; b0, nb: its first column in the part and its columns."""
+    cdef Py_ssize_t k = run_holding(j.firsts, j.n_parts, t)
+    cdef const WsPart *p = &j.parts[k]
+    b0[0] = (t - j.firsts[k]) * TILE
+    nb[0] = p.n - b0[0] if p.n - b0[0] < TILE else TILE
+    return p
 
 
 cdef void ss_tile(const void *ctx, Py_ssize_t t) noexcept nogil:
-    """Tile t: each row's float64 sum of squares over the tile's columns."""
-    cdef const WsJob *j = <const WsJob *>ctx
-    cdef Py_ssize_t k = run_holding(j.firsts, j.n_parts, t)
-    cdef const WsPart *p = &j.parts[k]
-    cdef Py_ssize_t b0 = (t - j.firsts[k]) * TILE, i
-    cdef Py_ssize_t nb = p.n - b0 if p.n - b0 < TILE else TILE
-    for i in range(j.B):
+    """Tile t: the float64 sum of squares over its columns of each row i0 <= i < i1."""
+    cdef const Rows *r = <const Rows *>ctx
+    cdef const WsJob *j = r.j
+    cdef Py_ssize_t b0, nb, i, m = r.i1 - r.i0
+    cdef const WsPart *p = tile_part(j, t, &b0, &nb)
+    for i in range(r.i0, r.i1):
         if p.f64:
-            j.part[t * j.B + i] = cc_reduce_one_f64(<double *>p.x + i * p.sr + b0 * p.sb, nb,
-                                                    p.sb, CC_SUMSQ, 1.0, 1.0)
+            j.part[t * m + i - r.i0] = cc_reduce_one_f64(<double *>p.x + i * p.sr + b0 * p.sb,
+                                                         nb, p.sb, CC_SUMSQ, 1.0, 1.0)
         else:
-            j.part[t * j.B + i] = cc_reduce_one_f32(<float *>p.x + i * p.sr + b0 * p.sb, nb,
-                                                    p.sb, CC_SUMSQ, 1.0, 1.0)
+            j.part[t * m + i - r.i0] = cc_reduce_one_f32(<float *>p.x + i * p.sr + b0 * p.sb,
+                                                         nb, p.sb, CC_SUMSQ, 1.0, 1.0)
+
+
+cdef void tile_sums(const WsJob *j, const WsPart *p, Py_ssize_t b0, Py_ssize_t nb,
+                    Py_ssize_t i0, Py_ssize_t i1, bint first, bint last,
+                    double *acc) noexcept nogil:
+    """acc (the tile's nb float64 sums) += the weighted rows i0 <= i < i1 of the
+    tile; first: acc starts from out (p.add) or 0; last: out = acc, in its dtype."""
+    cdef Py_ssize_t b
+    if p.f64:
+        if first:
+            for b in range(nb):
+                acc[b] = (<double *>p.o)[(b0 + b) * p.so] if p.add else 0.0
+        cc_wsum_rows_f64(<double *>p.x + i0 * p.sr + b0 * p.sb, i1 - i0, p.sr, p.sb,
+                         j.w64 + i0, nb, acc)
+        if last:
+            for b in range(nb):
+                (<double *>p.o)[(b0 + b) * p.so] = acc[b]
+    else:
+        if first:
+            for b in range(nb):
+                acc[b] = (<float *>p.o)[(b0 + b) * p.so] if p.add else 0.0
+        cc_wsum_rows_f32(<float *>p.x + i0 * p.sr + b0 * p.sb, i1 - i0, p.sr, p.sb,
+                         j.w32 + i0, nb, acc)
+        if last:
+            for b in range(nb):
+                (<float *>p.o)[(b0 + b) * p.so] = <float>acc[b]
 
 
 cdef void ws_tile(const void *ctx, Py_ssize_t t) noexcept nogil:
-    """Tile t: its columns' weighted sums, written to out in its dtype."""
+    """Tile t: its columns' weighted sums over all rows, written to out."""
     cdef const WsJob *j = <const WsJob *>ctx
-    cdef Py_ssize_t b0, nb, b
-    cdef Py_ssize_t k = run_holding(j.firsts, j.n_parts, t)
-    cdef const WsPart *p = &j.parts[k]
-    cdef double *acc = j.scratch + cc_team_rank() * TILE
-    b0 = (t - j.firsts[k]) * TILE
-    nb = p.n - b0 if p.n - b0 < TILE else TILE
-    if p.f64:
-        for b in range(nb):
-            acc[b] = (<double *>p.o)[(b0 + b) * p.so] if j.accumulate else 0.0
-        cc_wsum_rows_f64(<double *>p.x + b0 * p.sb, j.B, p.sr, p.sb, j.w, nb, acc)
-        for b in range(nb):
-            (<double *>p.o)[(b0 + b) * p.so] = acc[b]
-    else:
-        for b in range(nb):
-            acc[b] = (<float *>p.o)[(b0 + b) * p.so] if j.accumulate else 0.0
-        cc_wsum_rows_f32(<float *>p.x + b0 * p.sb, j.B, p.sr, p.sb, j.w, nb, acc)
-        for b in range(nb):
-            (<float *>p.o)[(b0 + b) * p.so] = <float>acc[b]
+    cdef Py_ssize_t b0, nb
+    cdef const WsPart *p = tile_part(j, t, &b0, &nb)
+    tile_sums(j, p, b0, nb, 0, j.B, True, True, j.scratch + cc_team_rank() * TILE)
 
 
-cdef int ws_run(WsJob *j, chunk_fn fn, int nt) noexcept nogil:
-    """fn over every tile, on nt threads claiming tiles; -1 when out of memory."""
-    if nt > j.n_tiles:           # run_items's team: a TILE of scratch per thread
-        nt = <int>j.n_tiles
-    j.scratch = <double *>malloc(nt * TILE * sizeof(double))
-    if j.scratch == NULL:
-        return -1
-    run_items(j.n_tiles, fn, j, nt)
-    free(j.scratch)
+cdef void block_tile(const void *ctx, Py_ssize_t t) noexcept nogil:
+    """Tile t: the block's weighted rows added to the tile's columns in acc."""
+    cdef const Rows *r = <const Rows *>ctx
+    cdef const WsJob *j = r.j
+    cdef Py_ssize_t b0, nb
+    cdef const WsPart *p = tile_part(j, t, &b0, &nb)
+    tile_sums(j, p, b0, nb, r.i0, r.i1, r.i0 == 0, r.i1 == j.B, j.acc + p.at + b0)
+
+
+cdef int block_weights(WsJob *j, Py_ssize_t i0, Py_ssize_t i1) noexcept nogil:
+    """Rows i0 <= i < i1: norms from the tiles' sums of squares (in tile order),
+    and weights; 1 (nothing more written) when a float64 sum left the range."""
+    cdef Py_ssize_t i, t, m = i1 - i0
+    cdef double s
+    for i in range(i0, i1):
+        s = 0.0
+        for t in range(j.n_tiles):
+            s += j.part[t * m + i - i0]
+        if j.has_f64 and (s == INFINITY or (s < SUMSQ_SAFE_MIN and s > 0.0)):
+            return 1
+        j.norms[i] = sqrt(s)
+        clip_weight(j.rule, j.bound, j.has_f64, j.norms[i], &j.w[i], &j.w[j.B + i])
     return 0
+
+
+cdef void clip_team(WsJob *j, Claims *norm_claims, Claims *sum_claims,
+                    int rank, int size) noexcept nogil:
+    """clip_sum's blocks, in every thread of the team: the block's norm tiles,
+    its weights (thread 0), its weighted-sum tiles. Each pass has its Claims,
+    so a pass is begun (passes += 1) while no thread can be in it."""
+    cdef Rows r
+    cdef Py_ssize_t blk
+    r.j = j
+    for blk in range((j.B + j.block - 1) // j.block):
+        r.i0 = blk * j.block
+        r.i1 = r.i0 + j.block if r.i0 + j.block < j.B else j.B
+        run_claimed(norm_claims, j.n_tiles, ss_tile, &r, rank, size)
+        if size > 1:
+            cc_team_barrier()           # the block's sums of squares written
+        if rank == 0:
+            norm_claims.passes += 1
+            sum_claims.passes = <int>blk
+            j.status = block_weights(j, r.i0, r.i1)
+        if size > 1:
+            cc_team_barrier()           # its weights written
+        if j.status != 0:
+            return
+        run_claimed(sum_claims, j.n_tiles, block_tile, &r, rank, size)
 
 
 cdef int alloc_parts(WsJob *j, Py_ssize_t n) except -1:
@@ -139,13 +253,15 @@ cdef int alloc_parts(WsJob *j, Py_ssize_t n) except -1:
     return 0
 
 
-cdef Py_ssize_t set_parts(WsJob *j, list xs, list outs) except -1:
-    """j's parts for xs (and outs, or None); returns the number of elements."""
+cdef Py_ssize_t set_parts(WsJob *j, list xs, list outs, list add) except -1:
+    """j's parts for xs (and outs, or None, with add: per out, whether it is
+    added to); returns the number of elements."""
     cdef Py_ssize_t k, total = 0, itemsize
     cdef cnp.ndarray x, o
     cdef WsPart *p
     j.n_parts = 0
     j.n_tiles = 0
+    j.n_cols = 0
     for k in range(len(xs)):
         x = <cnp.ndarray>xs[k]
         if cnp.PyArray_DIM(x, 1) == 0:
@@ -155,48 +271,72 @@ cdef Py_ssize_t set_parts(WsJob *j, list xs, list outs) except -1:
         p.x = <char *>cnp.PyArray_DATA(x)
         p.o = NULL
         p.so = 0
+        p.add = False
         if outs is not None:
             o = <cnp.ndarray>outs[k]
             p.o = <char *>cnp.PyArray_DATA(o)
             p.so = cnp.PyArray_STRIDE(o, 0) // itemsize
+            p.add = bool(add[k])
         p.n = cnp.PyArray_DIM(x, 1)
         p.sr = cnp.PyArray_STRIDE(x, 0) // itemsize
         p.sb = cnp.PyArray_STRIDE(x, 1) // itemsize
         p.f64 = cnp.PyArray_TYPE(x) == cnp.NPY_DOUBLE
+        p.at = j.n_cols
         j.firsts[j.n_parts] = j.n_tiles
         j.n_tiles += (p.n + TILE - 1) // TILE
-        total += p.n
+        j.n_cols += p.n
+        total += p.n * cnp.PyArray_DIM(x, 0)
         j.n_parts += 1
     return total
 
 
-def weighted_sum(list xs, const double[::1] w, list outs, bint accumulate, int n_threads):
-    """outs[k][j] = sum_i w[i] * xs[k][i, j] (plus outs[k][j] itself with accumulate).
+def weights(const double[::1] norms, int rule, double bound, bint has_f64):
+    """Per example, the weights of float32 and of float64 parts by the clip
+    rule (RULE_*) from its norm; has_f64: the norms are float64 (Opacus's
+    factor is computed in the norms' dtype). Two float64 (B,) arrays."""
+    cdef Py_ssize_t B = norms.shape[0], i
+    cdef cnp.ndarray w32 = cnp.PyArray_EMPTY(1, [B], cnp.NPY_DOUBLE, 0)
+    cdef cnp.ndarray w64 = cnp.PyArray_EMPTY(1, [B], cnp.NPY_DOUBLE, 0)
+    for i in range(B):
+        clip_weight(rule, bound, has_f64, norms[i], <double *>cnp.PyArray_DATA(w32) + i,
+                    <double *>cnp.PyArray_DATA(w64) + i)
+    return w32, w64
+
+
+def weighted_sum(list xs, list outs, list add, const double[::1] w32, const double[::1] w64,
+                 int n_threads):
+    """outs[k][j] = sum_i w[i] * xs[k][i, j] (plus outs[k][j] itself where add[k]),
+    w: w32 for float32 parts, w64 for float64 ones.
 
     xs[k]: 2-d (B, N_k) aligned native float32/float64 views, any strides;
     outs[k]: 1-d (N_k,) views of xs[k]'s dtype, writable, overlapping no xs.
     The caller (clipcore._per_example) has checked all that; B > 0.
     """
-    cdef Py_ssize_t B = w.shape[0], total
+    cdef Py_ssize_t total
     cdef WsJob job
-    cdef int nt, rc
-    if B == 0 or len(xs) == 0:
+    cdef int nt
+    if w32.shape[0] == 0 or len(xs) == 0:
         return
     alloc_parts(&job, len(xs))
+    job.scratch = NULL
     try:
-        total = set_parts(&job, xs, outs)
+        total = set_parts(&job, xs, outs, add)
         if job.n_parts == 0:
             return
-        job.B = B
-        job.w = &w[0]
-        job.accumulate = accumulate
-        nt = resolve_threads(total * B, n_threads)
-        with nogil:
-            rc = ws_run(&job, ws_tile, nt)
-        if rc != 0:
+        job.B = w32.shape[0]
+        job.w32 = &w32[0]
+        job.w64 = &w64[0]
+        nt = resolve_threads(total, n_threads)
+        if nt > job.n_tiles:        # run_items's team: a TILE of scratch per thread
+            nt = <int>job.n_tiles
+        job.scratch = <double *>malloc(nt * TILE * sizeof(double))
+        if job.scratch == NULL:
             raise MemoryError()
+        with nogil:
+            run_items(job.n_tiles, ws_tile, &job, nt)
     finally:
         free(job.parts)
+        free(job.scratch)
 
 
 def row_sumsq(list xs, Py_ssize_t B, int n_threads):
@@ -205,7 +345,7 @@ def row_sumsq(list xs, Py_ssize_t B, int n_threads):
     bits for any thread count). A float64 (B,) array."""
     cdef Py_ssize_t total, t, i
     cdef WsJob job
-    cdef int nt, rc
+    cdef Rows rows
     cdef cnp.ndarray res = cnp.PyArray_ZEROS(1, [B], cnp.NPY_DOUBLE, 0)
     cdef double *r = <double *>cnp.PyArray_DATA(res)
     if B == 0 or len(xs) == 0:
@@ -213,23 +353,81 @@ def row_sumsq(list xs, Py_ssize_t B, int n_threads):
     job.part = NULL
     alloc_parts(&job, len(xs))
     try:
-        total = set_parts(&job, xs, None)
+        total = set_parts(&job, xs, None, None)
         if job.n_parts == 0:
             return res
         job.B = B
         job.part = <double *>malloc(job.n_tiles * B * sizeof(double))
         if job.part == NULL:
             raise MemoryError()
-        nt = resolve_threads(total * B, n_threads)
+        rows.j = &job
+        rows.i0 = 0
+        rows.i1 = B
         with nogil:
-            rc = ws_run(&job, ss_tile, nt)
+            run_items(job.n_tiles, ss_tile, &rows, resolve_threads(total, n_threads))
             for t in range(job.n_tiles):
                 for i in range(B):
                     r[i] += job.part[t * B + i]
-        if rc != 0:
-            raise MemoryError()
     finally:
         free(job.parts)
         free(job.part)
     return res
 
+
+def clip_sum(list xs, list outs, list add, int rule, double bound, bint has_f64,
+             double[::1] norms, Py_ssize_t block, int n_threads):
+    """The one-read path: norms[i] = example i's 2-norm over every xs[k][i, :],
+    w = clip_weight(norms) and outs[k] (+)= the weighted sums, as row_sumsq,
+    weights and weighted_sum would compute them (the same bits), over blocks
+    of block rows (a multiple of four) that the caches keep between their two reads.
+
+    Arguments as weighted_sum's (B > 0 rows), rule and bound as weights'.
+    Returns False, having written no out (norms partly), when a float64 sum
+    of squares left float64's range (has_f64): the caller takes the range-safe path.
+    """
+    cdef Py_ssize_t total, B = norms.shape[0]
+    cdef WsJob job
+    cdef Claims *cn = NULL
+    cdef Claims *cs = NULL
+    cdef int nt
+    if B == 0 or len(xs) == 0:
+        return True
+    alloc_parts(&job, len(xs))
+    job.part = NULL
+    try:
+        total = set_parts(&job, xs, outs, add)
+        if job.n_parts == 0:
+            norms[:] = 0.0
+            return True
+        job.B = B
+        job.block = block
+        job.rule = rule
+        job.bound = bound
+        job.has_f64 = has_f64
+        job.norms = &norms[0]
+        job.status = 0
+        # One block: the sums of squares, the weights, the column sums.
+        job.part = <double *>malloc((job.n_tiles * block + 2 * B + job.n_cols) * sizeof(double))
+        cn = claims_new(job.n_tiles)
+        cs = claims_new(job.n_tiles)
+        if job.part == NULL or cn == NULL or cs == NULL:
+            raise MemoryError()
+        job.w = job.part + job.n_tiles * block
+        job.w32 = job.w
+        job.w64 = job.w + B
+        job.acc = job.w + 2 * B
+        nt = resolve_threads(total, n_threads)
+        if nt > job.n_tiles:
+            nt = <int>job.n_tiles
+        with nogil:
+            if nt <= 1:
+                clip_team(&job, cn, cs, 0, 1)
+            else:
+                with parallel(num_threads=nt):
+                    clip_team(&job, cn, cs, cc_team_rank(), cc_team_size())
+        return job.status == 0
+    finally:
+        free(job.parts)
+        free(job.part)
+        free(cn)
+        free(cs)
