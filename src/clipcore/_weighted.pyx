@@ -76,6 +76,9 @@ cdef enum:
     # Columns per tile: 64 KB of float64 sums (L2), rows read in 32 KB runs
     # (the prefetchers like long runs: wider tiles than 2048 columns are faster).
     TILE = 8192
+    # Tiles per item of the norm passes, read a row at a time: runs of a row
+    # longer than a tile's (the prefetchers' ramp-up is paid per run).
+    GROUP = 8
 
 # The clip rules: example i's weight from its norm (clip_weight).
 cpdef enum:
@@ -145,19 +148,27 @@ cdef inline const WsPart *tile_part(const WsJob *j, Py_ssize_t t, Py_ssize_t *b0
     return p
 
 
-cdef void ss_tile(const void *ctx, Py_ssize_t t) noexcept nogil:
-    """Tile t: the float64 sum of squares over its columns of each row i0 <= i < i1."""
+cdef void ss_group(const void *ctx, Py_ssize_t g) noexcept nogil:
+    """Tiles g * GROUP.. of group g: the float64 sum of squares over each tile's
+    columns of each row i0 <= i < i1, a row at a time (long runs of a row)."""
     cdef const Rows *r = <const Rows *>ctx
     cdef const WsJob *j = r.j
-    cdef Py_ssize_t b0, nb, i, m = r.i1 - r.i0
-    cdef const WsPart *p = tile_part(j, t, &b0, &nb)
+    cdef Py_ssize_t b0, nb, i, t, m = r.i1 - r.i0
+    cdef Py_ssize_t t1 = (g + 1) * GROUP if (g + 1) * GROUP < j.n_tiles else j.n_tiles
+    cdef const WsPart *p
     for i in range(r.i0, r.i1):
-        if p.f64:
-            j.part[t * m + i - r.i0] = cc_reduce_one_f64(<double *>p.x + i * p.sr + b0 * p.sb,
-                                                         nb, p.sb, CC_SUMSQ, 1.0, 1.0)
-        else:
-            j.part[t * m + i - r.i0] = cc_reduce_one_f32(<float *>p.x + i * p.sr + b0 * p.sb,
-                                                         nb, p.sb, CC_SUMSQ, 1.0, 1.0)
+        for t in range(g * GROUP, t1):
+            p = tile_part(j, t, &b0, &nb)
+            if p.f64:
+                j.part[t * m + i - r.i0] = cc_reduce_one_f64(
+                    <double *>p.x + i * p.sr + b0 * p.sb, nb, p.sb, CC_SUMSQ, 1.0, 1.0)
+            else:
+                j.part[t * m + i - r.i0] = cc_reduce_one_f32(
+                    <float *>p.x + i * p.sr + b0 * p.sb, nb, p.sb, CC_SUMSQ, 1.0, 1.0)
+
+
+cdef inline Py_ssize_t n_groups(const WsJob *j) noexcept nogil:
+    return (j.n_tiles + GROUP - 1) // GROUP
 
 
 cdef void tile_sums(const WsJob *j, const WsPart *p, Py_ssize_t b0, Py_ssize_t nb,
@@ -230,7 +241,7 @@ cdef void clip_team(WsJob *j, Claims *norm_claims, Claims *sum_claims,
     for blk in range((j.B + j.block - 1) // j.block):
         r.i0 = blk * j.block
         r.i1 = r.i0 + j.block if r.i0 + j.block < j.B else j.B
-        run_claimed(norm_claims, j.n_tiles, ss_tile, &r, rank, size)
+        run_claimed(norm_claims, n_groups(j), ss_group, &r, rank, size)
         if size > 1:
             cc_team_barrier()           # the block's sums of squares written
         if rank == 0:
@@ -364,7 +375,7 @@ def row_sumsq(list xs, Py_ssize_t B, int n_threads):
         rows.i0 = 0
         rows.i1 = B
         with nogil:
-            run_items(job.n_tiles, ss_tile, &rows, resolve_threads(total, n_threads))
+            run_items(n_groups(&job), ss_group, &rows, resolve_threads(total, n_threads))
             for t in range(job.n_tiles):
                 for i in range(B):
                     r[i] += job.part[t * B + i]
@@ -408,7 +419,7 @@ def clip_sum(list xs, list outs, list add, int rule, double bound, bint has_f64,
         job.status = 0
         # One block: the sums of squares, the weights, the column sums.
         job.part = <double *>malloc((job.n_tiles * block + 2 * B + job.n_cols) * sizeof(double))
-        cn = claims_new(job.n_tiles)
+        cn = claims_new(n_groups(&job))
         cs = claims_new(job.n_tiles)
         if job.part == NULL or cn == NULL or cs == NULL:
             raise MemoryError()
