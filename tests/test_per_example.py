@@ -301,6 +301,144 @@ def test_clip_and_accumulate_errors_and_fallback():
     assert s.summed_grad.tolist() == [0.0, 0.0]
 
 
+# ------------------------------------------ the one-read path and the two passes
+
+# Rows per block forced on clipcore._per_example's choice: 0 the two passes,
+# else the one-read path (None: one block for the whole batch).
+PATHS = {"two-pass": 0, "block4": 4, "block8": 8, "one-block": None}
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch):
+    from clipcore import _per_example
+    rows = PATHS[request.param]
+    monkeypatch.setattr(_per_example, "_block_rows",
+                        lambda xs, batch: -(-batch // 4) * 4 if rows is None else rows)
+    return request.param
+
+
+def _forced(monkeypatch, rows):
+    from clipcore import _per_example
+    monkeypatch.setattr(_per_example, "_block_rows", lambda xs, batch: rows)
+
+
+def _mixed(batch, seed=7):
+    """A list the kernels cut into many tiles, of both dtypes, a zero-width
+    array, a strided (column step 2) and a transposed view among them."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((batch, 40, 30))
+    return [rng.standard_normal((batch, 9000)).astype(np.float32),
+            base[:, :, ::2].astype(np.float64)[:, :, :7], np.zeros((batch, 0), np.float32),
+            base.transpose(0, 2, 1).astype(np.float32), rng.standard_normal((batch, 3))]
+
+
+@pytest.mark.parametrize("batch", [1, 4, 5, 13, 37])
+def test_paths_give_the_same_bits_for_any_thread_count(batch, monkeypatch):
+    grads = _mixed(batch)
+    ref = None
+    for rows in (0, 4, 8, -(-batch // 4) * 4):
+        _forced(monkeypatch, rows)
+        for nt in THREADS:
+            sums, n = clipcore.per_example_global_norm_clip(grads, 9.0, n_threads=nt)
+            got = ([a.tobytes() for a in sums], n)
+            ref = ref or got
+            assert got == ref, (rows, nt)
+    want, n_want, _ = _ref_per_example(grads, 9.0)
+    assert ref[1] == n_want
+    for s, r in zip(sums, want):
+        np.testing.assert_allclose(s, r, rtol=2e-6, atol=2e-6 * batch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_read_kernel_matches_the_two_passes(dtype):
+    from clipcore import _weighted as _w
+    grads = [g.reshape(g.shape[0], -1) for g in _grads(21, [(5000,), (300, 31), (2,)], dtype,
+                                                        seed=4)]
+    for rule, name in ((_w.RULE_OPTAX, "optax"), (_w.RULE_OPACUS, "opacus")):
+        outs2 = [np.full(g.shape[1], 0.5, dtype) for g in grads]
+        norms2 = np.sqrt(_w.row_sumsq(grads, 21, 2))
+        w32, w64 = _w.weights(norms2, rule, 3.0, dtype == np.float64)
+        _w.weighted_sum(grads, outs2, [True, False, True], w32, w64, 2)
+        for block in (4, 8, 24):
+            outs = [np.full(g.shape[1], 0.5, dtype) for g in grads]
+            norms = np.empty(21)
+            assert _w.clip_sum(grads, outs, [True, False, True], rule, 3.0,
+                               dtype == np.float64, norms, block, 2), (name, block)
+            assert norms.tobytes() == norms2.tobytes()
+            assert [o.tobytes() for o in outs] == [o.tobytes() for o in outs2], (name, block)
+
+
+def test_edge_norms_on_every_path(path):
+    nan, inf = np.nan, np.inf
+    g = [np.array([[1.0, 0.0], [nan, 0.0], [0.0, 1.0], [3.0, 4.0], [0.0, 0.0]], np.float32)]
+    sums, n = clipcore.per_example_global_norm_clip(g, 0.5)
+    assert np.isnan(sums[0]).all() and n == 3          # NaN: not counted; zero: weight 1
+    g = [np.array([[1.0, 0.0], [inf, 0.0]] + [[0.5, 0.5]] * 5)]
+    sums, n = clipcore.per_example_global_norm_clip(g, 0.5)
+    assert np.isnan(sums[0]).all() and n == 7
+    g = [np.zeros((6, 3), np.float32), np.zeros((6,), np.float64)]
+    sums, n = clipcore.per_example_global_norm_clip(g, 0.0)
+    assert n == 0 and not sums[0].any() and sums[1] == 0
+    g = [np.array([[3.0, 4.0]] * 9, np.float32)]
+    sums, n = clipcore.per_example_global_norm_clip(g, 0.0)
+    assert n == 9 and (sums[0] == 0).all()
+    sums, n = clipcore.per_example_global_norm_clip([g[0][:1]], 1.0)      # B = 1
+    assert n == 1 and sums[0].tolist() == [np.float32(0.6), np.float32(0.8)]
+
+
+def test_float64_out_of_range_sums_on_every_path(path):
+    # Example 0's squares overflow, example 5's underflow: the one-read path
+    # gives way to the range-safe norms, nothing written before.
+    g = [np.array([[1e200, 1e200]] + [[1.0, 2.0]] * 4 + [[1e-200, 0.0]]),
+         np.array([[1e200]] + [[2.0]] * 4 + [[0.0]])]
+    out = [np.full(2, 7.0), np.full(1, 7.0)]
+    sums, n = clipcore.per_example_global_norm_clip(g, 1.0, out=out)
+    norm0 = 1e200 * np.sqrt(3.0)
+    np.testing.assert_allclose(sums[0], [1e200 / norm0 + 4 / 3 + 1e-200, 1e200 / norm0 + 8 / 3],
+                               rtol=1e-14)
+    assert n == 5
+
+
+def test_block_rows_choice():
+    from clipcore import _per_example
+    small = [np.zeros((64, 1000), np.float32)]
+    rows = _per_example._block_rows(small, 64)
+    assert rows == 64                                    # one block: the batch, rounded up
+    assert _per_example._block_rows(small, 10) == 12
+    big = [np.zeros((2, _per_example._BLOCK_BYTES // 16 + 1), np.float32)]
+    assert _per_example._block_rows(big, 2) == 0         # four examples exceed a block
+    mid = [np.zeros((2, _per_example._BLOCK_BYTES // 32), np.float32)]
+    assert _per_example._block_rows(mid, 64) == 8
+
+
+@pytest.mark.requires_torch
+@pytest.mark.parametrize("batch", [1, 6, 37])
+def test_clip_and_accumulate_paths_agree(batch, monkeypatch):
+    import torch
+    import clipcore.torch
+    grads = _mixed(batch, seed=2)
+    results = []
+    for rows in (0, 4, 8):
+        _forced(monkeypatch, rows)
+        for nt in THREADS:
+            params = [torch.nn.Parameter(torch.zeros(g.shape[1:], dtype=getattr(torch, g.dtype.name)))
+                      for g in grads]
+            for p, g in zip(params, grads):
+                p.grad_sample = torch.from_numpy(np.array(g))
+            params[1].summed_grad = torch.ones(params[1].shape, dtype=torch.float64)
+            params[3].summed_grad = torch.full(params[3].shape, -2.0)
+            clipcore.torch.clip_and_accumulate_(params, 4.0, n_threads=nt)
+            results.append([p.summed_grad.numpy().tobytes() for p in params])
+    assert all(r == results[0] for r in results)
+    _, _, norms = _ref_per_example(grads, 4.0)
+    factor = np.minimum(4.0 / (norms + 1e-6), 1.0)
+    base = [0, 1, 0, -2, 0]
+    for p, g, b in zip(params, grads, base):
+        tol = 1e-12 if g.dtype == np.float64 else 1e-5
+        np.testing.assert_allclose(p.summed_grad.numpy(), b + np.tensordot(factor, g, axes=1),
+                                   rtol=tol, atol=tol)
+
+
 # ------------------------------------------------------------------------- AGC
 
 def _ref_agc(g, p, clipping, eps, axes, norm_type=2.0):
