@@ -8,15 +8,20 @@
     and 256 on the lesson's MLP (784-256-128-10) and at batch 64 on
     ResNet-18's parameter list (11.7M values: 3.0 GB of float32 per-sample
     gradients at batch 64; batch 256 would be 12 GB, too much beside copies
-    on a 24 GB machine shared with others). The ceiling is two read passes
-    over the per-sample gradients' bytes (clipcore.bench._probe.bandwidth_probe's
-    read pass, over at most 1 GB and scaled to the bytes by size).
+    on a 24 GB machine shared with others); the MLP at 1 thread and at all
+    threads. clipcore.torch's default path (one read of the per-sample
+    gradients where a block of examples stays in cache) and its two-pass
+    path, forced. Two ceilings (clipcore.bench._probe.bandwidth_probe, its read
+    pass over at most 1 GB and scaled to the bytes by size): two read passes
+    over the per-sample gradients' bytes, and one read pass plus a read-write
+    pass over the sums' bytes (what a clip that reads them once moves).
 (b) clipcore.torch.adaptive_clip_grad_ against timm's adaptive_clip_grad loop
     written out in torch ops, on ResNet-50's and GPT-2's parameter shapes
     (clipcore.workloads; params and grads random float32, grads restored
     before every call, outside the timing).
 
-Medians of repeated calls, all threads (torch.get_num_threads()).
+Medians of repeated calls, the per-example cases called in turn (ratios:
+medians of pairs, with their ranges); AGC at all threads (torch.get_num_threads()).
 """
 import argparse
 import statistics
@@ -60,21 +65,48 @@ def median_time(fn, reps, setup=None):
     return statistics.median(times)
 
 
-def read_ceiling(nbytes):
-    """Seconds for two read passes over nbytes (probed over at most 1 GB, scaled)."""
+def interleaved(cases, reps, setup):
+    """Seconds of each case's calls, the cases called in turn reps times
+    (setup before each call, untimed): {name: [seconds]}."""
+    times = {name: [] for name in cases}
+    for _ in range(reps):
+        for name, fn in cases.items():
+            setup()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ceilings(nbytes, sum_bytes, n_threads):
+    """(two reads, one read + a read-write of the sums) in seconds: the probe's
+    read pass over nbytes (over at most 1 GB, scaled) and its read-write pass
+    over the sums' bytes, on n_threads."""
     n = min(nbytes, 1 << 30) // 4
     buf = np.ones(n, np.float32)
-    reads = [bandwidth_probe(buf, read=True)[0] for _ in range(5)]
-    return 2 * statistics.median(reads) * nbytes / (4 * n)
+    sums = np.ones(max(sum_bytes // 4, 1), np.float32)
+    read = statistics.median(bandwidth_probe(buf, n_threads, read=True)[0] for _ in range(5))
+    read *= nbytes / (4 * n)
+    rw = statistics.median(bandwidth_probe(sums, n_threads, read=False)[1] for _ in range(5))
+    return 2 * read, read + rw
 
 
-def bench_per_example(name, shapes, batch, reps):
+def ratio(a, b):
+    """The median of a[i] / b[i] over paired calls, with its range."""
+    r = [x / y for x, y in zip(a, b)]
+    return f"{statistics.median(r):4.2f} [{min(r):4.2f}..{max(r):4.2f}]"
+
+
+def bench_per_example(name, shapes, batch, reps, n_threads):
     from opacus.optimizers import DPOptimizer
+    from clipcore import _per_example
+    torch.set_num_threads(n_threads)
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
     for p in params:
         p.grad_sample = torch.randn((batch,) + tuple(p.shape), generator=gen)
     nbytes = sum(p.grad_sample.numel() * 4 for p in params)
+    sum_bytes = sum(p.numel() * 4 for p in params)
     opt = DPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0,
                       max_grad_norm=1.0, expected_batch_size=batch)
 
@@ -84,8 +116,13 @@ def bench_per_example(name, shapes, batch, reps):
             if hasattr(p.grad_sample, "_processed"):
                 del p.grad_sample._processed
 
-    t_opacus = median_time(opt.clip_and_accumulate, reps, reset)
-    t_cc = median_time(lambda: clipcore.torch.clip_and_accumulate_(params, 1.0), reps, reset)
+    def two_pass():            # the two-pass path, forced (no block of examples)
+        saved, _per_example._BLOCK_BYTES = _per_example._BLOCK_BYTES, 0
+        try:
+            clipcore.torch.clip_and_accumulate_(params, 1.0, n_threads=n_threads)
+        finally:
+            _per_example._BLOCK_BYTES = saved
+
     arrays = [p.grad_sample.numpy() for p in params]
 
     def numpy_way():
@@ -94,14 +131,27 @@ def bench_per_example(name, shapes, batch, reps):
         mult = np.minimum(1.0 / np.maximum(norms, 1e-30), 1.0).astype(np.float32)
         return [np.tensordot(mult, a, axes=1) for a in arrays]
 
-    t_np = median_time(numpy_way, reps)
-    t_pe = median_time(lambda: clipcore.per_example_global_norm_clip(arrays, 1.0), reps)
-    ceiling = read_ceiling(nbytes)
-    print(f"{name:9s} B={batch:3d} {nbytes / 1e9:6.2f} GB | opacus {t_opacus * 1e3:8.2f} ms "
-          f"clipcore.torch {t_cc * 1e3:8.2f} ms ({t_opacus / t_cc:4.1f}x) | numpy "
-          f"{t_np * 1e3:8.2f} ms per_example {t_pe * 1e3:8.2f} ms ({t_np / t_pe:4.1f}x) | "
-          f"2-read ceiling {ceiling * 1e3:8.2f} ms: torch {ceiling / t_cc:4.2f}, "
-          f"core {ceiling / t_pe:4.2f} of it", flush=True)
+    t = interleaved({
+        "opacus": opt.clip_and_accumulate,
+        "torch": lambda: clipcore.torch.clip_and_accumulate_(params, 1.0, n_threads=n_threads),
+        "two_pass": two_pass,
+        "numpy": numpy_way,
+        "core": lambda: clipcore.per_example_global_norm_clip(arrays, 1.0, n_threads=n_threads),
+    }, reps, reset)
+    two, one = ceilings(nbytes, sum_bytes, n_threads)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    path = "one-read" if _per_example._block_rows(
+        [a.reshape(batch, -1) for a in arrays], batch) else "two-pass"
+    print(f"{name:9s} B={batch:3d} {n_threads}t {nbytes / 1e9:6.2f} GB | opacus "
+          f"{med['opacus'] * 1e3:8.2f} ms, clipcore.torch ({path}) {med['torch'] * 1e3:8.2f} ms: "
+          f"{ratio(t['opacus'], t['torch'])}x; two-pass path {med['two_pass'] * 1e3:8.2f} ms: "
+          f"{ratio(t['opacus'], t['two_pass'])}x | numpy {med['numpy'] * 1e3:8.2f} ms, "
+          f"per_example {med['core'] * 1e3:8.2f} ms: {ratio(t['numpy'], t['core'])}x | "
+          f"ceilings: 2 reads {two * 1e3:8.2f} ms (torch {two / med['torch']:4.2f}, "
+          f"two-pass {two / med['two_pass']:4.2f}, core {two / med['core']:4.2f} of it), "
+          f"1 read {one * 1e3:8.2f} ms (torch {one / med['torch']:4.2f} of it; "
+          f"opacus / 1-read ceiling {med['opacus'] / one:4.2f}x: the most any clip can gain)",
+          flush=True)
     del params, arrays, opt
 
 
@@ -140,9 +190,10 @@ def main():
     k = 1 if args.quick else 3
     print(f"threads: torch {torch.get_num_threads()}, OpenMP {kernels.max_threads()}; "
           f"SIMD {kernels.simd_path()}")
-    bench_per_example("mlp", MLP, 64, 20 * k)
-    bench_per_example("mlp", MLP, 256, 10 * k)
-    bench_per_example("resnet18", resnet18_shapes(), 64, 2 * k)
+    for n_threads in sorted({1, kernels.max_threads()}):
+        bench_per_example("mlp", MLP, 64, 20 * k, n_threads)
+        bench_per_example("mlp", MLP, 256, 10 * k, n_threads)
+    bench_per_example("resnet18", resnet18_shapes(), 64, 2 * k, kernels.max_threads())
     bench_agc("resnet50", 5 * k)
     bench_agc("gpt2", 2 * k)
 

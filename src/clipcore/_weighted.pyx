@@ -17,19 +17,14 @@ runs over blocks of rows (a multiple of four): the block's norms read from
 memory, its weights, then its weighted terms added to float64 sums of every
 column (acc) re-reading the block from cache; out is written after the last block.
 """
-from cython.parallel cimport parallel
 from libc.math cimport sqrt, ldexp, isfinite, INFINITY, NAN
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
-from clipcore.kernels cimport (Claims, claims_new, run_claimed, resolve_threads, run_holding,
-                               run_items, chunk_fn, tuning_table)
-from clipcore._loops cimport cc_team_rank, cc_team_size, cc_use_tuning
+from clipcore.kernels cimport resolve_threads, run_holding, run_items, tuning_table
+from clipcore._loops cimport cc_team_rank, cc_use_tuning
 
 cnp.import_array()
-
-cdef extern from "cc_platform.h" nogil:
-    void cc_team_barrier()
 
 cdef extern from "cc_reduce.h" nogil:
     int CC_SUMSQ
@@ -112,7 +107,6 @@ ctypedef struct WsJob:
     bint has_f64            # the norms' dtype (the clip rules) and their range check
     double *norms           # clip_sum: B norms, written
     double *w               # clip_sum: 2 x B weights (w32, then w64), written
-    int status              # clip_sum: 1 when a float64 sum of squares left the range
 
 ctypedef struct Rows:       # what a tile function runs over: job j's rows [i0, i1)
     WsJob *j
@@ -230,29 +224,22 @@ cdef int block_weights(WsJob *j, Py_ssize_t i0, Py_ssize_t i1) noexcept nogil:
     return 0
 
 
-cdef void clip_team(WsJob *j, Claims *norm_claims, Claims *sum_claims,
-                    int rank, int size) noexcept nogil:
-    """clip_sum's blocks, in every thread of the team: the block's norm tiles,
-    its weights (thread 0), its weighted-sum tiles. Each pass has its Claims,
-    so a pass is begun (passes += 1) while no thread can be in it."""
+cdef int clip_blocks(WsJob *j, Py_ssize_t total, int n_threads) noexcept nogil:
+    """clip_sum's blocks in order: the block's norm tiles, its weights, its
+    weighted-sum tiles; 1 when a float64 sum of squares left the range. Each
+    pass runs on the scheduler and asks for its team afresh, so a back-off
+    after a late team takes effect within the call (the bits do not depend on it)."""
     cdef Rows r
-    cdef Py_ssize_t blk
+    cdef Py_ssize_t blk, per_block = total // j.B * j.block
     r.j = j
     for blk in range((j.B + j.block - 1) // j.block):
         r.i0 = blk * j.block
         r.i1 = r.i0 + j.block if r.i0 + j.block < j.B else j.B
-        run_claimed(norm_claims, n_groups(j), ss_group, &r, rank, size)
-        if size > 1:
-            cc_team_barrier()           # the block's sums of squares written
-        if rank == 0:
-            norm_claims.passes += 1
-            sum_claims.passes = <int>blk
-            j.status = block_weights(j, r.i0, r.i1)
-        if size > 1:
-            cc_team_barrier()           # its weights written
-        if j.status != 0:
-            return
-        run_claimed(sum_claims, j.n_tiles, block_tile, &r, rank, size)
+        run_items(n_groups(j), ss_group, &r, resolve_threads(per_block, n_threads))
+        if block_weights(j, r.i0, r.i1) != 0:
+            return 1
+        run_items(j.n_tiles, block_tile, &r, resolve_threads(per_block, n_threads))
+    return 0
 
 
 cdef int alloc_parts(WsJob *j, Py_ssize_t n) except -1:
@@ -398,9 +385,7 @@ def clip_sum(list xs, list outs, list add, int rule, double bound, bint has_f64,
     """
     cdef Py_ssize_t total, B = norms.shape[0]
     cdef WsJob job
-    cdef Claims *cn = NULL
-    cdef Claims *cs = NULL
-    cdef int nt
+    cdef int rc
     if B == 0 or len(xs) == 0:
         return True
     alloc_parts(&job, len(xs))
@@ -416,29 +401,17 @@ def clip_sum(list xs, list outs, list add, int rule, double bound, bint has_f64,
         job.bound = bound
         job.has_f64 = has_f64
         job.norms = &norms[0]
-        job.status = 0
         # One block: the sums of squares, the weights, the column sums.
         job.part = <double *>malloc((job.n_tiles * block + 2 * B + job.n_cols) * sizeof(double))
-        cn = claims_new(n_groups(&job))
-        cs = claims_new(job.n_tiles)
-        if job.part == NULL or cn == NULL or cs == NULL:
+        if job.part == NULL:
             raise MemoryError()
         job.w = job.part + job.n_tiles * block
         job.w32 = job.w
         job.w64 = job.w + B
         job.acc = job.w + 2 * B
-        nt = resolve_threads(total, n_threads)
-        if nt > job.n_tiles:
-            nt = <int>job.n_tiles
         with nogil:
-            if nt <= 1:
-                clip_team(&job, cn, cs, 0, 1)
-            else:
-                with parallel(num_threads=nt):
-                    clip_team(&job, cn, cs, cc_team_rank(), cc_team_size())
-        return job.status == 0
+            rc = clip_blocks(&job, total, n_threads)
+        return rc == 0
     finally:
         free(job.parts)
         free(job.part)
-        free(cn)
-        free(cs)
