@@ -105,8 +105,8 @@ def _rows(x, batch):
 def per_example_norms(works, batch, nt):
     """Float64 2-norms of each example over all arrays ((batch, n) views), range-safe.
 
-    One read pass (clipcore._weighted.row_sumsq: the weighted sum's tiles,
-    claimed as it claims them, so a late thread holds up no one); per-array
+    One read pass (clipcore._weighted.row_sumsq: the weighted sum's tiles, in
+    groups claimed on the scheduler, so a late thread holds up no one); per-array
     norms again, range-safe, only for examples whose float64 sum left the range."""
     total = _w.row_sumsq(works, batch, nt)
     norms = np.sqrt(total)
@@ -126,8 +126,8 @@ def per_example_norms(works, batch, nt):
 
 
 # Bytes of per-example gradients per block of the one-read path: a block of
-# examples read for its norms stays in L3 for its weighted sums; above four
-# examples' worth (larger examples), the two-pass path.
+# examples read for its norms stays in L3 for its weighted sums. Where four
+# examples exceed it, the two-pass path.
 _BLOCK_BYTES = 4 << 20
 RULES = {"optax": _w.RULE_OPTAX, "opacus": _w.RULE_OPACUS}
 

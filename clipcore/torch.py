@@ -493,10 +493,11 @@ def clip_and_accumulate_(params, max_grad_norm, *, n_threads=None):
     dtype as torch computes it, and ``p.summed_grad += einsum("i,i...",
     factor, grad_sample)`` (``p.summed_grad`` is created when it is absent or
     None). Parameters that do not require grad are skipped, as Opacus's
-    optimizer skips them. clipcore reads the per-sample gradients twice (the
-    norms, then the weighted sum) with float64 sums, rounded once: results
-    agree with Opacus's to float32 rounding and are the same bits for any
-    thread count. Opacus's ``_processed`` marks are neither checked nor set.
+    optimizer skips them. clipcore computes the norms and the weighted sum
+    with float64 sums, rounded once, reading the per-sample gradients once
+    where a block of examples stays in cache (twice otherwise, with the same
+    bits): results agree with Opacus's to float32 rounding and are the same
+    bits for any thread count. Opacus's ``_processed`` marks are neither checked nor set.
     Tensors that are not CPU float32/float64 go through torch ops instead.
 
     Parameters
