@@ -165,30 +165,39 @@ cdef inline Py_ssize_t n_groups(const WsJob *j) noexcept nogil:
     return (j.n_tiles + GROUP - 1) // GROUP
 
 
+ctypedef fused real:
+    float
+    double
+
+
+cdef inline void tile_sums_of(const real *x, real *o, const WsPart *p, const double *w,
+                              Py_ssize_t nb, Py_ssize_t rows, bint first, bint last,
+                              double *acc) noexcept nogil:
+    """tile_sums in the part's dtype: x the tile's first row, o its first out."""
+    cdef Py_ssize_t b
+    if first:
+        for b in range(nb):
+            acc[b] = o[b * p.so] if p.add else 0.0
+    if real is float:
+        cc_wsum_rows_f32(x, rows, p.sr, p.sb, w, nb, acc)
+    else:
+        cc_wsum_rows_f64(x, rows, p.sr, p.sb, w, nb, acc)
+    if last:
+        for b in range(nb):
+            o[b * p.so] = <real>acc[b]
+
+
 cdef void tile_sums(const WsJob *j, const WsPart *p, Py_ssize_t b0, Py_ssize_t nb,
                     Py_ssize_t i0, Py_ssize_t i1, bint first, bint last,
                     double *acc) noexcept nogil:
     """acc (the tile's nb float64 sums) += the weighted rows i0 <= i < i1 of the
     tile; first: acc starts from out (p.add) or 0; last: out = acc, in its dtype."""
-    cdef Py_ssize_t b
     if p.f64:
-        if first:
-            for b in range(nb):
-                acc[b] = (<double *>p.o)[(b0 + b) * p.so] if p.add else 0.0
-        cc_wsum_rows_f64(<double *>p.x + i0 * p.sr + b0 * p.sb, i1 - i0, p.sr, p.sb,
-                         j.w64 + i0, nb, acc)
-        if last:
-            for b in range(nb):
-                (<double *>p.o)[(b0 + b) * p.so] = acc[b]
+        tile_sums_of(<double *>p.x + i0 * p.sr + b0 * p.sb, <double *>p.o + b0 * p.so, p,
+                     j.w64 + i0, nb, i1 - i0, first, last, acc)
     else:
-        if first:
-            for b in range(nb):
-                acc[b] = (<float *>p.o)[(b0 + b) * p.so] if p.add else 0.0
-        cc_wsum_rows_f32(<float *>p.x + i0 * p.sr + b0 * p.sb, i1 - i0, p.sr, p.sb,
-                         j.w32 + i0, nb, acc)
-        if last:
-            for b in range(nb):
-                (<float *>p.o)[(b0 + b) * p.so] = <float>acc[b]
+        tile_sums_of(<float *>p.x + i0 * p.sr + b0 * p.sb, <float *>p.o + b0 * p.so, p,
+                     j.w32 + i0, nb, i1 - i0, first, last, acc)
 
 
 cdef void ws_tile(const void *ctx, Py_ssize_t t) noexcept nogil:
