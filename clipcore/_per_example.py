@@ -163,7 +163,7 @@ def clip_sums(works, outs, add, rule, bound, has_f64, batch, nt):
             if not a:
                 o[...] = 0
         return np.zeros(0)
-    norms = np.empty(batch)
+    norms = np.zeros(batch)             # the norms when every array is empty
     block = _block_rows(xs, batch)
     if not (block and _w.clip_sum(xs, os_, adds, RULES[rule], bound, has_f64, norms, block,
                                   nt)):

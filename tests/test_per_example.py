@@ -384,6 +384,8 @@ def test_edge_norms_on_every_path(path):
     assert n == 9 and (sums[0] == 0).all()
     sums, n = clipcore.per_example_global_norm_clip([g[0][:1]], 1.0)      # B = 1
     assert n == 1 and sums[0].tolist() == [np.float32(0.6), np.float32(0.8)]
+    sums, n = clipcore.per_example_global_norm_clip([np.zeros((5, 0))], 0.0)    # no columns
+    assert n == 0 and sums[0].shape == (0,)
 
 
 def test_float64_out_of_range_sums_on_every_path(path):
