@@ -101,6 +101,8 @@ def bench_per_example(name, shapes, batch, reps, n_threads):
     from opacus.optimizers import DPOptimizer
     from clipcore import _per_example
     torch.set_num_threads(n_threads)
+    # 1 thread, or the default policy's team (torch's count, backed off after late teams).
+    threads = 1 if n_threads == 1 else None
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
     for p in params:
@@ -119,7 +121,7 @@ def bench_per_example(name, shapes, batch, reps, n_threads):
     def two_pass():            # the two-pass path, forced (no block of examples)
         saved, _per_example._BLOCK_BYTES = _per_example._BLOCK_BYTES, 0
         try:
-            clipcore.torch.clip_and_accumulate_(params, 1.0, n_threads=n_threads)
+            clipcore.torch.clip_and_accumulate_(params, 1.0, n_threads=threads)
         finally:
             _per_example._BLOCK_BYTES = saved
 
@@ -133,15 +135,16 @@ def bench_per_example(name, shapes, batch, reps, n_threads):
 
     t = interleaved({
         "opacus": opt.clip_and_accumulate,
-        "torch": lambda: clipcore.torch.clip_and_accumulate_(params, 1.0, n_threads=n_threads),
+        "torch": lambda: clipcore.torch.clip_and_accumulate_(params, 1.0, n_threads=threads),
         "two_pass": two_pass,
         "numpy": numpy_way,
-        "core": lambda: clipcore.per_example_global_norm_clip(arrays, 1.0, n_threads=n_threads),
+        "core": lambda: clipcore.per_example_global_norm_clip(arrays, 1.0, n_threads=threads),
     }, reps, reset)
     two, one = ceilings(nbytes, sum_bytes, n_threads)
     med = {k: statistics.median(v) for k, v in t.items()}
+    team = 1 if threads == 1 else -n_threads
     path = "one-read" if _per_example._block_rows(
-        [a.reshape(batch, -1) for a in arrays], batch) else "two-pass"
+        [a.reshape(batch, -1) for a in arrays], batch, team) else "two-pass"
     print(f"{name:9s} B={batch:3d} {n_threads}t {nbytes / 1e9:6.2f} GB | opacus "
           f"{med['opacus'] * 1e3:8.2f} ms, clipcore.torch ({path}) {med['torch'] * 1e3:8.2f} ms: "
           f"{ratio(t['opacus'], t['torch'])}x; two-pass path {med['two_pass'] * 1e3:8.2f} ms: "

@@ -10,6 +10,7 @@ adaptive_clip_grad_ run on the helpers here.
 import numpy as np
 
 from clipcore import _elementwise as _ew
+from clipcore import kernels as _kernels
 from clipcore import _unitwise as _uw
 from clipcore import _weighted as _w
 from clipcore._lists import (as_native, as_scalar, as_threads, as_tuple, buffer_view,
@@ -132,9 +133,14 @@ _BLOCK_BYTES = 4 << 20
 RULES = {"optax": _w.RULE_OPTAX, "opacus": _w.RULE_OPACUS}
 
 
-def _block_rows(xs, batch):
-    """Rows per block of the one-read path (a multiple of four), or 0: two passes."""
+def _block_rows(xs, batch, nt):
+    """Rows per block of the one-read path (a multiple of four), or 0: two passes.
+    The one-read path runs two parallel regions per block, each held up by a
+    late thread: an explicit team (nt > 1, which the back-off does not shrink)
+    takes the two-pass path's two regions instead (the same bits)."""
     row = sum(x.shape[1] * x.itemsize for x in xs)
+    if nt > 1 and _kernels.threads_for(row * batch, nt) > 1:
+        return 0
     rows = _BLOCK_BYTES // max(row, 1) // 4 * 4
     return min(rows, -(-batch // 4) * 4)
 
@@ -164,7 +170,7 @@ def clip_sums(works, outs, add, rule, bound, has_f64, batch, nt):
                 o[...] = 0
         return np.zeros(0)
     norms = np.zeros(batch)             # the norms when every array is empty
-    block = _block_rows(xs, batch)
+    block = _block_rows(xs, batch, nt)
     if not (block and _w.clip_sum(xs, os_, adds, RULES[rule], bound, has_f64, norms, block,
                                   nt)):
         norms = per_example_norms(xs, batch, nt)
