@@ -98,7 +98,8 @@ def test_calibration_is_cached_and_reused(tmp_path):
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 999, "machines": {}}),
-                                     json.dumps({"version": 1, "machines": []}),
+                                     json.dumps({"version": _tuning.CACHE_VERSION,
+                                                 "machines": []}),
                                      "KEY"])
 def test_corrupt_or_foreign_cache_is_ignored(tmp_path, content):
     path = tmp_path / "clipcore" / "tuning.json"
@@ -106,7 +107,8 @@ def test_corrupt_or_foreign_cache_is_ignored(tmp_path, content):
     key = run("import clipcore; print(clipcore._tuning.cache_key())",
               XDG_CACHE_HOME=str(tmp_path), CLIPCORE_KERNELS="table").stdout.strip()
     if content == "KEY":      # this machine's entry, but not a valid choice
-        content = json.dumps({"version": 1, "machines": {key: {"prefetch": "yes"}}})
+        content = json.dumps({"version": _tuning.CACHE_VERSION,
+                              "machines": {key: {"prefetch": "yes"}}})
     path.write_text(content)
     out = run("import clipcore; print(clipcore._tuning.source)", XDG_CACHE_HOME=str(tmp_path),
               CLIPCORE_KERNELS="")
@@ -120,7 +122,7 @@ def test_a_cached_choice_is_applied(tmp_path):
     key = run("import clipcore; print(clipcore._tuning.cache_key())",
               XDG_CACHE_HOME=str(tmp_path), CLIPCORE_KERNELS="table").stdout.strip()
     choice = {"prefetch": True, "scale_backward": False, "twins": False, "parallel_min": 999}
-    path.write_text(json.dumps({"version": 1, "machines": {key: choice}}))
+    path.write_text(json.dumps({"version": _tuning.CACHE_VERSION, "machines": {key: choice}}))
     out = run("import clipcore, json; print(json.dumps(clipcore.kernels.get_tuning()))",
               XDG_CACHE_HOME=str(tmp_path), CLIPCORE_KERNELS="")
     assert json.loads(out.stdout) == choice
