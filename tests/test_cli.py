@@ -14,6 +14,8 @@ from clipcore import bench, kernels
 from clipcore.__main__ import main
 from clipcore.bench import impls, report, runner, worker
 from clipcore.bench.cases import as_float32
+
+IMPLS_BY_NAME = impls.IMPLS
 from clipcore.bench._probe import bandwidth_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(clipcore.__file__)))
@@ -148,6 +150,25 @@ def test_verify_catches_a_wrong_answer(op):
     if op != "noclip":                                      # the op not applied at all
         with pytest.raises(AssertionError):
             bench.verify(op, data, None)
+
+
+@pytest.mark.parametrize("op", ["agc", "per_example", "clip_bf16"])
+def test_every_installed_implementation_of_issue_16s_ops_passes_the_check(op):
+    data = bench.Data(BATCH if op == "per_example" else SMALL, seed=2,
+                      dtype="bfloat16" if op == "clip_bf16" else None,
+                      batched=op == "per_example")
+    ran = []
+    for name, impl in IMPLS_BY_NAME.items():
+        family = bench.FAMILIES[[f.name for f in bench.FAMILIES].index(impls.IMPL_FAMILY[name])]
+        if op not in impl.ops or impl.self_timed or (family.module and not impls.installed(
+                family.module)):
+            continue
+        if op == "clip_bf16" and not impls.installed("ml_dtypes"):
+            continue
+        data.restore()
+        bench.verify(op, data, bench.make_call(name, op, data)())
+        ran.append(name)
+    assert "clipcore" in ran or op == "clip_bf16"
 
 
 def test_elementwise_cases_run_clipcore_and_check_it():

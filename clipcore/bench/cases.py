@@ -214,11 +214,12 @@ def verify(op, data, out):
     got = outs[0].reshape(-1)[::61].astype(np.float64)
     first = as_float32(data.backup[0]).astype(np.float64)
     x = first.reshape(-1)[::61]
-    rtol, atol = (2.0 ** -8 if data.dtype == "bfloat16" else 1e-4), 0.0
+    # bfloat16: torch rounds its norm and its factor to bfloat16 too
+    rtol, atol = (2.0 ** -7 if data.dtype == "bfloat16" else 1e-4), 0.0
     if op in ("clip", "noclip", "clip_bf16"):
         want_norm = data.norm if op == "noclip" else p["clip_norm"]
         norm = clipcore.global_norm(outs)
-        assert math.isclose(norm, want_norm, rel_tol=1e-3), \
+        assert math.isclose(norm, want_norm, rel_tol=max(rtol, 1e-3)), \
             f"global norm after the call is {norm:.6g}, expected {want_norm:.6g}"
         want = x * min(1.0, p["clip_norm"] / data.norm)
     elif op == "clip_by_value":

@@ -248,18 +248,6 @@ def _torch_clip(d, p):
     return _in_place(torch.nn.utils.clip_grad_norm_, _torch_params(d), p["clip_norm"])
 
 
-def torch_adaptive_clip(parameters, clip_factor, eps):
-    """timm's adaptive_clip_grad: per parameter, unit norms and torch.where."""
-    import torch
-    for p in parameters:
-        g, w = p.grad.detach(), p.detach()
-        dims = tuple(range(1, g.ndim)) if g.ndim > 1 else None
-        g_norm = g.norm(2.0, dim=dims, keepdim=True) if dims else g.norm(2.0)
-        max_norm = (w.norm(2.0, dim=dims, keepdim=True) if dims else w.norm(2.0)).clamp_(min=eps)
-        max_norm.mul_(clip_factor)
-        g.copy_(torch.where(g_norm < max_norm, g, g * (max_norm / g_norm.clamp(min=1e-6))))
-
-
 def torch_per_example_clip(grads, l2_norm_clip):
     """Opacus's clip_and_accumulate steps with optax's multiplier: a norm per
     array per example, their norm, the multipliers, an einsum per array."""
@@ -279,6 +267,13 @@ def _torch_relu(d, p):
     return _in_place(torch.relu_, torch.from_numpy(d.x))
 
 
+def _torch_agc(d, p):
+    # timm's loop in torch ops: clipcore.torch's own for the tensors it does not read
+    from clipcore.torch import _adaptive_clip_grad_torch
+    return _in_place(_adaptive_clip_grad_torch, _torch_params(d, d.weights), p["clipping"],
+                     p["eps"], 2.0)
+
+
 def _torch_per_example(d, p):
     import torch
     grads = [torch.from_numpy(a) for a in d.arrays]
@@ -289,8 +284,7 @@ TORCH = Impl("torch", {
     "clip": ("torch.nn.utils.clip_grad_norm_", _torch_clip),
     "noclip": ("torch.nn.utils.clip_grad_norm_", _torch_clip),
     "clip_bf16": ("torch.nn.utils.clip_grad_norm_", _torch_clip),
-    "agc": ("timm's adaptive_clip_grad (torch ops)", lambda d, p: _in_place(
-        torch_adaptive_clip, _torch_params(d, d.weights), p["clipping"], p["eps"])),
+    "agc": ("timm's adaptive_clip_grad (torch ops)", _torch_agc),
     "per_example": ("Opacus's steps (norms, stack, einsum)", _torch_per_example),
     "clip_by_value": ("torch.clamp_(x, lo, hi)", _torch_clamp),
     "relu": ("torch.relu_(x)", _torch_relu),
