@@ -157,7 +157,7 @@ class Data:
                        "relu": {},
                        "clip_by_norm": {"clip_norm": self.norm / 2},
                        "agc": {"clipping": 0.01, "eps": 1e-3}}
-        self._weights = self._multipliers = None
+        self._weights = self._example_norms = None
         if batched or (batched is None and named and workload in BATCHED):
             # the median example is clipped
             self.params["per_example"] = {"l2_norm_clip": float(np.median(self.example_norms()))}
@@ -183,10 +183,13 @@ class Data:
         return [a.view(ml_dtypes.bfloat16) for a in self.arrays]
 
     def example_norms(self):
-        """Each example's norm over all arrays (the backup's first axis is the batch)."""
-        sq = sum(np.einsum("ij,ij->i", b.reshape(len(b), -1), b.reshape(len(b), -1),
-                           dtype=np.float64) for b in self.backup)
-        return np.sqrt(sq)
+        """Each example's norm over all arrays (the backup's first axis is the batch;
+        computed at first use: the backup never changes)."""
+        if self._example_norms is None:
+            self._example_norms = np.sqrt(sum(
+                np.einsum("ij,ij->i", b.reshape(len(b), -1), b.reshape(len(b), -1),
+                          dtype=np.float64) for b in self.backup))
+        return self._example_norms
 
     def restore(self):
         for a, b in zip(self.arrays, self.backup):
