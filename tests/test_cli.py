@@ -134,6 +134,8 @@ BATCH = (("w", (8, 5, 3)), ("b", (8, 5)))
 @pytest.mark.parametrize("op", ["clip", "noclip", "clip_by_value", "relu", "clip_by_norm",
                                 "agc", "per_example", "clip_bf16"])
 def test_verify_catches_a_wrong_answer(op):
+    if op == "clip_bf16":
+        pytest.importorskip("ml_dtypes")        # clipcore's bfloat16 row reads through it
     data = bench.Data(BATCH if op == "per_example" else SMALL if op in (
         "clip", "noclip", "agc", "clip_bf16") else (("x", (5000,)),), seed=1,
         dtype="bfloat16" if op == "clip_bf16" else None, batched=op == "per_example")
