@@ -9,6 +9,7 @@ import zipfile
 sdist, wheel = sys.argv[1:3]
 in_sdist = {name.split("/", 1)[-1] for name in tarfile.open(sdist).getnames()}
 need = ["LICENSE", "MANIFEST.in", "setup.py", "pyproject.toml", "clipcore/kernels.pxd",
+        "clipcore/tf_ops.cc",
         "src/clipcore/kernels.pyx", "src/clipcore/_lists.pxd", "src/clipcore/_loops.pxd",
         "src/clipcore/cc_platform.h", "src/clipcore/cc_half.h", "src/clipcore/cc_reduce.h",
         "src/clipcore/cc_scale.h", "src/clipcore/cc_elementwise.h", "src/clipcore/cc_axis.h",
@@ -20,7 +21,7 @@ assert not generated, f"{sdist}: Cython output {generated}"
 
 in_wheel = set(zipfile.ZipFile(wheel).namelist())
 assert any(n.startswith("clipcore.libs/libgomp") for n in in_wheel), f"{wheel}: libgomp not vendored"
-need = ["clipcore/kernels.pxd", "clipcore/_version.py", "clipcore/py.typed"]
+need = ["clipcore/kernels.pxd", "clipcore/tf_ops.cc", "clipcore/_version.py", "clipcore/py.typed"]
 missing = [n for n in need if n not in in_wheel]
 assert not missing, f"{wheel}: missing {missing}"
 assert any(n.endswith("licenses/LICENSE") for n in in_wheel), f"{wheel}: no LICENSE"

@@ -20,6 +20,7 @@ function with that check.
 """
 import functools
 import importlib
+import inspect
 import sys
 
 import numpy as np
@@ -143,6 +144,12 @@ def tf_aware(fn):
     # inside tf.function AutoGraph then calls this as it is, instead of trying
     # (and failing, noisily, for the compiled ones) to convert its code.
     tf_aware_fn.autograph_info__ = None
+    # tf.function unwraps a function given as an argument down __wrapped__,
+    # which would hand it fn without this dispatch: fn goes under another name,
+    # and the signature is kept for help() and the docs.
+    del tf_aware_fn.__wrapped__
+    tf_aware_fn.__signature__ = inspect.signature(fn)
+    tf_aware_fn.eager = fn
     return tf_aware_fn
 
 

@@ -40,9 +40,9 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from clipcore import _ops
+from clipcore import _ops, _tf_ops
 from clipcore._adapt import as_tensor_array
-from clipcore._lists import as_norm_type, framework
+from clipcore._lists import as_norm_type, as_scalar, as_threads, framework
 
 try:       # TF's internal test for "some tape is recording" (no public one)
     from tensorflow.python.eager.record import could_possibly_record as _may_record
@@ -54,11 +54,11 @@ try:       # TF's internal recording of an op with its gradient (tf.custom_gradi
 except ImportError:           # pragma: no cover - other TF versions
     _record_op = None
 try:       # TF's internal test for an XLA context (jit_compile=True)
-    from tensorflow.python.framework import ops as _tf_ops
+    from tensorflow.python.framework import ops as _framework_ops
     from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext as _in_xla
 
     def _xla():
-        return _in_xla(_tf_ops.get_default_graph())
+        return _in_xla(_framework_ops.get_default_graph())
 except ImportError:           # pragma: no cover
     def _xla():
         return False
@@ -170,6 +170,25 @@ def _unflatten(flat, tensors):
 FLAT_MAX_MEAN_BYTES = 128 << 10
 
 
+def _native(tensors):
+    """clipcore's TF ops take these: one dtype, float32 or float64."""
+    return len({t.dtype for t in tensors}) == 1 and tensors[0].dtype in (tf.float32, tf.float64)
+
+
+def _clip_operand(clip_norm, names, extra, dtype):
+    """f(extra tensors) giving clip_norm as a scalar of dtype (as the eager
+    function converts it), or None where the op does not take it (a tensor
+    of no real dtype or not a scalar: the numpy_function form decides)."""
+    if "clip_norm" not in names:
+        value = tf.constant(as_scalar(clip_norm, "clip_norm", True).astype(dtype.as_numpy_dtype))
+        return lambda ex: value
+    t = extra[names.index("clip_norm")]
+    if t.shape.rank != 0 or not (t.dtype.is_floating or t.dtype.is_integer or t.dtype.is_bool):
+        return None
+    return lambda ex: ex[names.index("clip_norm")] if t.dtype == dtype else tf.cast(
+        ex[names.index("clip_norm")], dtype)
+
+
 def _flat_pays(tensors):
     """One dtype, and small tensors on average (or sizes not known statically)."""
     if len({t.dtype for t in tensors}) != 1:
@@ -271,7 +290,7 @@ def relu(features, name=None, *, out=None, n_threads=None):
         return tf.IndexedSlices(relu(features.values, n_threads=n_threads),
                                 features.indices, features.dense_shape)
     x = _tensor(features, "features")
-    return _run("relu", [x], lambda a: _ops.relu.__wrapped__(a, n_threads=n_threads),
+    return _run("relu", [x], lambda a: _ops.relu.eager(a, n_threads=n_threads),
                 tf.nn.relu, _relu_grad)
 
 
@@ -280,7 +299,7 @@ def _minmax(op, x, y, out, n_threads):
     first = x if _is_tf(x) else y
     dtype = _tensor(first, "x" if first is x else "y").dtype
     xt, yt = _operand(x, dtype, "x"), _operand(y, dtype, "y")
-    eager_fn = getattr(_ops, op).__wrapped__
+    eager_fn = getattr(_ops, op).eager
     reference = getattr(tf, op)
     selector = tf.greater_equal if op == "maximum" else tf.less_equal
     return _run(op, [xt, yt], lambda a, b: eager_fn(a, b, n_threads=n_threads), reference,
@@ -313,7 +332,7 @@ def clip_by_value(t, clip_value_min, clip_value_max, name=None, *, out=None, n_t
     lo = _operand(clip_value_min, x.dtype, "clip_value_min")
     hi = _operand(clip_value_max, x.dtype, "clip_value_max")
     return _run("clip_by_value", [x, lo, hi],
-                lambda a, b, c: _ops.clip_by_value.__wrapped__(a, b, c, n_threads=n_threads),
+                lambda a, b, c: _ops.clip_by_value.eager(a, b, c, n_threads=n_threads),
                 tf.clip_by_value, _clip_value_grad)
 
 
@@ -370,7 +389,7 @@ def clip_by_norm(t, clip_norm, axes=None, name=None, *, out=None, n_threads=None
     x = _tensor(t, "t")
     axes = _static_axes(axes, "axes")
     ax = None if axes is None else list(_ops._axes(axes, x.shape.rank))
-    eager_fn = _ops.clip_by_norm.__wrapped__
+    eager_fn = _ops.clip_by_norm.eager
     if _is_tf(clip_norm):
         c = _tensor(clip_norm, "clip_norm")
         return _run("clip_by_norm", [x, c],
@@ -388,7 +407,7 @@ def clip_by_norm(t, clip_norm, axes=None, name=None, *, out=None, n_threads=None
 def clip_by_average_norm(t, clip_norm, name=None, *, out=None, n_threads=None):
     _no_out(out)
     x = _tensor(t, "t")
-    tensors, eager_fn = [x], _ops.clip_by_average_norm.__wrapped__
+    tensors, eager_fn = [x], _ops.clip_by_average_norm.eager
     if _is_tf(clip_norm):
         tensors.append(_tensor(clip_norm, "clip_norm"))
         return _run("clip_by_average_norm", tensors,
@@ -446,7 +465,7 @@ def _norm_grad(ord, axis, keepdims):
 
 def norm(tensor, ord="euclidean", axis=None, keepdims=None, name=None, *, n_threads=None):
     x = _tensor(tensor, "tensor")
-    eager_fn = _ops.norm.__wrapped__
+    eager_fn = _ops.norm.eager
     return _run("norm", [x],
                 lambda a: eager_fn(a, ord, axis, keepdims, n_threads=n_threads),
                 lambda a: tf.norm(a, ord=ord, axis=axis, keepdims=keepdims),
@@ -498,7 +517,7 @@ def global_norm(t_list, name=None, *, norm_type=2.0, n_threads=None):
     tensors, _ = _entries(t_list)
     if not tensors:
         return tf.constant(0.0)
-    eager_fn = _ops.global_norm.__wrapped__
+    eager_fn = _ops.global_norm.eager
     dtype = _norm_spec(tensors)
 
     def eager(*vals):
@@ -515,7 +534,15 @@ def global_norm(t_list, name=None, *, norm_type=2.0, n_threads=None):
             flat = tf.concat([tf.reshape(tf.cast(t, dtype), [-1]) for t in ts], 0)
             return tf.norm(flat, ord=norm_type)
     graph = None
-    if _flat_pays(tensors):
+    ops = _tf_ops.load() if _native(tensors) else None
+    if ops is not None:
+        # clipcore's op: the tensors in, the norm out; its gradient is registered.
+        p, nt = tf.constant(as_norm_type(norm_type), tf.float64), as_threads(n_threads)
+
+        def graph(*ts):
+            n = ops.clipcore_global_norm(list(ts), p, n_threads=nt)
+            return n if grad is not None else tf.stop_gradient(n)
+    elif _flat_pays(tensors):
         # One input (the tensors end to end), one scalar output: numpy_function's
         # per-tensor conversions cost more than the norm. Same elements in the
         # same order: the core's chunks and so its bits are the list's. The
@@ -545,9 +572,9 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_thread
             extra.append(_tensor(value, nm))
             names.append(nm)
     if not tensors and not extra:
-        return _ops.clip_by_global_norm.__wrapped__(items, clip_norm, use_norm,
+        return _ops.clip_by_global_norm.eager(items, clip_norm, use_norm,
                                                     n_threads=n_threads)
-    eager_fn = _ops.clip_by_global_norm.__wrapped__
+    eager_fn = _ops.clip_by_global_norm.eager
 
     def args(vals):
         kw = {"clip_norm": clip_norm, "use_norm": use_norm}
@@ -573,7 +600,18 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_thread
         return list(outs) if use_norm is not None else list(outs) + [norm_]
 
     graph = None
-    if tensors and _flat_pays(tensors):
+    ops = _tf_ops.load() if use_norm is None and tensors and _native(tensors) else None
+    c = _clip_operand(clip_norm, names, extra, tensors[0].dtype) if ops is not None else None
+    if c is not None:
+        # clipcore's op: each output is its input (nothing to clip), the input
+        # scaled in place (nothing else holds it) or a new tensor.
+        nt = as_threads(n_threads)
+
+        def graph(*vals):
+            outs, norm_ = ops.clipcore_clip_by_global_norm(
+                list(vals[:n]), c(vals[n:]), n_threads=nt)
+            return list(outs) + [norm_]
+    elif tensors and _flat_pays(tensors):
         # One flat input and one flat output, cut back with Split and Reshape
         # (metadata): numpy_function converts each input and output on its own.
         # No tf.custom_gradient around it (no gradient): its IdentityN and

@@ -116,6 +116,18 @@ cdef void layout_scale(const Layout *lay, double scale, int n_threads) noexcept 
 cdef double layout_clip(const Layout *lay, double norm_type, clip_rule rule, const void *ctx,
                         int n_threads) noexcept nogil
 
+# Out of place: dst = src * scale (s32 for float32 pairs, s64 for float64) for
+# contiguous pairs laid end to end, starts[k] the position of pairs[k]'s first
+# element, in the kernels' chunks (dst == src scales in place).
+ctypedef struct Pair:
+    const char *src
+    char *dst
+    Py_ssize_t n          # elements
+    int f64               # float64 (else float32)
+
+cdef void scale_into(const Pair *pairs, const Py_ssize_t *starts, Py_ssize_t count,
+                     float s32, double s64, int n_threads) noexcept nogil
+
 # Pointer-and-length forms for other extensions (float32 buffers, contiguous).
 cdef double norm_f32(float **ptrs, const Py_ssize_t *lengths, Py_ssize_t count,
                      double norm_type, int n_threads) noexcept nogil

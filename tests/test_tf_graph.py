@@ -9,9 +9,11 @@ Python lists.
 """
 import collections
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
+import textwrap
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -22,7 +24,7 @@ import pytest  # noqa: E402
 tf = pytest.importorskip("tensorflow")
 
 import clipcore  # noqa: E402
-from clipcore import _tf  # noqa: E402
+from clipcore import _tf, _tf_ops  # noqa: E402
 
 
 def _sibling(name):
@@ -147,8 +149,9 @@ def test_graph_mode_matches_tensorflow(name, call, args, exact):
             lambda *a: call(tf, *a), args)
         loose = [tf.TensorSpec([None] * a.shape.rank, a.dtype) for a in args]
         cc = tf.function(lambda *a: call(clipcore, *a)).get_concrete_function(*loose)
-        # clipcore's kernels run in the graph (one numpy_function), not TF's op
-        assert "PyFuncStateless" in {op.type for op in cc.graph.get_operations()}
+        # clipcore's kernels run in the graph (its op or a numpy_function), not TF's op
+        types = {op.type for op in cc.graph.get_operations()}
+        assert "PyFuncStateless" in types or any(t.startswith("Clipcore") for t in types)
         tfc = tf.function(lambda *a: call(tf, *a)).get_concrete_function(*loose)
         assert ([t.shape.as_list() for t in flat(cc.structured_outputs)]
                 == [t.shape.as_list() for t in flat(tfc.structured_outputs)])
@@ -286,13 +289,27 @@ def _ragged_list(dtype):
     return [tf.constant(rng.normal(size=s).astype(dtype) * 3) for s in shapes]
 
 
-@pytest.mark.parametrize("flat", [True, False], ids=["end-to-end", "one-by-one"])
+# The three forms graph mode can take for the global ops: clipcore's TF ops
+# (clipcore._tf_ops), and where they cannot be had a numpy_function of the
+# tensors end to end or of each tensor.
+FORMS = ["op", "end-to-end", "one-by-one"]
+
+
+def use_form(form, monkeypatch):
+    if form == "op":
+        if _tf_ops.load() is None:
+            pytest.skip("clipcore's TF ops could not be built here")
+        return
+    monkeypatch.setattr(_tf_ops, "_ops", False)          # as if they could not be built
+    monkeypatch.setattr(_tf, "FLAT_MAX_MEAN_BYTES", 1 << 40 if form == "end-to-end" else 0)
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_graph_global_ops_bitwise_equal_eager(dtype, flat, monkeypatch):
-    # Small tensors go to the core end to end (one buffer): the same elements
-    # in the same order, so the same chunks and the same bits; large ones one
-    # by one (unknown sizes always end to end).
-    monkeypatch.setattr(_tf, "FLAT_MAX_MEAN_BYTES", 1 << 40 if flat else 0)
+def test_graph_global_ops_bitwise_equal_eager(dtype, form, monkeypatch):
+    # The op and the end-to-end buffer give the core the same elements in the
+    # same order as the list: the same chunks and the same bits.
+    use_form(form, monkeypatch)
     ts = _ragged_list(dtype)
     arrays = [t.numpy() for t in ts]
     ref_outs, ref_norm = clipcore.clip_by_global_norm(arrays, 1.0)
@@ -313,6 +330,122 @@ def test_graph_global_ops_bitwise_equal_eager(dtype, flat, monkeypatch):
     assert got_norm.numpy() == ref_norm
     for g, r in zip(got_outs, ref_outs):
         assert g.shape == r.shape and g.numpy().tobytes() == r.tobytes()
+    for p in (1.0, np.inf, 3.0):
+        got = tf.function(lambda l: clipcore.global_norm(l, norm_type=p))(ts)
+        assert got.numpy() == dtype(clipcore.global_norm(arrays, norm_type=p))
+
+
+def test_graph_op_scales_in_place_only_what_nothing_else_holds():
+    # Tensors made inside the function are scaled in their own memory; the
+    # captured ones, a variable's value and a tensor given twice are not
+    # written: each output is right and every input keeps its values.
+    if _tf_ops.load() is None:
+        pytest.skip("clipcore's TF ops could not be built here")
+    rng = np.random.default_rng(5)
+    a = tf.constant(rng.normal(size=(40, 30)).astype(np.float32))
+    b = tf.constant(rng.normal(size=70001).astype(np.float32))
+    v = tf.Variable(rng.normal(size=33).astype(np.float32))
+    kept = [a.numpy().copy(), b.numpy().copy(), v.numpy().copy()]
+
+    @tf.function
+    def f(c):
+        made = a * 3.0
+        return clipcore.clip_by_global_norm([made, b, v.read_value(), made, b * 1.0, c], c)
+
+    c = tf.constant(0.5)
+    outs, norm = f(c)
+    parts = [kept[0] * np.float32(3), kept[1], kept[2], kept[0] * np.float32(3),
+             kept[1] * np.float32(1), np.float32(0.5)]
+    ref_outs, ref_norm = clipcore.clip_by_global_norm(parts, 0.5)
+    assert norm.numpy() == ref_norm
+    for g, r in zip(outs, ref_outs):
+        assert g.numpy().tobytes() == np.asarray(r).tobytes()
+    for now, before in zip([a, b, v], kept):
+        assert now.numpy().tobytes() == before.tobytes()
+    # nothing to clip: the outputs are the inputs (bit for bit, -0.0 included)
+    z = tf.constant([-0.0, 1.0, -2.0])
+    same, n = tf.function(lambda: clipcore.clip_by_global_norm([z, a], 1e30))()
+    assert same[0].numpy().tobytes() == z.numpy().tobytes()
+    assert same[1].numpy().tobytes() == a.numpy().tobytes()
+    # a non-finite norm makes every element NaN (TensorFlow's rule)
+    bad, n = tf.function(lambda: clipcore.clip_by_global_norm([z, tf.constant([np.inf])], 1.0))()
+    assert n.numpy() == np.inf and all(np.isnan(t.numpy()).all() for t in bad)
+
+
+def test_graph_op_takes_clip_norm_as_the_eager_function_does():
+    if _tf_ops.load() is None:
+        pytest.skip("clipcore's TF ops could not be built here")
+    ts = [tf.constant(np.arange(1.0, 7.0, dtype=np.float32)), tf.constant([3.0, -4.0])]
+    arrays = [t.numpy() for t in ts]
+    for clip in (tf.constant(2.5, tf.float64), tf.constant(3, tf.int32), 2.5, 3,
+                 np.float64(1e-3), tf.constant(-1.0)):
+        fn = tf.function(lambda l, c=clip: clipcore.clip_by_global_norm(l, c))
+        outs, norm = fn(ts)
+        ops = {op.type for op in fn.get_concrete_function(ts).graph.get_operations()}
+        assert "ClipcoreClipByGlobalNorm" in ops
+        value = clip.numpy() if isinstance(clip, tf.Tensor) else clip
+        ref_outs, ref_norm = clipcore.clip_by_global_norm(arrays, value)
+        assert norm.numpy() == ref_norm
+        for g, r in zip(outs, ref_outs):
+            assert g.numpy().tobytes() == r.tobytes()
+    with pytest.raises(TypeError, match="clip_norm"):
+        tf.function(lambda l: clipcore.clip_by_global_norm(l, "2"))(ts)
+    with pytest.raises(TypeError, match="n_threads"):
+        tf.function(lambda l: clipcore.clip_by_global_norm(l, 1.0, n_threads=1.5))(ts)
+    with pytest.raises(ValueError, match="norm_type"):
+        tf.function(lambda l: clipcore.global_norm(l, norm_type=-1))(ts)
+
+
+def test_functions_given_to_tf_function_as_arguments_keep_graph_mode():
+    # tf.function unwraps a function argument down __wrapped__: clipcore's
+    # public functions must not lead it past their TF dispatch.
+    ts = [tf.constant([3.0, 4.0]), tf.constant([[12.0]])]
+
+    @tf.function
+    def call(fn, *args):
+        return fn(*args)
+    assert call(clipcore.global_norm, ts).numpy() == np.float32(13.0)
+    outs, norm = call(clipcore.clip_by_global_norm, ts, 6.5)
+    assert norm.numpy() == np.float32(13.0)
+    np.testing.assert_array_equal(outs[0].numpy(), np.float32([1.5, 2.0]))
+    np.testing.assert_array_equal(call(clipcore.relu, tf.constant([-1.0, 2.0])).numpy(), [0, 2])
+    assert "t_list" in str(inspect.signature(clipcore.clip_by_global_norm))
+
+
+def test_tf_ops_refuse_kernels_of_another_signature(monkeypatch):
+    monkeypatch.setitem(_tf_ops.BINDINGS, "layout_norm", "double (int)")
+    with pytest.raises(RuntimeError, match="layout_norm"):
+        _tf_ops.addresses()
+
+
+@pytest.mark.parametrize("env,warns", [({"CXX": "false"}, True), ({_tf_ops.ENV: "0"}, False)],
+                         ids=["no-compiler", "turned-off"])
+def test_graph_mode_without_the_ops(tmp_path, env, warns):
+    # A build that fails warns once and keeps the numpy_function form; turned
+    # off, nothing is built and nothing warns. Same results either way.
+    code = textwrap.dedent("""
+        import warnings, numpy as np, tensorflow as tf, clipcore
+        ts = [tf.constant(np.arange(5.0, dtype=np.float32)), tf.constant([3.0, 4.0])]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn = tf.function(lambda l: clipcore.clip_by_global_norm(l, 1.0))
+            outs, norm = fn(ts)
+            n2 = tf.function(lambda l: clipcore.global_norm(l))(ts)
+        ops = {op.type for op in fn.get_concrete_function(ts).graph.get_operations()}
+        ref, ref_norm = clipcore.clip_by_global_norm([t.numpy() for t in ts], 1.0)
+        assert norm.numpy() == ref_norm == n2.numpy()
+        assert all(o.numpy().tobytes() == r.tobytes() for o, r in zip(outs, ref))
+        assert "PyFuncStateless" in ops and "ClipcoreClipByGlobalNorm" not in ops
+        mine = [w for w in caught if "TensorFlow ops are not available" in str(w.message)]
+        print(len(mine))
+    """)
+    run_env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), PYTHONPATH=os.pathsep.join(sys.path),
+                   TF_CPP_MIN_LOG_LEVEL="3", **env)
+    done = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == ("1" if warns else "0")
+    assert not list(tmp_path.glob("clipcore/*.so"))
 
 
 def _added_ops(fn, tensors):
@@ -326,12 +459,19 @@ def _added_ops(fn, tensors):
 
 
 @pytest.mark.parametrize("n", [3, 40])
-def test_graph_global_ops_have_a_fixed_number_of_ops(n):
-    # One ConcatV2, one numpy_function, one SplitV whatever the list's length;
-    # a Reshape only for a tensor that is not a vector (in, and out again).
+def test_graph_global_ops_have_a_fixed_number_of_ops(n, monkeypatch):
+    # clipcore's TF op: one op whatever the list's length and shapes (its
+    # gradient is registered, no wrapper). Without it: one ConcatV2, one
+    # numpy_function, one SplitV, and a Reshape for a tensor that is not a
+    # vector (in, and out again).
     vectors = [tf.ones([5]) * i for i in range(n)]
     matrices = [tf.ones([2, 3]) * i for i in range(n)]
     clip = lambda l: clipcore.clip_by_global_norm(l, 1.0)  # noqa: E731
+    if _tf_ops.load() is not None:
+        for ts in (vectors, matrices):
+            assert _added_ops(clip, ts) == {"ClipcoreClipByGlobalNorm": 1}
+            assert _added_ops(clipcore.global_norm, ts) == {"ClipcoreGlobalNorm": 1}
+    monkeypatch.setattr(_tf_ops, "_ops", False)
     assert _added_ops(clip, vectors) == {"ConcatV2": 1, "PyFuncStateless": 1, "SplitV": 1}
     assert _added_ops(clip, matrices) == {"ConcatV2": 1, "PyFuncStateless": 1, "SplitV": 1,
                                           "Reshape": 2 * n}
@@ -342,7 +482,9 @@ def test_graph_global_ops_have_a_fixed_number_of_ops(n):
     assert _added_ops(clipcore.global_norm, matrices) == dict(norm_ops, Reshape=n)
 
 
-def test_graph_global_norm_gradient_bitwise_equal_eager():
+@pytest.mark.parametrize("form", FORMS)
+def test_graph_global_norm_gradient_bitwise_equal_eager(form, monkeypatch):
+    use_form(form, monkeypatch)
     ts = [t for t in _ragged_list(np.float32) if t.shape.num_elements()]
 
     def grads(l, m=clipcore):

@@ -13,29 +13,13 @@ from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
 from clipcore._lists cimport _Buffers, collect, as_scalar, reads_as_is
-from clipcore.kernels cimport resolve_threads, run_items, tuning_table, chunk_size, chunk_count
-from clipcore._loops cimport cc_use_tuning
+from clipcore.kernels cimport Pair, scale_into
 
 import numpy as np
 
 cnp.import_array()
 
 cdef type ndarray = np.ndarray
-
-cc_use_tuning(tuning_table())       # the kernels module's choices (cc_platform.h)
-
-cdef extern from "cc_elementwise.h" nogil:
-    int CC_F32, CC_F64, CC_OP_MUL
-    ctypedef void (*cc_loop_fn)(char **p, const Py_ssize_t *s, Py_ssize_t n) noexcept nogil
-    cc_loop_fn cc_get_loop_for(int tcode, int op, Py_ssize_t out_bytes)
-
-
-ctypedef struct Pair:
-    char *src
-    char *dst
-    Py_ssize_t n
-    int f64
-
 
 # ------------------------------------------------------------ output memory
 #
@@ -184,70 +168,6 @@ cdef class _Pairs:
         self.count += 1
 
 
-ctypedef struct ScaleJob:
-    const Pair *pairs
-    const Py_ssize_t *starts
-    Py_ssize_t count, total          # pairs; elements in all
-    float s32
-    double s64
-    cc_loop_fn f32, f64              # dst = src * s, chosen for the outputs' size
-
-
-cdef void scale_chunk(const void *ctx, Py_ssize_t c) noexcept nogil:
-    """dst = src * scale over chunk c of the pairs laid end to end."""
-    cdef const ScaleJob *job = <const ScaleJob *>ctx
-    cdef Py_ssize_t chunk = chunk_size(job.total), lo = c * chunk, hi = lo + chunk
-    cdef Py_ssize_t a = 0, b = job.count - 1, mid, off, take
-    cdef const Pair *pr
-    cdef char *p[3]
-    cdef Py_ssize_t st[3]
-    st[0] = 1
-    st[1] = 0
-    st[2] = 1
-    if hi > job.total:
-        hi = job.total
-    while a < b:                     # the pair holding position lo
-        mid = (a + b + 1) // 2
-        if job.starts[mid] <= lo:
-            a = mid
-        else:
-            b = mid - 1
-    while lo < hi:
-        pr = &job.pairs[a]
-        off = lo - job.starts[a]
-        take = pr.n - off
-        if take > hi - lo:
-            take = hi - lo
-        if pr.f64:
-            p[0] = pr.src + off * 8
-            p[1] = <char *>&job.s64
-            p[2] = pr.dst + off * 8
-            job.f64(p, st, take)
-        else:
-            p[0] = pr.src + off * 4
-            p[1] = <char *>&job.s32
-            p[2] = pr.dst + off * 4
-            job.f32(p, st, take)
-        lo += take
-        a += 1
-
-
-cdef void scale_pairs(_Pairs pr, float s32, double s64, int n_threads) noexcept nogil:
-    """dst = src * scale over every pair, in the kernels' chunks (kernels.run_items)."""
-    cdef ScaleJob job
-    job.pairs = pr.pairs
-    job.starts = pr.starts
-    job.count = pr.count
-    job.total = pr.total
-    job.s32 = s32
-    job.s64 = s64
-    # A large output goes to memory with streaming stores; its size in bytes
-    # is at least total * 4.
-    job.f32 = cc_get_loop_for(CC_F32, CC_OP_MUL, pr.total * 4)
-    job.f64 = cc_get_loop_for(CC_F64, CC_OP_MUL, pr.total * 4)
-    run_items(chunk_count(pr.total), scale_chunk, &job, resolve_threads(pr.total, n_threads))
-
-
 def to_convert(list items):
     """The positions of the entries that are neither None nor an ndarray: the
     ones clipcore._ops converts before a call."""
@@ -351,7 +271,7 @@ def clip_by_global_norm(list arrays, clip_norm, use_norm, int n_threads):
         if cnp.PyArray_SIZE(<cnp.ndarray>fast[k]):
             pairs.push(<cnp.ndarray>fast[k], <cnp.ndarray>fast_outs[k])
     with nogil:
-        scale_pairs(pairs, s32, s64, n_threads)
+        scale_into(pairs.pairs, pairs.starts, pairs.count, s32, s64, n_threads)
     with np.errstate(all="ignore"):
         for arr, out in slow:            # TF: v * cast(scale, v.dtype)
             np.multiply(arr, arr.dtype.type(scale), out=out)

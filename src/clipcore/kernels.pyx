@@ -41,6 +41,11 @@ cdef extern from "cc_scale.h" nogil:
     void cc_scale_f16(unsigned short *x, Py_ssize_t n, Py_ssize_t stride, double s)
     void cc_scale_bf16(unsigned short *x, Py_ssize_t n, Py_ssize_t stride, double s)
 
+cdef extern from "cc_elementwise.h" nogil:
+    int CC_F32, CC_F64, CC_OP_MUL
+    ctypedef void (*cc_loop_fn)(char **p, const Py_ssize_t *s, Py_ssize_t n) noexcept nogil
+    cc_loop_fn cc_get_loop_for(int tcode, int op, Py_ssize_t out_bytes)
+
 cdef extern from * nogil:
     """
     /* Clamp a contiguous float32 run into [lo, hi]: max first, then min (as
@@ -497,6 +502,67 @@ cdef void layout_scale(const Layout *lay, double scale, int n_threads) noexcept 
     ps.what = PASS_SCALE
     ps.factor = scale
     run_pass(lay, &ps, n_threads)
+
+
+ctypedef struct ScaleJob:
+    const Pair *pairs
+    const Py_ssize_t *starts
+    Py_ssize_t count, total          # pairs; elements in all
+    float s32
+    double s64
+    cc_loop_fn f32, f64              # dst = src * s, chosen for the outputs' size
+
+
+cdef void scale_chunk(const void *ctx, Py_ssize_t c) noexcept nogil:
+    """dst = src * scale over chunk c of the pairs laid end to end."""
+    cdef const ScaleJob *job = <const ScaleJob *>ctx
+    cdef Py_ssize_t chunk = chunk_size(job.total), lo = c * chunk, hi = lo + chunk
+    cdef Py_ssize_t a = run_holding(job.starts, job.count, lo), off, take
+    cdef const Pair *pr
+    cdef char *p[3]
+    cdef Py_ssize_t st[3]
+    st[0] = 1
+    st[1] = 0
+    st[2] = 1
+    if hi > job.total:
+        hi = job.total
+    while lo < hi:
+        pr = &job.pairs[a]
+        off = lo - job.starts[a]
+        take = pr.n - off
+        if take > hi - lo:
+            take = hi - lo
+        if pr.f64:
+            p[0] = <char *>pr.src + off * 8
+            p[1] = <char *>&job.s64
+            p[2] = pr.dst + off * 8
+            job.f64(p, st, take)
+        else:
+            p[0] = <char *>pr.src + off * 4
+            p[1] = <char *>&job.s32
+            p[2] = pr.dst + off * 4
+            job.f32(p, st, take)
+        lo += take
+        a += 1
+
+
+cdef void scale_into(const Pair *pairs, const Py_ssize_t *starts, Py_ssize_t count,
+                     float s32, double s64, int n_threads) noexcept nogil:
+    """dst = src * scale over every pair, in the kernels' chunks (run_items)."""
+    cdef ScaleJob job
+    if count <= 0:
+        return
+    job.pairs = pairs
+    job.starts = starts
+    job.count = count
+    job.total = starts[count - 1] + pairs[count - 1].n
+    job.s32 = s32
+    job.s64 = s64
+    # A large output goes to memory with streaming stores; its size in bytes
+    # is at least total * 4.
+    job.f32 = cc_get_loop_for(CC_F32, CC_OP_MUL, job.total * 4)
+    job.f64 = cc_get_loop_for(CC_F64, CC_OP_MUL, job.total * 4)
+    run_items(chunk_count(job.total), scale_chunk, &job, resolve_threads(job.total, n_threads))
 
 
 cdef int layout_from_pointers(Layout *lay, float **ptrs, const Py_ssize_t *lengths,

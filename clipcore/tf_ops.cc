@@ -1,0 +1,260 @@
+// clipcore's global norm and clip_by_global_norm as TensorFlow ops.
+//
+// clipcore._tf_ops compiles this file against the installed TensorFlow the
+// first time graph mode needs it (tf.load_op_library), so it ships inside the
+// package. The ops hold no numerics of their own: they gather their tensors'
+// memory into the layouts of clipcore's C-level API (clipcore/kernels.pxd)
+// and call its kernels, whose addresses clipcore_tf_bind receives from the
+// kernels module's capsules. The structs below mirror kernels.pxd's.
+
+#include <cmath>
+#include <cstddef>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace {
+
+using tensorflow::DEVICE_CPU;
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::errors::InvalidArgument;
+using tensorflow::errors::FailedPrecondition;
+using tensorflow::shape_inference::InferenceContext;
+
+enum { SEG_F32 = 0, SEG_F64 = 1 };
+
+struct Segment {
+  char *data;
+  std::ptrdiff_t n;
+  std::ptrdiff_t stride;
+  int kind;
+};
+
+struct Layout {
+  Segment *segs;
+  std::ptrdiff_t *starts;
+  std::ptrdiff_t n_segs;
+  std::ptrdiff_t n_total;
+};
+
+struct Pair {
+  const char *src;
+  char *dst;
+  std::ptrdiff_t n;
+  int f64;
+};
+
+typedef double (*layout_norm_fn)(const Layout *, double, int);
+typedef void (*layout_scale_fn)(const Layout *, double, int);
+typedef void (*scale_into_fn)(const Pair *, const std::ptrdiff_t *, std::ptrdiff_t, float, double, int);
+
+layout_norm_fn layout_norm = nullptr;
+layout_scale_fn layout_scale = nullptr;
+scale_into_fn scale_into = nullptr;
+
+template <typename T> constexpr int seg_kind() { return sizeof(T) == 8 ? SEG_F64 : SEG_F32; }
+
+// The non-empty inputs [0, n) as one layout (the core's order, so its bits).
+template <typename T>
+struct Inputs {
+  std::vector<Segment> segs;
+  std::vector<std::ptrdiff_t> starts;
+  Layout lay{};
+
+  Inputs(OpKernelContext *ctx, int n) {
+    std::ptrdiff_t total = 0;
+    segs.reserve(n);
+    starts.reserve(n);
+    for (int i = 0; i < n; ++i) {
+      const Tensor &t = ctx->input(i);
+      if (t.NumElements() == 0) continue;
+      // The kernels write only through an output; an input is only read.
+      segs.push_back({const_cast<char *>(t.tensor_data().data()),
+                      static_cast<std::ptrdiff_t>(t.NumElements()), 1, seg_kind<T>()});
+      starts.push_back(total);
+      total += t.NumElements();
+    }
+    lay = {segs.data(), starts.data(), static_cast<std::ptrdiff_t>(segs.size()), total};
+  }
+};
+
+bool bound(OpKernelContext *ctx) {
+  if (layout_norm && layout_scale && scale_into) return true;
+  ctx->CtxFailure(__FILE__, __LINE__, FailedPrecondition(
+      "clipcore's TensorFlow ops were loaded without clipcore's kernels "
+      "(load them with clipcore._tf_ops.load())"));
+  return false;
+}
+
+// TensorFlow's factor, in T as TF computes it: clip_norm * min(1 / norm,
+// 1 / clip_norm) + (norm - norm), so that a NaN or infinite norm gives NaN.
+template <typename T>
+T tf_scale(T norm, T clip_norm) {
+  const T one = T(1), a = one / norm, b = one / clip_norm;
+  const T lo = std::isnan(a) ? a : std::isnan(b) ? b : (a < b ? a : b);
+  return clip_norm * lo + (norm - norm);
+}
+
+template <typename T>
+class GlobalNormOp : public OpKernel {
+ public:
+  explicit GlobalNormOp(OpKernelConstruction *c) : OpKernel(c) {
+    OP_REQUIRES_OK(c, c->GetAttr("N", &n_));
+    OP_REQUIRES_OK(c, c->GetAttr("n_threads", &n_threads_));
+  }
+
+  void Compute(OpKernelContext *ctx) override {
+    if (!bound(ctx)) return;
+    const Tensor &p = ctx->input(n_);
+    OP_REQUIRES(ctx, p.dims() == 0, InvalidArgument("norm_type must be a scalar"));
+    const double norm_type = p.scalar<double>()();
+    OP_REQUIRES(ctx, norm_type > 0, InvalidArgument(
+        "norm_type must be > 0 (inf for the max norm), got ", norm_type));
+    Inputs<T> in(ctx, n_);
+    const double norm = layout_norm(&in.lay, norm_type, n_threads_);
+    Tensor *out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, {}, &out));
+    out->scalar<T>()() = static_cast<T>(norm);
+  }
+
+ private:
+  int n_ = 0, n_threads_ = 0;
+};
+
+template <typename T>
+class ClipByGlobalNormOp : public OpKernel {
+ public:
+  explicit ClipByGlobalNormOp(OpKernelConstruction *c) : OpKernel(c) {
+    OP_REQUIRES_OK(c, c->GetAttr("N", &n_));
+    OP_REQUIRES_OK(c, c->GetAttr("n_threads", &n_threads_));
+  }
+
+  void Compute(OpKernelContext *ctx) override {
+    if (!bound(ctx)) return;
+    const Tensor &c = ctx->input(n_);
+    OP_REQUIRES(ctx, c.dims() == 0, InvalidArgument(
+        "clip_norm must be a scalar, got shape ", c.shape().DebugString()));
+    Inputs<T> in(ctx, n_);
+    const T norm = static_cast<T>(layout_norm(&in.lay, 2.0, n_threads_));
+    const T scale = tf_scale(norm, c.scalar<T>()());
+    Tensor *norm_out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(n_, {}, &norm_out));
+    norm_out->scalar<T>()() = norm;
+    if (scale == T(1)) {            // nothing changes: the inputs are the outputs
+      for (int i = 0; i < n_; ++i) ctx->set_output(i, ctx->input(i));
+      return;
+    }
+    // An input nothing else holds becomes its output, scaled in place. The
+    // others are scaled into slices of one new block (one allocation, not one
+    // per output), each slice aligned as TensorFlow aligns its buffers; the
+    // reference count is looked at first because asking TensorFlow to forward
+    // costs more than the scaling of a small tensor.
+    constexpr std::ptrdiff_t align = EIGEN_MAX_ALIGN_BYTES / sizeof(T);
+    std::vector<Segment> own;
+    std::vector<std::ptrdiff_t> own_starts, fresh, offsets;
+    std::ptrdiff_t own_total = 0, block_total = 0;
+    fresh.reserve(n_);
+    offsets.reserve(n_);
+    for (int i = 0; i < n_; ++i) {
+      const Tensor &t = ctx->input(i);
+      const std::ptrdiff_t len = t.NumElements();
+      Tensor *out = nullptr;
+      if (len == 0) {
+        ctx->set_output(i, t);
+      } else if (t.RefCountIsOne() &&
+                 ctx->forward_input_to_output_with_shape(i, i, t.shape(), &out)) {
+        own.push_back({const_cast<char *>(out->tensor_data().data()), len, 1, seg_kind<T>()});
+        own_starts.push_back(own_total);
+        own_total += len;
+      } else {
+        fresh.push_back(i);
+        offsets.push_back(block_total);
+        block_total += (len + align - 1) / align * align;
+      }
+    }
+    if (!own.empty()) {
+      const Layout lay{own.data(), own_starts.data(), static_cast<std::ptrdiff_t>(own.size()),
+                       own_total};
+      layout_scale(&lay, static_cast<double>(scale), n_threads_);
+    }
+    if (fresh.empty()) return;
+    Tensor block;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::v(),
+                                           tensorflow::TensorShape({block_total}), &block));
+    std::vector<Pair> pairs;
+    std::vector<std::ptrdiff_t> pair_starts;
+    std::ptrdiff_t pair_total = 0;
+    pairs.reserve(fresh.size());
+    pair_starts.reserve(fresh.size());
+    for (std::size_t k = 0; k < fresh.size(); ++k) {
+      const Tensor &t = ctx->input(fresh[k]);
+      const std::ptrdiff_t len = t.NumElements();
+      Tensor out;
+      OP_REQUIRES(ctx, out.CopyFrom(block.Slice(offsets[k], offsets[k] + len), t.shape()),
+                  tensorflow::errors::Internal("clipcore: a slice of the wrong size"));
+      pairs.push_back({t.tensor_data().data(), const_cast<char *>(out.tensor_data().data()),
+                       len, sizeof(T) == 8});
+      pair_starts.push_back(pair_total);
+      pair_total += len;
+      ctx->set_output(fresh[k], std::move(out));
+    }
+    scale_into(pairs.data(), pair_starts.data(), static_cast<std::ptrdiff_t>(pairs.size()),
+               static_cast<float>(scale), static_cast<double>(scale), n_threads_);
+  }
+
+ private:
+  int n_ = 0, n_threads_ = 0;
+};
+
+}  // namespace
+
+REGISTER_OP("ClipcoreGlobalNorm")
+    .Input("t_list: N * T")
+    .Input("norm_type: float64")
+    .Output("global_norm: T")
+    .Attr("N: int >= 1")
+    .Attr("T: {float, double}")
+    .Attr("n_threads: int = 0")
+    .SetShapeFn([](InferenceContext *c) {
+      c->set_output(0, c->Scalar());
+      return tensorflow::OkStatus();
+    });
+
+REGISTER_OP("ClipcoreClipByGlobalNorm")
+    .Input("t_list: N * T")
+    .Input("clip_norm: T")
+    .Output("list_clipped: N * T")
+    .Output("global_norm: T")
+    .Attr("N: int >= 1")
+    .Attr("T: {float, double}")
+    .Attr("n_threads: int = 0")
+    .SetShapeFn([](InferenceContext *c) {
+      int n = c->num_inputs() - 1;
+      tensorflow::shape_inference::ShapeHandle unused;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(n), 0, &unused));
+      for (int i = 0; i < n; ++i) c->set_output(i, c->input(i));
+      c->set_output(n, c->Scalar());
+      return tensorflow::OkStatus();
+    });
+
+#define CLIPCORE_KERNELS(T)                                                          \
+  REGISTER_KERNEL_BUILDER(                                                           \
+      Name("ClipcoreGlobalNorm").Device(DEVICE_CPU).TypeConstraint<T>("T"),          \
+      GlobalNormOp<T>);                                                              \
+  REGISTER_KERNEL_BUILDER(                                                           \
+      Name("ClipcoreClipByGlobalNorm").Device(DEVICE_CPU).TypeConstraint<T>("T"),    \
+      ClipByGlobalNormOp<T>);
+CLIPCORE_KERNELS(float)
+CLIPCORE_KERNELS(double)
+
+// clipcore._tf_ops passes the kernels' addresses (from their capsules) once.
+extern "C" void clipcore_tf_bind(void *norm, void *scale, void *into) {
+  layout_scale = reinterpret_cast<layout_scale_fn>(scale);
+  scale_into = reinterpret_cast<scale_into_fn>(into);
+  layout_norm = reinterpret_cast<layout_norm_fn>(norm);
+}
