@@ -24,6 +24,9 @@ clipcore is faster), of the clipping's costs and of the whole steps.
   captured by the function (as a train step's are made inside it) and, for
   the small workloads, passed as arguments (tf.function's per-argument and
   per-result cost, which the step without the clip pays too);
+* the same clip, its own time: a function of 6 clips in a chain (for
+  the large workloads: 3) minus a function of 1, per clip; the call's fixed
+  costs (arguments, results) cancel, which the "none" step leaves noisy;
 * a training step compiled with tf.function: a GradientTape over a model of
   2000 variables of 512, the clip, and SGD (assign_sub per variable);
 * one training step of ``model.fit`` (graph mode: fit compiles its train
@@ -122,6 +125,40 @@ def bench_clip(args):
                 {m: (lambda f=f: f(grads)[1].numpy()) for m, f in as_args.items()},
                 args.rounds, number))
         del grads, captured
+
+
+def _chained(clip, grads, k):
+    """tf.function of k clips in a chain (each clips the one before's results)."""
+    @tf.function
+    def chain():
+        ts, total = list(grads), tf.constant(0.0)
+        for _ in range(k):
+            ts, norm = clip(ts, 1.0)
+            total += norm
+        return total
+    return chain
+
+
+def bench_chain(args, extra=5):
+    print(f"one clip_by_global_norm inside tf.function: (a function of {1 + extra} clips in a "
+          f"chain minus one of 1) / {extra}: the call's fixed costs cancel")
+    for name in ("mlp", "2000x512", "resnet50", "gpt2"):
+        grads = [tf.constant(g) for g in workloads.make_gradients(name)]
+        big = workloads.n_values(name) > 10_000_000
+        k = 2 if big else extra
+        fns = {}
+        for mode in ("clipcore", "tf"):
+            for n in (1, 1 + k):
+                f = _chained(CLIPS[mode], grads, n)
+                fns[(mode, n)] = lambda f=f: f().numpy()
+        times = rounds(fns, args.rounds, 1 if big else (3 if name == "2000x512" else 20))
+        per = {m: [(a - b) / k for a, b in zip(times[(m, 1 + k)], times[(m, 1)])]
+               for m in ("clipcore", "tf")}
+        med = {m: statistics.median(v) for m, v in per.items()}
+        print(f"{name}  ({args.rounds} rounds; ms per clip, median [range])\n"
+              f"  clipcore {_fmt(per['clipcore'])}\n  tf       {_fmt(per['tf'])}\n"
+              f"  TF / clipcore: {med['tf'] / med['clipcore']:6.2f}x", flush=True)
+        del grads, fns
 
 
 def bench_tape_step(args, n_vars=2000, size=512, batch=32):
@@ -232,14 +269,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds")
-    parser.add_argument("--only", choices=["eager", "clip", "tape", "fit"], default=None)
+    parser.add_argument("--only", choices=["eager", "clip", "chain", "tape", "fit"],
+                        default=None)
     args = parser.parse_args()
     if args.rounds is None:
         args.rounds = 5 if args.quick else 21
     print(f"clipcore {clipcore.__file__}, TensorFlow {tf.__version__}, Keras {keras.__version__},"
           f" {os.cpu_count()} CPUs")
-    for part, fn in (("eager", bench_eager), ("clip", bench_clip), ("tape", bench_tape_step),
-                     ("fit", bench_fit)):
+    for part, fn in (("eager", bench_eager), ("clip", bench_clip), ("chain", bench_chain),
+                     ("tape", bench_tape_step), ("fit", bench_fit)):
         if args.only in (None, part):
             fn(args)
 
