@@ -100,19 +100,38 @@ T tf_scale(T norm, T clip_norm) {
   return clip_norm * lo + (norm - norm);
 }
 
-template <typename T>
-class GlobalNormOp : public OpKernel {
+// Both ops: N tensors, then their scalar argument; the kernels' n_threads.
+class ListOp : public OpKernel {
  public:
-  explicit GlobalNormOp(OpKernelConstruction *c) : OpKernel(c) {
+  explicit ListOp(OpKernelConstruction *c) : OpKernel(c) {
     OP_REQUIRES_OK(c, c->GetAttr("N", &n_));
     OP_REQUIRES_OK(c, c->GetAttr("n_threads", &n_threads_));
   }
 
+ protected:
+  // The scalar after the N tensors; nullptr (ctx failed) if it is not one or
+  // the kernels are not bound.
+  const Tensor *scalar_arg(OpKernelContext *ctx, const char *name) const {
+    if (!bound(ctx)) return nullptr;
+    const Tensor &t = ctx->input(n_);
+    if (t.dims() == 0) return &t;
+    ctx->CtxFailure(__FILE__, __LINE__, InvalidArgument(
+        name, " must be a scalar, got shape ", t.shape().DebugString()));
+    return nullptr;
+  }
+
+  int n_ = 0, n_threads_ = 0;
+};
+
+template <typename T>
+class GlobalNormOp : public ListOp {
+ public:
+  using ListOp::ListOp;
+
   void Compute(OpKernelContext *ctx) override {
-    if (!bound(ctx)) return;
-    const Tensor &p = ctx->input(n_);
-    OP_REQUIRES(ctx, p.dims() == 0, InvalidArgument("norm_type must be a scalar"));
-    const double norm_type = p.scalar<double>()();
+    const Tensor *p = scalar_arg(ctx, "norm_type");
+    if (!p) return;
+    const double norm_type = p->scalar<double>()();
     OP_REQUIRES(ctx, norm_type > 0, InvalidArgument(
         "norm_type must be > 0 (inf for the max norm), got ", norm_type));
     Inputs<T> in(ctx, n_);
@@ -121,27 +140,19 @@ class GlobalNormOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, {}, &out));
     out->scalar<T>()() = static_cast<T>(norm);
   }
-
- private:
-  int n_ = 0, n_threads_ = 0;
 };
 
 template <typename T>
-class ClipByGlobalNormOp : public OpKernel {
+class ClipByGlobalNormOp : public ListOp {
  public:
-  explicit ClipByGlobalNormOp(OpKernelConstruction *c) : OpKernel(c) {
-    OP_REQUIRES_OK(c, c->GetAttr("N", &n_));
-    OP_REQUIRES_OK(c, c->GetAttr("n_threads", &n_threads_));
-  }
+  using ListOp::ListOp;
 
   void Compute(OpKernelContext *ctx) override {
-    if (!bound(ctx)) return;
-    const Tensor &c = ctx->input(n_);
-    OP_REQUIRES(ctx, c.dims() == 0, InvalidArgument(
-        "clip_norm must be a scalar, got shape ", c.shape().DebugString()));
+    const Tensor *c = scalar_arg(ctx, "clip_norm");
+    if (!c) return;
     Inputs<T> in(ctx, n_);
     const T norm = static_cast<T>(layout_norm(&in.lay, 2.0, n_threads_));
-    const T scale = tf_scale(norm, c.scalar<T>()());
+    const T scale = tf_scale(norm, c->scalar<T>()());
     Tensor *norm_out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(n_, {}, &norm_out));
     norm_out->scalar<T>()() = norm;
@@ -206,9 +217,6 @@ class ClipByGlobalNormOp : public OpKernel {
     scale_into(pairs.data(), pair_starts.data(), static_cast<std::ptrdiff_t>(pairs.size()),
                static_cast<float>(scale), static_cast<double>(scale), n_threads_);
   }
-
- private:
-  int n_ = 0, n_threads_ = 0;
 };
 
 }  // namespace

@@ -412,6 +412,18 @@ def test_functions_given_to_tf_function_as_arguments_keep_graph_mode():
     assert "t_list" in str(inspect.signature(clipcore.clip_by_global_norm))
 
 
+def test_tf_ops_called_directly_check_their_scalars():
+    ops = _tf_ops.load()
+    if ops is None:
+        pytest.skip("clipcore's TF ops could not be built here")
+    ts = [tf.constant([3.0, 4.0])]
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="rank 0|scalar"):
+        ops.clipcore_clip_by_global_norm(ts, tf.constant([1.0, 2.0]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="norm_type must be > 0"):
+        ops.clipcore_global_norm(ts, tf.constant(-1.0, tf.float64))
+    assert ops.clipcore_global_norm(ts, tf.constant(1.0, tf.float64)).numpy() == 7.0
+
+
 def test_tf_ops_refuse_kernels_of_another_signature(monkeypatch):
     monkeypatch.setitem(_tf_ops.BINDINGS, "layout_norm", "double (int)")
     with pytest.raises(RuntimeError, match="layout_norm"):
