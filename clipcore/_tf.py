@@ -24,7 +24,10 @@ only then, so ``import clipcore`` never imports TensorFlow.
   call is recorded: correct, but slower), and the op is recorded with TF's
   internal ``record.record_operation`` (what tf.custom_gradient does eagerly,
   without its wrapping; tf.custom_gradient where it is missing).
-* **global_norm, clip_by_global_norm in graph mode** pass the tensors end to
+* **global_norm, clip_by_global_norm in graph mode** of float32 or float64
+  tensors are clipcore's own TF ops (clipcore._tf_ops: N tensors in, N out,
+  the kernels' bits; global_norm's gradient registered for its op). Where
+  those cannot be had, or for other dtypes, they pass the tensors end to
   end (one ConcatV2; a Reshape to a vector only for a tensor that is not one)
   as the numpy_function's one input and get one flat output back (one SplitV;
   a Reshape only where the shape needs it): numpy_function converts every
@@ -170,23 +173,25 @@ def _unflatten(flat, tensors):
 FLAT_MAX_MEAN_BYTES = 128 << 10
 
 
-def _native(tensors):
-    """clipcore's TF ops take these: one dtype, float32 or float64."""
-    return len({t.dtype for t in tensors}) == 1 and tensors[0].dtype in (tf.float32, tf.float64)
-
-
-def _clip_operand(clip_norm, names, extra, dtype):
-    """f(extra tensors) giving clip_norm as a scalar of dtype (as the eager
-    function converts it), or None where the op does not take it (a tensor
-    of no real dtype or not a scalar: the numpy_function form decides)."""
-    if "clip_norm" not in names:
-        value = tf.constant(as_scalar(clip_norm, "clip_norm", True).astype(dtype.as_numpy_dtype))
-        return lambda ex: value
-    t = extra[names.index("clip_norm")]
-    if t.shape.rank != 0 or not (t.dtype.is_floating or t.dtype.is_integer or t.dtype.is_bool):
+def _graph_ops(tensors):
+    """clipcore's TF ops (clipcore._tf_ops) when building a graph of tensors they
+    take (one dtype, float32 or float64) and they can be had; else None."""
+    if (tf.executing_eagerly() or not tensors or len({t.dtype for t in tensors}) != 1
+            or tensors[0].dtype not in (tf.float32, tf.float64)):
         return None
-    return lambda ex: ex[names.index("clip_norm")] if t.dtype == dtype else tf.cast(
-        ex[names.index("clip_norm")], dtype)
+    return _tf_ops.load()
+
+
+def _op_clip_norm(clip_norm, dtype):
+    """clip_norm as clipcore's op takes it: a scalar tensor of dtype, converted as
+    the eager function converts it; None for a tensor of no real dtype or not
+    a scalar (the numpy_function form decides)."""
+    if not _is_tf(clip_norm):
+        return tf.constant(as_scalar(clip_norm, "clip_norm", True).astype(dtype.as_numpy_dtype))
+    if clip_norm.shape.rank != 0 or not (clip_norm.dtype.is_floating or clip_norm.dtype.is_integer
+                                         or clip_norm.dtype.is_bool):
+        return None
+    return tf.cast(clip_norm, dtype)
 
 
 def _flat_pays(tensors):
@@ -534,7 +539,7 @@ def global_norm(t_list, name=None, *, norm_type=2.0, n_threads=None):
             flat = tf.concat([tf.reshape(tf.cast(t, dtype), [-1]) for t in ts], 0)
             return tf.norm(flat, ord=norm_type)
     graph = None
-    ops = _tf_ops.load() if _native(tensors) else None
+    ops = _graph_ops(tensors)
     if ops is not None:
         # clipcore's op: the tensors in, the norm out; its gradient is registered.
         p, nt = tf.constant(as_norm_type(norm_type), tf.float64), as_threads(n_threads)
@@ -600,16 +605,16 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, n_thread
         return list(outs) if use_norm is not None else list(outs) + [norm_]
 
     graph = None
-    ops = _tf_ops.load() if use_norm is None and tensors and _native(tensors) else None
-    c = _clip_operand(clip_norm, names, extra, tensors[0].dtype) if ops is not None else None
+    ops = _graph_ops(tensors) if use_norm is None else None
+    c = ops and _op_clip_norm(dict(zip(names, extra)).get("clip_norm", clip_norm),
+                              tensors[0].dtype)
     if c is not None:
         # clipcore's op: each output is its input (nothing to clip), the input
         # scaled in place (nothing else holds it) or a new tensor.
         nt = as_threads(n_threads)
 
         def graph(*vals):
-            outs, norm_ = ops.clipcore_clip_by_global_norm(
-                list(vals[:n]), c(vals[n:]), n_threads=nt)
+            outs, norm_ = ops.clipcore_clip_by_global_norm(list(vals[:n]), c, n_threads=nt)
             return list(outs) + [norm_]
     elif tensors and _flat_pays(tensors):
         # One flat input and one flat output, cut back with Split and Reshape
