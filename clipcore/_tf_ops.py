@@ -49,7 +49,8 @@ def compiler():
 
 
 def flags():
-    return (["-O2", "-shared", "-fPIC", "-Wno-deprecated-declarations"]
+    # -ffp-contract=off: the factor's a * b + c rounds as NumPy's does (no FMA)
+    return (["-O2", "-shared", "-fPIC", "-ffp-contract=off", "-Wno-deprecated-declarations"]
             + tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags())
 
 
