@@ -1,7 +1,7 @@
 """16-bit (and float64) GPT-2 gradients: clipcore.torch.clip_grad_norm_ against torch's.
 
     python benchmarks/bench_half.py [--reps 7] [--threads 1,2] [--dtypes bfloat16,float16,float64]
-                                    [--passes]
+                                    [--passes] [--numpy-ceiling]
 
 For each dtype, GPT-2 small's 148 gradient tensors (clipcore.workloads'
 shapes, 124,439,808 values) are clipped by clipcore.torch.clip_grad_norm_ and
@@ -10,10 +10,13 @@ before every call (so every call clips: a read pass and a read-write pass),
 and compared with the bandwidth ceiling for the same bytes:
 clipcore.bench._probe.bandwidth_probe's read pass plus read-write pass over a
 float32 buffer of as many bytes (half as many elements for the 16-bit
-types, twice as many for float64). Medians of --reps calls, at each thread
-count of --threads (torch.set_num_threads; clipcore.torch follows torch's
-count). Targets: clipcore >= 0.9 of the ceiling, and ahead of torch. Not run
-by the tests.
+types, twice as many for float64), allocated by torch as the gradients are.
+(NumPy asks for transparent huge pages for large arrays, torch does not
+unless THP_MEM_ALLOC_ENABLE=1 is set, and on small pages the same loop
+streams more slowly: --numpy-ceiling measures over a NumPy buffer instead.)
+Medians of --reps calls, at each thread count of --threads
+(torch.set_num_threads; clipcore.torch follows torch's count). Targets:
+clipcore >= 0.9 of the ceiling, and ahead of torch. Not run by the tests.
 
 With --passes, the two passes are also timed apart, each against its own
 part of the ceiling: the norm alone (clipcore.torch.get_total_norm) against
@@ -54,10 +57,10 @@ def time_clip(fn, params, saved, max_norm, reps):
     return statistics.median(out[1:])
 
 
-def ceiling(n_bytes, n_threads, reps):
+def ceiling(n_bytes, n_threads, reps, numpy_buffer=False):
     """Medians of the probe's two passes together, of its read pass and of its
-    read-write pass, over n_bytes."""
-    buf = np.ones(n_bytes // 4, np.float32)
+    read-write pass, over n_bytes (allocated by torch, or by NumPy)."""
+    buf = np.ones(n_bytes // 4, np.float32) if numpy_buffer else torch.ones(n_bytes // 4).numpy()
     times = [bandwidth_probe(buf, n_threads) for _ in range(reps + 1)][1:]
     return (statistics.median(sum(t) for t in times),
             statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
@@ -80,6 +83,8 @@ def main():
     ap.add_argument("--dtypes", default="bfloat16,float16,float64")
     ap.add_argument("--passes", action="store_true",
                     help="also time the norm and the scaling apart")
+    ap.add_argument("--numpy-ceiling", action="store_true",
+                    help="measure the ceiling over a NumPy buffer (huge pages where granted)")
     args = ap.parse_args()
     print(f"clipcore {clipcore.__version__ if hasattr(clipcore, '__version__') else ''} "
           f"simd {kernels.simd_path()}, torch {torch.__version__}; medians of {args.reps}, ms")
@@ -94,7 +99,7 @@ def main():
         max_norm = 0.5 * norm                        # every call clips
         for n_threads in map(int, args.threads.split(",")):
             torch.set_num_threads(n_threads)
-            ceil, ceil_read, ceil_rw = ceiling(n_bytes, n_threads, args.reps)
+            ceil, ceil_read, ceil_rw = ceiling(n_bytes, n_threads, args.reps, args.numpy_ceiling)
             ours = time_clip(cct.clip_grad_norm_, params, saved, max_norm, args.reps)
             theirs = time_clip(torch.nn.utils.clip_grad_norm_, params, saved, max_norm,
                                args.reps)
