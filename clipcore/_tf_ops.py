@@ -72,7 +72,7 @@ def build(path):
         done = subprocess.run(compiler() + [SOURCE, "-o", tmp] + flags(),
                               capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
-            raise RuntimeError(done.stderr.strip()[-2000:] or f"exit {done.returncode}")
+            raise RuntimeError(done.stderr.strip()[-500:] or f"exit {done.returncode}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -98,11 +98,13 @@ def addresses():
 
 
 def _load():
+    """Build (once per machine), load and bind the library; register the gradients."""
+    bindings = addresses()                  # before TF registers ops that could not run
     path = library_path()
     if not os.path.exists(path):
         build(path)
     module = tf.load_op_library(path)
-    ctypes.CDLL(path).clipcore_tf_bind(*addresses())
+    ctypes.CDLL(path).clipcore_tf_bind(*bindings)
     tf.RegisterGradient("ClipcoreGlobalNorm")(_global_norm_grad)
     tf.no_gradient("ClipcoreClipByGlobalNorm")
     return module
