@@ -5,7 +5,9 @@ test_tf_semantics.py plus a sweep drawn with test_tf_sweep.py's generator),
 static shapes and dtypes against TF's own op traced on the same signature,
 gradients against TF's (eager and graph, ties and zero norms included), the
 XLA fallback, Keras's fit with clipcore's clipping, and TF's dtype rule for
-Python lists.
+Python lists. The global ops in each of graph mode's forms: clipcore's TF ops
+(in place only where nothing else holds a tensor; without a compiler, one
+warning and the numpy_function form) and the numpy_function forms.
 """
 import collections
 import importlib.util
