@@ -13,7 +13,8 @@ MODULES = sorted(
 ) + ["clipcore"]
 # The adapters whose module or examples import an optional dependency.
 NEEDS = {"clipcore.torch": pytest.mark.requires_torch,
-         "clipcore._tf": pytest.mark.requires_tf, "clipcore.keras": pytest.mark.requires_tf,
+         "clipcore._tf": pytest.mark.requires_tf, "clipcore._tf_ops": pytest.mark.requires_tf,
+         "clipcore.keras": pytest.mark.requires_tf,
          "clipcore.distributed": pytest.mark.requires_mpi}
 
 
