@@ -49,9 +49,9 @@ import keras  # noqa: E402
 
 import clipcore  # noqa: E402
 import clipcore.keras  # noqa: E402
+from clipcore import workloads  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")     # each chain is a function of its own: no retracing notes
-from clipcore import workloads  # noqa: E402
 
 MODES = ("none", "clipcore", "tf")
 
