@@ -35,7 +35,6 @@ ENV = "CLIPCORE_TF_OPS"
 # the signatures tf_ops.cc was written for (their capsules' names).
 BINDINGS = {
     "layout_norm": "double (__pyx_t_8clipcore_7kernels_Layout const *, double, int)",
-    "layout_scale": "void (__pyx_t_8clipcore_7kernels_Layout const *, double, int)",
     "scale_into": "void (__pyx_t_8clipcore_7kernels_Pair const *, Py_ssize_t const *, "
                   "Py_ssize_t, float, double, int)",
 }

@@ -50,11 +50,9 @@ struct Pair {
 };
 
 typedef double (*layout_norm_fn)(const Layout *, double, int);
-typedef void (*layout_scale_fn)(const Layout *, double, int);
 typedef void (*scale_into_fn)(const Pair *, const std::ptrdiff_t *, std::ptrdiff_t, float, double, int);
 
 layout_norm_fn layout_norm = nullptr;
-layout_scale_fn layout_scale = nullptr;
 scale_into_fn scale_into = nullptr;
 
 template <typename T> constexpr int seg_kind() { return sizeof(T) == 8 ? SEG_F64 : SEG_F32; }
@@ -84,7 +82,7 @@ struct Inputs {
 };
 
 bool bound(OpKernelContext *ctx) {
-  if (layout_norm && layout_scale && scale_into) return true;
+  if (layout_norm && scale_into) return true;
   ctx->CtxFailure(__FILE__, __LINE__, FailedPrecondition(
       "clipcore's TensorFlow ops were loaded without clipcore's kernels "
       "(load them with clipcore._tf_ops.load())"));
@@ -160,17 +158,23 @@ class ClipByGlobalNormOp : public ListOp {
       for (int i = 0; i < n_; ++i) ctx->set_output(i, ctx->input(i));
       return;
     }
-    // An input nothing else holds becomes its output, scaled in place. The
-    // others are scaled into slices of one new block (one allocation, not one
-    // per output), each slice aligned as TensorFlow aligns its buffers; the
-    // reference count is looked at first because asking TensorFlow to forward
-    // costs more than the scaling of a small tensor.
+    // An input nothing else holds becomes its output, scaled in place (a pair
+    // with dst == src). The others are scaled into slices of one new block (one
+    // allocation, not one per output), each slice aligned as TensorFlow aligns
+    // its buffers; the reference count is looked at first because asking
+    // TensorFlow to forward costs more than the scaling of a small tensor.
+    // Every output is in place before one scaling pass writes any.
     constexpr std::ptrdiff_t align = EIGEN_MAX_ALIGN_BYTES / sizeof(T);
-    std::vector<Segment> own;
-    std::vector<std::ptrdiff_t> own_starts, fresh, offsets;
-    std::ptrdiff_t own_total = 0, block_total = 0;
-    fresh.reserve(n_);
-    offsets.reserve(n_);
+    std::vector<Pair> pairs;
+    std::vector<std::ptrdiff_t> starts, fresh, offsets;
+    std::ptrdiff_t total = 0, block_total = 0;
+    pairs.reserve(n_);
+    starts.reserve(n_);
+    auto push = [&](const char *src, char *dst, std::ptrdiff_t len) {
+      pairs.push_back({src, dst, len, sizeof(T) == 8});
+      starts.push_back(total);
+      total += len;
+    };
     for (int i = 0; i < n_; ++i) {
       const Tensor &t = ctx->input(i);
       const std::ptrdiff_t len = t.NumElements();
@@ -179,42 +183,29 @@ class ClipByGlobalNormOp : public ListOp {
         ctx->set_output(i, t);
       } else if (t.RefCountIsOne() &&
                  ctx->forward_input_to_output_with_shape(i, i, t.shape(), &out)) {
-        own.push_back({const_cast<char *>(out->tensor_data().data()), len, 1, seg_kind<T>()});
-        own_starts.push_back(own_total);
-        own_total += len;
+        char *data = const_cast<char *>(out->tensor_data().data());
+        push(data, data, len);
       } else {
         fresh.push_back(i);
         offsets.push_back(block_total);
         block_total += (len + align - 1) / align * align;
       }
     }
-    if (!own.empty()) {
-      const Layout lay{own.data(), own_starts.data(), static_cast<std::ptrdiff_t>(own.size()),
-                       own_total};
-      layout_scale(&lay, static_cast<double>(scale), n_threads_);
+    if (!fresh.empty()) {
+      Tensor block;
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::v(),
+                                             tensorflow::TensorShape({block_total}), &block));
+      for (std::size_t k = 0; k < fresh.size(); ++k) {
+        const Tensor &t = ctx->input(fresh[k]);
+        const std::ptrdiff_t len = t.NumElements();
+        Tensor out;
+        OP_REQUIRES(ctx, out.CopyFrom(block.Slice(offsets[k], offsets[k] + len), t.shape()),
+                    tensorflow::errors::Internal("clipcore: a slice of the wrong size"));
+        push(t.tensor_data().data(), const_cast<char *>(out.tensor_data().data()), len);
+        ctx->set_output(fresh[k], std::move(out));
+      }
     }
-    if (fresh.empty()) return;
-    Tensor block;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::v(),
-                                           tensorflow::TensorShape({block_total}), &block));
-    std::vector<Pair> pairs;
-    std::vector<std::ptrdiff_t> pair_starts;
-    std::ptrdiff_t pair_total = 0;
-    pairs.reserve(fresh.size());
-    pair_starts.reserve(fresh.size());
-    for (std::size_t k = 0; k < fresh.size(); ++k) {
-      const Tensor &t = ctx->input(fresh[k]);
-      const std::ptrdiff_t len = t.NumElements();
-      Tensor out;
-      OP_REQUIRES(ctx, out.CopyFrom(block.Slice(offsets[k], offsets[k] + len), t.shape()),
-                  tensorflow::errors::Internal("clipcore: a slice of the wrong size"));
-      pairs.push_back({t.tensor_data().data(), const_cast<char *>(out.tensor_data().data()),
-                       len, sizeof(T) == 8});
-      pair_starts.push_back(pair_total);
-      pair_total += len;
-      ctx->set_output(fresh[k], std::move(out));
-    }
-    scale_into(pairs.data(), pair_starts.data(), static_cast<std::ptrdiff_t>(pairs.size()),
+    scale_into(pairs.data(), starts.data(), static_cast<std::ptrdiff_t>(pairs.size()),
                static_cast<float>(scale), static_cast<double>(scale), n_threads_);
   }
 };
@@ -261,8 +252,7 @@ CLIPCORE_KERNELS(float)
 CLIPCORE_KERNELS(double)
 
 // clipcore._tf_ops passes the kernels' addresses (from their capsules) once.
-extern "C" void clipcore_tf_bind(void *norm, void *scale, void *into) {
-  layout_scale = reinterpret_cast<layout_scale_fn>(scale);
+extern "C" void clipcore_tf_bind(void *norm, void *into) {
   scale_into = reinterpret_cast<scale_into_fn>(into);
   layout_norm = reinterpret_cast<layout_norm_fn>(norm);
 }
