@@ -14,6 +14,7 @@
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/platform/denormal.h"
 
 namespace {
 
@@ -99,6 +100,8 @@ T tf_scale(T norm, T clip_norm) {
 }
 
 // Both ops: N tensors, then their scalar argument; the kernels' n_threads.
+// TensorFlow runs its kernels with subnormals flushed to zero; these compute
+// with IEEE subnormals, as the eager functions do, for the same bits.
 class ListOp : public OpKernel {
  public:
   explicit ListOp(OpKernelConstruction *c) : OpKernel(c) {
@@ -127,6 +130,7 @@ class GlobalNormOp : public ListOp {
   using ListOp::ListOp;
 
   void Compute(OpKernelContext *ctx) override {
+    tensorflow::port::ScopedDontFlushDenormal ieee;   // see ListOp
     const Tensor *p = scalar_arg(ctx, "norm_type");
     if (!p) return;
     const double norm_type = p->scalar<double>()();
@@ -146,6 +150,7 @@ class ClipByGlobalNormOp : public ListOp {
   using ListOp::ListOp;
 
   void Compute(OpKernelContext *ctx) override {
+    tensorflow::port::ScopedDontFlushDenormal ieee;   // see ListOp
     const Tensor *c = scalar_arg(ctx, "clip_norm");
     if (!c) return;
     Inputs<T> in(ctx, n_);

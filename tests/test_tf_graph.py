@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
 
 tf = pytest.importorskip("tensorflow")
 
@@ -380,6 +381,45 @@ def test_graph_op_scales_in_place_only_what_nothing_else_holds():
     # a non-finite norm makes every element NaN (TensorFlow's rule)
     bad, n = tf.function(lambda: clipcore.clip_by_global_norm([z, tf.constant([np.inf])], 1.0))()
     assert n.numpy() == np.inf and all(np.isnan(t.numpy()).all() for t in bad)
+
+
+_SPECIAL = [0.0, -0.0, 1e-45, 3e38, -3e38, np.inf, -np.inf, np.nan]
+
+
+@settings(deadline=None)
+@given(dtype=st.sampled_from([np.float32, np.float64]),
+       shapes=st.lists(st.sampled_from([(), (0,), (1,), (7,), (3, 5), (2, 0, 4), (600,)]),
+                       min_size=1, max_size=6),
+       special=st.lists(st.sampled_from(_SPECIAL), max_size=3),
+       clip=st.sampled_from([0.0, 1e-3, 1.0, 1e30, np.inf, -1.0, np.nan]),
+       seed=st.integers(0, 2 ** 16))
+def test_fuzz_graph_op_equals_eager_and_keeps_its_inputs(dtype, shapes, special, clip, seed):
+    # The op against the eager function, bit for bit, on lists with zeros,
+    # subnormals, huge values, infinities and NaNs, for any clip_norm; a
+    # tensor made in the function (scaled in place) and captured ones (not).
+    tf_ops()
+    rng = np.random.default_rng(seed)
+    arrays = [(rng.standard_normal(s) * 10.0 ** rng.integers(-3, 4)).astype(dtype)
+              for s in shapes]
+    for value in special:
+        a = arrays[int(rng.integers(len(arrays)))]
+        if a.size:
+            a.flat[int(rng.integers(a.size))] = value
+    kept = [a.copy() for a in arrays]
+    ts = [tf.constant(a) for a in arrays]
+    fn = tf.function(lambda: clipcore.clip_by_global_norm([ts[0] * 1.0] + ts[1:], clip))
+    outs, norm = fn()
+    ref_outs, ref_norm = clipcore.clip_by_global_norm(arrays, clip)
+    assert np.asarray(norm).tobytes() == np.asarray(ref_norm).tobytes()
+    for g, r in zip(outs, ref_outs):
+        # the same bits, but of a NaN only NaN-ness: a NaN factor's sign comes
+        # from the order NumPy and the compiler add two NaNs in
+        g, nan = g.numpy(), np.isnan(r)
+        assert (np.isnan(g) == nan).all() and g[~nan].tobytes() == r[~nan].tobytes()
+    for t, a, k in zip(ts, arrays, kept):
+        assert t.numpy().tobytes() == k.tobytes() == a.tobytes()
+    gn = tf.function(lambda: clipcore.global_norm(ts))()
+    assert np.asarray(gn).tobytes() == dtype(clipcore.global_norm(arrays)).tobytes()
 
 
 def test_graph_op_takes_clip_norm_as_the_eager_function_does():
