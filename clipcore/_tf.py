@@ -43,7 +43,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from clipcore import _ops, _tf_ops
+from clipcore import _ops, _tf_ops, kernels
 from clipcore._adapt import as_tensor_array
 from clipcore._lists import as_norm_type, as_scalar, as_threads, framework
 
@@ -133,9 +133,10 @@ def _graph_call(eager, specs, tensors):
     dtypes = [d for _, d in specs]
 
     def run(*arrays):
-        res = eager(*arrays)
-        res = res if isinstance(res, (list, tuple)) else [res]
-        return [np.asarray(r, dtype=d.as_numpy_dtype) for r, d in zip(res, dtypes)]
+        with kernels.fp_flush(False):    # TF's threads flush subnormals; eager keeps them
+            res = eager(*arrays)
+            res = res if isinstance(res, (list, tuple)) else [res]
+            return [np.asarray(r, dtype=d.as_numpy_dtype) for r, d in zip(res, dtypes)]
 
     outs = tf.numpy_function(run, list(tensors), dtypes, stateful=False)
     for o, (shape, _) in zip(outs, specs):

@@ -644,3 +644,95 @@ def test_idle_openmp_threads_stop_spinning_soon():
     out = subprocess.run([sys.executable, "-c", IDLE_CPU_SCRIPT], env=env,
                          capture_output=True, text=True, check=True)
     assert float(out.stdout) < 0.02, out.stdout      # default libgomp: ~0.07 s
+
+
+# --- the caller's floating-point mode ---------------------------------------------------
+
+def _fp_cases():
+    """Calls whose bits depend on whether subnormals are flushed, each over enough
+    elements for a team of two; each returns what it computed."""
+    rng = np.random.default_rng(3)
+    tiny = (rng.standard_normal(1_200_000) * 1e-38).astype(np.float32)   # half subnormal
+    unit = rng.standard_normal(1_200_000).astype(np.float32)
+    batch = [(rng.standard_normal((4, 300_000)) * 1e-38).astype(np.float32)]
+    params = list((unit * 1e-34).reshape(4, 250, 1200))    # normal factors, subnormal products
+
+    def in_place(fn):
+        def call(n):
+            y = unit.copy()
+            fn(y, n)
+            return y
+        return call
+
+    return {
+        "global_norm": lambda n: np.float64(clipcore.global_norm([tiny], n_threads=n)),
+        # a normal factor, products below float32's smallest normal
+        "clip_by_global_norm_": in_place(lambda y, n: clipcore.clip_by_global_norm_(
+            [y], 1e-34, n_threads=n)),
+        "clip_by_global_norm": lambda n: clipcore.clip_by_global_norm(
+            [unit], 1e-34, n_threads=n)[0][0],
+        "clip_by_value": lambda n: clipcore.clip_by_value(tiny, -1.0, 1.0, n_threads=n),
+        "clip_by_norm per row": lambda n: clipcore.clip_by_norm(
+            unit.reshape(1000, 1200), 1e-34, axes=1, n_threads=n),
+        "per_example_global_norm_clip": lambda n: clipcore.per_example_global_norm_clip(
+            batch, 1.0, n_threads=n)[0],
+        "adaptive_grad_clip_": lambda n: _agc(params, unit.reshape(4, 250, 1200), n),
+    }
+
+
+def _agc(params, grads, n):
+    g = [x.copy() for x in grads]
+    clipcore.adaptive_grad_clip_(g, params, 1e-3, eps=0.0, n_threads=n)
+    return np.stack(g)
+
+
+def _bits(x):
+    return np.asarray(x).tobytes()
+
+
+flush_modes = pytest.mark.skipif(not kernels.can_flush(),
+                                 reason="no flush-to-zero mode clipcore can set here")
+
+
+@flush_modes
+def test_fp_flush_sets_this_threads_mode_and_restores_it():
+    sub = np.float32(1e-40)
+    with kernels.fp_flush(True):
+        assert sub * np.float32(1) == 0
+        with kernels.fp_flush(False):
+            assert sub * np.float32(1) == sub
+        assert sub * np.float32(1) == 0
+    assert sub * np.float32(1) == sub
+
+
+@flush_modes
+@pytest.mark.parametrize("case", list(_fp_cases()))
+def test_a_flushing_caller_gets_the_same_bits_at_every_thread_count(case):
+    # The team's other thread was started by a caller that keeps subnormals;
+    # it must compute in the flushing caller's mode, and not keep its own.
+    call = _fp_cases()[case]
+    ieee = _bits(call(2))
+    with kernels.fp_flush(True):
+        flushed = {_bits(call(n)) for n in (1, 2, 2)}
+    assert len(flushed) == 1
+    assert flushed != {ieee}                   # the case does depend on the mode
+    assert _bits(call(1)) == ieee
+
+
+@flush_modes
+def test_a_team_started_flushing_keeps_subnormals_for_a_caller_that_does():
+    # In a new thread (a new OpenMP team), started while flushing.
+    calls = _fp_cases()
+    ieee = {case: _bits(call(1)) for case, call in calls.items()}
+    got = {}
+
+    def run():
+        with kernels.fp_flush(True):
+            for call in calls.values():
+                call(2)
+        got.update({case: _bits(call(2)) for case, call in calls.items()})
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert got == ieee

@@ -347,6 +347,19 @@ def test_graph_global_ops_bitwise_equal_eager(dtype, form, monkeypatch):
         assert got.numpy() == dtype(clipcore.global_norm(arrays, norm_type=p))
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_graph_global_clip_keeps_subnormals_as_eager_does(form, monkeypatch):
+    # TF runs its kernels, numpy_function's too, flushing subnormals to zero:
+    # a subnormal factor (1e-3 / 3e38) would make the output 0.
+    use_form(form, monkeypatch)
+    ts = [tf.constant([3e38, -1e38], tf.float32), tf.constant([2e-45, 1.0], tf.float32)]
+    ref_outs, _ = clipcore.clip_by_global_norm([t.numpy() for t in ts], 1e-3)
+    assert ref_outs[0][0] > 9e-4
+    got_outs, _ = tf.function(lambda l: clipcore.clip_by_global_norm(l, 1e-3))(ts)
+    for g, r in zip(got_outs, ref_outs):
+        assert g.numpy().tobytes() == r.tobytes()
+
+
 def test_graph_op_scales_in_place_only_what_nothing_else_holds():
     # Tensors made inside the function are scaled in their own memory; the
     # captured ones, a variable's value and a tensor given twice are not

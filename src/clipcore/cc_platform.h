@@ -112,6 +112,44 @@ static inline double cc_now(void) {
 }
 #endif
 
+/* The floating-point mode (rounding, flush-to-zero and denormals-are-zero,
+ * exception masks: not the exception flags). clipcore computes in its
+ * caller's mode, as NumPy and PyTorch do: a caller may have set flush-to-zero
+ * (torch.set_flush_denormal, TensorFlow's kernels). A team's other threads keep
+ * the mode they were started with, so each takes the caller's for its part of
+ * a region and gives its own back after: the same bits at any thread count.
+ * cc_fp_set returns the mode it replaced and writes only on a change. */
+#if defined(__SSE2__) || defined(_M_X64)
+#include <xmmintrin.h>
+typedef unsigned int cc_fpmode;
+#define CC_FP_FLAGS 0x3Fu          /* MXCSR's exception flags */
+#define CC_FP_FLUSH 0x8040u        /* MXCSR's FTZ and DAZ */
+static inline cc_fpmode cc_fp_get(void) { return _mm_getcsr() & ~CC_FP_FLAGS; }
+static inline cc_fpmode cc_fp_set(cc_fpmode mode) {
+    unsigned int csr = _mm_getcsr();
+    if ((csr & ~CC_FP_FLAGS) != mode) _mm_setcsr((csr & CC_FP_FLAGS) | mode);
+    return csr & ~CC_FP_FLAGS;
+}
+#elif defined(__aarch64__)
+typedef unsigned long long cc_fpmode;
+#define CC_FP_FLUSH ((1ull << 24) | (1ull << 19))   /* FPCR's FZ and FZ16 */
+static inline cc_fpmode cc_fp_get(void) {
+    cc_fpmode fpcr;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+    return fpcr;
+}
+static inline cc_fpmode cc_fp_set(cc_fpmode mode) {
+    cc_fpmode old = cc_fp_get();
+    if (old != mode) __asm__ __volatile__("msr fpcr, %0" : : "r"(mode));
+    return old;
+}
+#else
+typedef unsigned int cc_fpmode;
+#define CC_FP_FLUSH 0u             /* no flush-to-zero mode clipcore can see */
+static inline cc_fpmode cc_fp_get(void) { return 0; }
+static inline cc_fpmode cc_fp_set(cc_fpmode mode) { (void)mode; return 0; }
+#endif
+
 /* Software prefetch for the streaming loops: each block of CC_BLOCK_BYTES
  * first asks for its lines CC_PREFETCH_BYTES ahead into L1 and
  * CC_PREFETCH_L2_BYTES ahead into L2. The hardware prefetcher alone does not

@@ -20,6 +20,10 @@ cdef extern from "cc_platform.h" nogil:
     int cc_in_forked_child()
     enum: CC_TUNE_PREFETCH, CC_TUNE_SCALE_BACKWARD, CC_TUNE_TWINS, CC_TUNE_COUNT
     int *cc_own_tuning()
+    ctypedef unsigned long long cc_fpmode
+    cc_fpmode CC_FP_FLUSH
+    cc_fpmode cc_fp_get()
+    cc_fpmode cc_fp_set(cc_fpmode mode)
 
 cdef extern from "cc_reduce.h" nogil:
     enum: CC_LANES
@@ -300,6 +304,7 @@ cdef void run_items(Py_ssize_t n_items, chunk_fn fn, const void *ctx,
     cdef Team team
     cdef Py_ssize_t i
     cdef double t_start
+    cdef cc_fpmode mode, own = 0     # own: each thread's (Cython makes it firstprivate)
     if n_threads > n_items:
         n_threads = <int>n_items
     if n_threads <= 1 or team_open(&team, n_items, False) != 0:
@@ -307,9 +312,12 @@ cdef void run_items(Py_ssize_t n_items, chunk_fn fn, const void *ctx,
             fn(ctx, i)
         return
     t_start = cc_now()
+    mode = cc_fp_get()
     with parallel(num_threads=n_threads):
+        own = cc_fp_set(mode)            # the caller's mode (cc_platform.h)
         run_claimed(team.cl, n_items, fn, ctx, cc_team_rank(), cc_team_size())
         team_done(&team, cc_team_rank())
+        cc_fp_set(own)
     note_team(&team, t_start)
     team_close(&team)
 
@@ -479,11 +487,15 @@ cdef double layout_clip(const Layout *lay, double norm_type, clip_rule rule, con
     cdef double norm = 0.0
     cdef int nt = resolve_threads(lay.n_total, n_threads)
     cdef double t_start
+    cdef cc_fpmode mode, own = 0     # own: each thread's (Cython makes it firstprivate)
     if nt > 1 and team_open(&team, chunk_count(lay.n_total)) == 0:
         t_start = cc_now()
+        mode = cc_fp_get()
         with parallel(num_threads=nt):
+            own = cc_fp_set(mode)        # as in run_items
             team_clip(lay, norm_type, rule, ctx, &team, &norm, cc_team_rank(), cc_team_size())
             team_done(&team, cc_team_rank())
+            cc_fp_set(own)
         note_team(&team, t_start)
         team_close(&team)
     else:
@@ -676,6 +688,36 @@ def max_threads():
 def simd_path():
     """The instruction set the hot loops run with on this machine."""
     return cc_simd_path().decode()
+
+
+cdef class fp_flush:
+    """``with fp_flush(True):`` this thread computes with subnormals flushed to
+    zero (flush-to-zero and denormals-are-zero); ``fp_flush(False)``: with
+    IEEE subnormals. The mode before comes back on exit.
+
+    clipcore's kernels compute in their caller's mode, on every thread of a
+    team. TensorFlow runs its kernels flushing; graph mode keeps subnormals
+    with this, as the eager functions do.
+    """
+    cdef bint flush
+    cdef cc_fpmode saved
+
+    def __init__(self, bint flush):
+        self.flush = flush
+
+    def __enter__(self):
+        cdef cc_fpmode mode = cc_fp_get()
+        self.saved = cc_fp_set(mode | CC_FP_FLUSH if self.flush else mode & ~CC_FP_FLUSH)
+        return self
+
+    def __exit__(self, *exc):
+        cc_fp_set(self.saved)
+        return False
+
+
+def can_flush():
+    """True when fp_flush can change the mode on this platform."""
+    return CC_FP_FLUSH != 0
 
 
 def get_tuning():
