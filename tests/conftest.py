@@ -83,6 +83,6 @@ def no_late_backoff():
     """The default thread policy as on a quiet machine: no back-off left by an
     earlier late team (another process may have loaded a core meanwhile)."""
     from clipcore import kernels
-    kernels._note_wait(0.0, 1.0)
+    kernels._forget_late_teams()
     yield
-    kernels._note_wait(0.0, 1.0)
+    kernels._forget_late_teams()

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -166,6 +167,7 @@ def test_calibration_stays_within_its_budget(restore_tuning):
                     reason="needs OpenMP and 2 threads")
 def test_a_late_team_makes_the_default_serial_for_a_while(restore_tuning):
     n = 1 << 24
+    kernels._forget_late_teams()
     kernels._note_wait(10e-6, 1e-3)                  # a team that hardly waited
     assert kernels.late_team_backoff() == 0.0 and kernels.threads_for(n) == 2
     kernels._note_wait(40e-6, 60e-6)                 # most of the call, but too short to count
@@ -176,10 +178,29 @@ def test_a_late_team_makes_the_default_serial_for_a_while(restore_tuning):
     assert kernels.threads_for(n, 2) == 2            # an explicit n_threads is honoured
     assert kernels.threads_for(n, -2) == 1           # a framework's count (clipcore.torch) backs off
     kernels._note_wait(3e-3, 5e-3)
-    assert kernels.late_team_backoff() > first       # still late: backs off longer
+    second = kernels.late_team_backoff()
+    assert second > first                            # still late: backs off longer
     kernels._note_wait(10e-6, 1e-3)
     assert kernels.late_team_backoff() == 0.0 and kernels.threads_for(n) == 2
     assert kernels.threads_for(n, -2) == 2
+    # A busy core lets some teams through on time: one on time between late
+    # ones does not start the back-off over.
+    kernels._note_wait(3e-3, 5e-3)
+    assert kernels.late_team_backoff() > second
+
+
+@pytest.mark.skipif(not kernels.openmp_enabled() or kernels.max_threads() < 2,
+                    reason="needs OpenMP and 2 threads")
+def test_a_late_team_long_after_the_last_backs_off_the_least(restore_tuning):
+    kernels._forget_late_teams()
+    kernels._note_wait(3e-3, 5e-3)
+    least = kernels.late_team_backoff()
+    kernels._note_wait(3e-3, 5e-3)
+    assert kernels.late_team_backoff() > least
+    kernels._note_wait(10e-6, 1e-3)
+    time.sleep(5 * 2 * least)                        # past the memory of the last one
+    kernels._note_wait(3e-3, 5e-3)
+    assert kernels.late_team_backoff() == least
 
 
 def _long_backoff():

@@ -86,14 +86,18 @@ cdef Py_ssize_t _auto_parallel_min = 655360
 
 # A team whose caller waited for the others most of the call -- their cores
 # busy with other work, a thread preempted mid-chunk or woken late -- makes
-# the default policy run serially for a while: from LATE_BACKOFF_MIN seconds,
-# doubling while it stays so, up to LATE_BACKOFF_MAX. An explicit n_threads
-# is always honoured.
+# the default policy run serially for a while: LATE_BACKOFF_MIN seconds, or
+# twice the last back-off (up to LATE_BACKOFF_MAX) when the last late team
+# was less than LATE_MEMORY back-offs ago. A busy core lets some teams through
+# on time, so one on time does not end a run of late ones. An explicit
+# n_threads is always honoured.
 cdef double LATE_WAIT_MIN = 50e-6
 cdef double LATE_BACKOFF_MIN = 0.05
 cdef double LATE_BACKOFF_MAX = 2.0
+cdef double LATE_MEMORY = 4.0
 cdef double _serial_until = 0.0
 cdef double _late_backoff = 0.0
+cdef double _last_late = 0.0
 
 cdef int _max_team = THREADS_PER_PROC * (cc_num_procs() if cc_num_procs() > 0 else 1)
 
@@ -242,14 +246,18 @@ cdef void note_wait(double waited, double total) noexcept nogil:
     """After a team's region: back the default policy off when the thread that
     started it spent more than a quarter of the call (and LATE_WAIT_MIN) waiting
     for the others (see LATE_BACKOFF_MIN); else stop backing off."""
-    global _serial_until, _late_backoff
+    global _serial_until, _late_backoff, _last_late
+    cdef double now
     if waited < LATE_WAIT_MIN or waited < 0.25 * total:
-        _late_backoff = 0.0
         _serial_until = 0.0
         return
-    _late_backoff = LATE_BACKOFF_MIN if _late_backoff == 0.0 else min(2 * _late_backoff,
-                                                                        LATE_BACKOFF_MAX)
-    _serial_until = cc_now() + _late_backoff
+    now = cc_now()
+    if _late_backoff > 0.0 and now - _last_late < LATE_MEMORY * _late_backoff:
+        _late_backoff = min(2 * _late_backoff, LATE_BACKOFF_MAX)
+    else:
+        _late_backoff = LATE_BACKOFF_MIN
+    _last_late = now
+    _serial_until = now + _late_backoff
 
 
 cdef int team_open(Team *team, Py_ssize_t n_chunks, bint partials=True) noexcept nogil:
@@ -751,6 +759,13 @@ cdef int *tuning_table() noexcept nogil:
 def _note_wait(double waited, double total):
     """note_wait, for the tests: a team's caller waited `waited` of `total` seconds."""
     note_wait(waited, total)
+
+
+def _forget_late_teams():
+    """For the tests: the policy as if no team had ever been late."""
+    global _serial_until, _late_backoff
+    _serial_until = 0.0
+    _late_backoff = 0.0
 
 
 def late_team_backoff():
