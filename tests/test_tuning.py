@@ -165,9 +165,8 @@ def test_calibration_stays_within_its_budget(restore_tuning):
 
 @pytest.mark.skipif(not kernels.openmp_enabled() or kernels.max_threads() < 2,
                     reason="needs OpenMP and 2 threads")
-def test_a_late_team_makes_the_default_serial_for_a_while(restore_tuning):
+def test_a_late_team_makes_the_default_serial_for_a_while(restore_tuning, no_late_backoff):
     n = 1 << 24
-    kernels._forget_late_teams()
     kernels._note_wait(10e-6, 1e-3)                  # a team that hardly waited
     assert kernels.late_team_backoff() == 0.0 and kernels.threads_for(n) == 2
     kernels._note_wait(40e-6, 60e-6)                 # most of the call, but too short to count
@@ -191,8 +190,7 @@ def test_a_late_team_makes_the_default_serial_for_a_while(restore_tuning):
 
 @pytest.mark.skipif(not kernels.openmp_enabled() or kernels.max_threads() < 2,
                     reason="needs OpenMP and 2 threads")
-def test_a_late_team_long_after_the_last_backs_off_the_least(restore_tuning):
-    kernels._forget_late_teams()
+def test_a_late_team_long_after_the_last_backs_off_the_least(no_late_backoff):
     kernels._note_wait(3e-3, 5e-3)
     least = kernels.late_team_backoff()
     kernels._note_wait(3e-3, 5e-3)
