@@ -144,6 +144,11 @@ class GlobalNormOp : public ListOp {
   }
 };
 
+// The size from which an output that cannot be an input taken over gets an
+// allocation of its own, rather than a slice of the shared block: there the
+// allocation costs little next to the scaling.
+constexpr std::ptrdiff_t kOwnOutputBytes = 256 * 1024;
+
 template <typename T>
 class ClipByGlobalNormOp : public ListOp {
  public:
@@ -164,11 +169,14 @@ class ClipByGlobalNormOp : public ListOp {
       return;
     }
     // An input nothing else holds becomes its output, scaled in place (a pair
-    // with dst == src). The others are scaled into slices of one new block (one
-    // allocation, not one per output), each slice aligned as TensorFlow aligns
-    // its buffers; the reference count is looked at first because asking
-    // TensorFlow to forward costs more than the scaling of a small tensor.
-    // Every output is in place before one scaling pass writes any.
+    // with dst == src). The other small ones are scaled into slices of one new
+    // block (one allocation, not one per output), each slice aligned as
+    // TensorFlow aligns its buffers; the reference count is looked at first
+    // because asking TensorFlow to forward costs more than the scaling of a
+    // small tensor. A large one gets an output of its own: a slice shares the
+    // block's buffer, so the next op (another clip, an optimizer's update)
+    // could not take it over in place and would allocate again. Every output
+    // is in place before one scaling pass writes any.
     constexpr std::ptrdiff_t align = EIGEN_MAX_ALIGN_BYTES / sizeof(T);
     std::vector<Pair> pairs;
     std::vector<std::ptrdiff_t> starts, fresh, offsets;
@@ -190,6 +198,9 @@ class ClipByGlobalNormOp : public ListOp {
                  ctx->forward_input_to_output_with_shape(i, i, t.shape(), &out)) {
         char *data = const_cast<char *>(out->tensor_data().data());
         push(data, data, len);
+      } else if (len * static_cast<std::ptrdiff_t>(sizeof(T)) >= kOwnOutputBytes) {
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(i, t.shape(), &out));
+        push(t.tensor_data().data(), const_cast<char *>(out->tensor_data().data()), len);
       } else {
         fresh.push_back(i);
         offsets.push_back(block_total);

@@ -401,7 +401,8 @@ _SPECIAL = [0.0, -0.0, 1e-45, 3e38, -3e38, np.inf, -np.inf, np.nan]
 
 @settings(deadline=None)
 @given(dtype=st.sampled_from([np.float32, np.float64]),
-       shapes=st.lists(st.sampled_from([(), (0,), (1,), (7,), (3, 5), (2, 0, 4), (600,)]),
+       shapes=st.lists(st.sampled_from([(), (0,), (1,), (7,), (3, 5), (2, 0, 4), (600,),
+                                        (65536,)]),
                        min_size=1, max_size=6),
        special=st.lists(st.sampled_from(_SPECIAL), max_size=3),
        clip=st.sampled_from([0.0, 1e-3, 1.0, 1e30, np.inf, -1.0, np.nan]),
