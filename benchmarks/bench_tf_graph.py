@@ -3,7 +3,8 @@
 Not run by the tests. Run it alone on an idle machine (other work on the
 cores moves every figure):
 
-    PYTHONPATH=. python benchmarks/bench_tf_graph.py [--quick] [--rounds N]
+    PYTHONPATH=. python benchmarks/bench_tf_graph.py [--quick] [--rounds N] [--only PART]
+                                                   [--workloads mlp,2000x512,resnet50,gpt2]
 
 Every comparison runs three compiled steps that differ only in the clipping:
 
@@ -26,10 +27,14 @@ clipcore is faster), of the clipping's costs and of the whole steps.
   the small workloads, passed as arguments (tf.function's per-argument and
   per-result cost, which the step without the clip pays too);
 * the same clip, its own time: a function of 11 clips in a chain (for
-  the large workloads: 3) minus a function of 1, per clip; the call's fixed
-  costs (arguments, results) cancel, which the "none" step leaves noisy;
+  the large workloads: 3), each to half the clip_norm of the one before, so
+  that every clip scales every tensor, minus a function of 1, per clip; the
+  call's fixed costs (arguments, results) cancel, which the "none" step
+  leaves noisy;
 * a training step compiled with tf.function: a GradientTape over a model of
-  2000 variables of 512, the clip, and SGD (assign_sub per variable);
+  2000 variables of 512, the clip, and SGD (assign_sub per variable); and
+  the clip's own cost in that step, on the tape's gradients: the step with
+  11 chained clips minus the step with 1, per clip, as for the chain above;
 * one training step of ``model.fit`` (graph mode: fit compiles its train
   step) with SGD(0.01) clipping at 15, for the lesson's MLP (784-256-128-10,
   batch 32) and for a model of 2000 weight vectors of 512 (batch 32);
@@ -115,7 +120,7 @@ def _compiled(clip, captured=None):
 
 def bench_clip(args):
     print("clip_by_global_norm inside tf.function (clip_norm 1.0: every tensor scaled)")
-    for name in ("mlp", "2000x512", "resnet50", "gpt2"):
+    for name in args.workloads:
         grads = [tf.constant(g) for g in workloads.make_gradients(name)]
         big = workloads.n_values(name) > 10_000_000
         number = 1 if big else (5 if name == "2000x512" else 50)
@@ -132,22 +137,26 @@ def bench_clip(args):
         del grads, captured
 
 
+def _clip_chain(clip, ts, k):
+    """k clips in a chain, each of the one before's results, to half its clip_norm:
+    every clip scales every tensor (to the same clip_norm, every clip after the
+    first would find nothing to clip, and clipcore's would write nothing)."""
+    total = tf.constant(0.0)
+    for j in range(k):
+        ts, norm = clip(ts, 0.5 ** j)
+        total += norm
+    return ts, total
+
+
 def _chained(clip, grads, k):
-    """tf.function of k clips in a chain (each clips the one before's results)."""
-    @tf.function
-    def chain():
-        ts, total = list(grads), tf.constant(0.0)
-        for _ in range(k):
-            ts, norm = clip(ts, 1.0)
-            total += norm
-        return total
-    return chain
+    """tf.function of k clips in a chain."""
+    return tf.function(lambda: _clip_chain(clip, list(grads), k)[1])
 
 
 def bench_chain(args, extra=10):
     print(f"one clip_by_global_norm inside tf.function: (a function of {1 + extra} clips in a "
           f"chain minus one of 1) / {extra}: the call's fixed costs cancel")
-    for name in ("mlp", "2000x512", "resnet50", "gpt2"):
+    for name in args.workloads:
         grads = [tf.constant(g) for g in workloads.make_gradients(name)]
         big = workloads.n_values(name) > 10_000_000
         k = 2 if big else extra
@@ -174,7 +183,7 @@ def bench_tape_step(args, n_vars=2000, size=512, batch=32):
     # a target the weights converge to: no decay towards denormals in any mode
     y = tf.constant(rng.normal(size=(batch, n_vars)).astype(np.float32))
 
-    def make(clip):
+    def make(clip, k=1):
         vs = [tf.Variable(rng.normal(size=size).astype(np.float32) * 0.05)
               for _ in range(n_vars)]
 
@@ -183,13 +192,23 @@ def bench_tape_step(args, n_vars=2000, size=512, batch=32):
             with tf.GradientTape() as tape:
                 logits = tf.matmul(x, tf.stack(vs), transpose_b=True)
                 loss = tf.reduce_mean(tf.square(logits - y))
-            grads, _ = clip(tape.gradient(loss, vs), 1.0)
+            grads, _ = _clip_chain(clip, tape.gradient(loss, vs), k)
             for v, g in zip(vs, grads):
                 v.assign_sub(0.01 * g)
             return loss
         return lambda: step().numpy()
     report(f"{n_vars}x{size} tape step", rounds({m: make(c) for m, c in CLIPS.items()},
                                                  args.rounds, 3))
+    k = 10
+    times = rounds({(m, n): make(CLIPS[m], n) for m in ("clipcore", "tf") for n in (1, 1 + k)},
+                   args.rounds, 3)
+    per = {m: [(a - b) / k for a, b in zip(times[(m, 1 + k)], times[(m, 1)])]
+           for m in ("clipcore", "tf")}
+    med = {m: statistics.median(v) for m, v in per.items()}
+    print(f"{n_vars}x{size} tape step, one clip of the tape's gradients: (the step with "
+          f"{1 + k} chained clips minus the step with 1) / {k}  ({args.rounds} rounds; ms per "
+          f"clip, median [range])\n  clipcore {_fmt(per['clipcore'])}\n  tf       "
+          f"{_fmt(per['tf'])}\n  TF / clipcore: {med['tf'] / med['clipcore']:6.2f}x", flush=True)
 
 
 # ----------------------------------------------------------------- eager
@@ -276,7 +295,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds")
     parser.add_argument("--only", choices=["eager", "clip", "chain", "tape", "fit"],
                         default=None)
+    parser.add_argument("--workloads", default="mlp,2000x512,resnet50,gpt2",
+                        help="the clip's and the chain's workloads, comma-separated")
     args = parser.parse_args()
+    args.workloads = args.workloads.split(",")
     if args.rounds is None:
         args.rounds = 5 if args.quick else 21
     print(f"clipcore {clipcore.__file__}, TensorFlow {tf.__version__}, Keras {keras.__version__},"
