@@ -260,8 +260,9 @@ def many():
 
 
 # A small learning rate, so that the step without clipping does not diverge
-# (NaN and denormal arithmetic would time differently); both clips scale
-# every gradient whether or not the norm exceeds clip_norm.
+# (NaN and denormal arithmetic would time differently). Keras multiplies
+# every gradient whether or not the norm exceeds clip_norm; clipcore writes
+# only when it does (the outputs are the inputs otherwise).
 OPTIMIZERS = {
     "none": lambda: keras.optimizers.SGD(0.01),
     "clipcore": lambda: clipcore.keras.with_global_clipnorm(keras.optimizers.SGD(0.01), 15),
