@@ -153,6 +153,17 @@ def _chained(clip, grads, k):
     return tf.function(lambda: _clip_chain(clip, list(grads), k)[1])
 
 
+def report_chain(what, times, k):
+    """One clip's cost from rounds of {(mode, 1): ..., (mode, 1 + k): ...}: per round,
+    (the function with 1 + k clips - the one with 1) / k; median, range, TF / clipcore."""
+    per = {m: [(a - b) / k for a, b in zip(times[(m, 1 + k)], times[(m, 1)])]
+           for m in ("clipcore", "tf")}
+    med = {m: statistics.median(v) for m, v in per.items()}
+    print(f"{what}  ({len(per['tf'])} rounds; ms per clip, median [range])\n"
+          f"  clipcore {_fmt(per['clipcore'])}\n  tf       {_fmt(per['tf'])}\n"
+          f"  TF / clipcore: {med['tf'] / med['clipcore']:6.2f}x", flush=True)
+
+
 def bench_chain(args, extra=10):
     print(f"one clip_by_global_norm inside tf.function: (a function of {1 + extra} clips in a "
           f"chain minus one of 1) / {extra}: the call's fixed costs cancel")
@@ -165,13 +176,8 @@ def bench_chain(args, extra=10):
             for n in (1, 1 + k):
                 f = _chained(CLIPS[mode], grads, n)
                 fns[(mode, n)] = lambda f=f: f().numpy()
-        times = rounds(fns, args.rounds, 1 if big else (4 if name == "2000x512" else 20))
-        per = {m: [(a - b) / k for a, b in zip(times[(m, 1 + k)], times[(m, 1)])]
-               for m in ("clipcore", "tf")}
-        med = {m: statistics.median(v) for m, v in per.items()}
-        print(f"{name}  ({args.rounds} rounds; ms per clip, median [range])\n"
-              f"  clipcore {_fmt(per['clipcore'])}\n  tf       {_fmt(per['tf'])}\n"
-              f"  TF / clipcore: {med['tf'] / med['clipcore']:6.2f}x", flush=True)
+        report_chain(name, rounds(fns, args.rounds,
+                                  1 if big else (4 if name == "2000x512" else 20)), k)
         del grads, fns
 
 
@@ -200,15 +206,10 @@ def bench_tape_step(args, n_vars=2000, size=512, batch=32):
     report(f"{n_vars}x{size} tape step", rounds({m: make(c) for m, c in CLIPS.items()},
                                                  args.rounds, 3))
     k = 10
-    times = rounds({(m, n): make(CLIPS[m], n) for m in ("clipcore", "tf") for n in (1, 1 + k)},
-                   args.rounds, 3)
-    per = {m: [(a - b) / k for a, b in zip(times[(m, 1 + k)], times[(m, 1)])]
-           for m in ("clipcore", "tf")}
-    med = {m: statistics.median(v) for m, v in per.items()}
-    print(f"{n_vars}x{size} tape step, one clip of the tape's gradients: (the step with "
-          f"{1 + k} chained clips minus the step with 1) / {k}  ({args.rounds} rounds; ms per "
-          f"clip, median [range])\n  clipcore {_fmt(per['clipcore'])}\n  tf       "
-          f"{_fmt(per['tf'])}\n  TF / clipcore: {med['tf'] / med['clipcore']:6.2f}x", flush=True)
+    report_chain(f"{n_vars}x{size} tape step, one clip of the tape's gradients: (the step "
+                 f"with {1 + k} chained clips minus the step with 1) / {k}",
+                 rounds({(m, n): make(CLIPS[m], n) for m in ("clipcore", "tf")
+                         for n in (1, 1 + k)}, args.rounds, 3), k)
 
 
 # ----------------------------------------------------------------- eager
