@@ -42,8 +42,30 @@ def outputs(n_threads):
     y = base[1].copy()
     clipcore.clip_by_value_(y, -1.0, 1.0, n_threads=n_threads)
     z = clipcore.clip_by_norm(base[0], 1.0, axes=[1], n_threads=n_threads)
-    arrays = grads + grads2 + clipped + [x, y, z, np.asarray(norm)]
+    small = many_small(rng)
+    out += [clipcore.global_norm(small, norm_type=p, n_threads=n_threads)
+            for p in (2.0, 1.0, np.inf, 3.0)]
+    out.append(clipcore.clip_by_global_norm_(small, 1.0, n_threads=n_threads))
+    arrays = grads + grads2 + clipped + [x, y, z, np.asarray(norm)] + small
     return out, b"".join(a.tobytes() for a in arrays)
+
+
+def many_small(rng):
+    """Many small buffers in few chunks: runs of contiguous ones longer than a
+    reduction takes at once, of every element type in turn, strided ones between."""
+    dtypes = [np.float32, np.float16, np.float64]
+    try:
+        import ml_dtypes
+        dtypes.append(ml_dtypes.bfloat16)
+    except ImportError:
+        pass
+    small = [rng.standard_normal(int(n)).astype(np.float32)
+             for n in rng.integers(1, 300, size=100)]
+    for k in range(200):
+        a = rng.standard_normal(int(rng.integers(1, 200))) * 10.0 ** rng.integers(-3, 4)
+        a = a.astype(dtypes[k % len(dtypes)])
+        small.append(a[::2] if k % 7 == 0 else a)
+    return small
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(

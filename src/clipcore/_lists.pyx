@@ -532,6 +532,15 @@ def norm_kind(arrays):
     return SEG_F32 if kind < 0 else kind
 
 
+cdef inline Py_ssize_t n_elements(cnp.ndarray arr) noexcept:
+    """arr's element count, without a call into NumPy (PyArray_SIZE's)."""
+    cdef Py_ssize_t n = 1
+    cdef int d
+    for d in range(cnp.PyArray_NDIM(arr)):
+        n *= cnp.PyArray_DIM(arr, d)
+    return n
+
+
 cdef class _Buffers:
     """The validated buffers of one t_list, laid out for the kernels."""
 
@@ -621,10 +630,8 @@ cdef class _Buffers:
         return 0
 
     cdef int add(self, cnp.ndarray arr, Py_ssize_t index, str name, bint in_place) except -1:
-        cdef int kind = segment_kind(arr), d
-        cdef Py_ssize_t n = 1
-        for d in range(cnp.PyArray_NDIM(arr)):
-            n *= cnp.PyArray_DIM(arr, d)
+        cdef int kind = segment_kind(arr)
+        cdef Py_ssize_t n = n_elements(arr)
         if kind == NOT_FLOAT:
             raise TypeError(f"{name}[{index}]: expected a floating-point array or buffer, "
                             f"got an array of {(<object>arr).dtype}")
@@ -658,20 +665,26 @@ cdef class _Buffers:
 
     cdef int pin(self, tuple seq) except -1:
         """Record what check_pins compares: each array and the arrays its memory
-        comes from (its bases), and the fingerprint of each entry that is not an
-        ndarray."""
+        comes from (its bases; a base that several arrays share, once), and the
+        fingerprint of each entry that is not an ndarray."""
         cdef Py_ssize_t i, count = 0
         cdef PyObject *obj
         cdef Pin *g
+        cdef set bases = set()
         for recording in (False, True):
+            bases.clear()
             for i in range(len(self.arrays)):
                 obj = <PyObject *>self.arrays[i]
                 while obj != NULL and cnp.PyArray_Check(<object>obj):
+                    if obj != <PyObject *>self.arrays[i]:
+                        if <size_t>obj in bases:
+                            break
+                        bases.add(<size_t>obj)
                     if recording:
                         g = &self.pins[self.n_pins]
                         g.arr = obj
                         g.data = <char *>cnp.PyArray_DATA(<cnp.ndarray>obj)
-                        g.size = cnp.PyArray_SIZE(<cnp.ndarray>obj)
+                        g.size = n_elements(<cnp.ndarray>obj)
                         g.pos = i
                         g.written = obj == <PyObject *>self.arrays[i]
                         self.n_pins += 1
@@ -693,14 +706,13 @@ cdef class _Buffers:
         """Raise unless every array still has the memory it had when pinned."""
         cdef Py_ssize_t k
         cdef const Pin *g
-        cdef cnp.ndarray arr
         for k in range(self.n_pins):
             g = &self.pins[k]
-            arr = <cnp.ndarray>g.arr
-            if <char *>cnp.PyArray_DATA(arr) != g.data or cnp.PyArray_SIZE(arr) != g.size:
+            if (<char *>cnp.PyArray_DATA(<cnp.ndarray>g.arr) != g.data
+                    or n_elements(<cnp.ndarray>g.arr) != g.size):
                 raise RuntimeError(f"t_list[{g.pos}]: its memory moved since the Plan was "
                                    f"built (resized or reallocated); build a new Plan")
-            if g.written and not cnp.PyArray_ISWRITEABLE(arr):
+            if g.written and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>g.arr):
                 raise ValueError(f"t_list[{g.pos}]: the array was made read-only after the "
                                  f"Plan was built")
         for i, obj, fp in self.sources:

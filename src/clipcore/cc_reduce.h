@@ -183,17 +183,30 @@ CC_AVX512 CC_UNUSED static void NAME(const uint16_t *x, ptrdiff_t n,           \
 CC_DEFINE_MAXABS16_AVX512(cc_maxabs_f16_avx512, cc_f16_to_f32)
 CC_DEFINE_MAXABS16_AVX512(cc_maxabs_bf16_avx512, cc_bf16_to_f32)
 
-/* The sums for elements of type T, read by SUMSQ(j) and SUMABS(j) steps. */
+/* The sums for elements of type T, read by SUMSQ(j) and SUMABS(j) steps,
+ * over `count` contiguous pieces xs[q] of ns[q] elements: each piece's
+ * elements go to lanes 0, 1, .. from its first, as one piece on its own
+ * would, and the lanes stay in registers from one piece to the next (loaded
+ * and stored around every small piece, the store-to-load wait costs more than
+ * the piece's arithmetic). */
 #define CC_DEFINE_REDUCE_AVX512(NAME, T, MAXABS, SUMSQ, SUMABS)                \
-CC_AVX512 CC_UNUSED static void NAME(const T *x, ptrdiff_t n, int kind,        \
+CC_AVX512 CC_UNUSED static void NAME(const T *const *xs, const ptrdiff_t *ns,  \
+                                     ptrdiff_t count, int kind,                \
                                      double *restrict acc) {                   \
-    ptrdiff_t i = 0;                                                           \
-    if (kind == CC_MAXABS) { MAXABS(x, n, acc); return; }                      \
+    if (kind == CC_MAXABS) {                                                   \
+        for (ptrdiff_t q = 0; q < count; q++) MAXABS(xs[q], ns[q], acc);       \
+        return;                                                                \
+    }                                                                          \
     CC_EACH8(CC_LOAD_ACC)                                                      \
-    if (kind == CC_SUMSQ) {                                                    \
-        CC_AVX512_BLOCKS(CC_EACH8, SUMSQ)                                      \
-    } else {                                                                   \
-        CC_AVX512_BLOCKS(CC_EACH8, SUMABS)                                     \
+    for (ptrdiff_t q = 0; q < count; q++) {                                    \
+        const T *x = xs[q];                                                    \
+        const ptrdiff_t n = ns[q];                                             \
+        ptrdiff_t i = 0;                                                       \
+        if (kind == CC_SUMSQ) {                                                \
+            CC_AVX512_BLOCKS(CC_EACH8, SUMSQ)                                  \
+        } else {                                                               \
+            CC_AVX512_BLOCKS(CC_EACH8, SUMABS)                                 \
+        }                                                                      \
     }                                                                          \
     CC_EACH8(CC_STORE_ACC)                                                     \
 }
@@ -227,10 +240,13 @@ CC_DEFINE_REDUCE_AVX512(cc_reduce_f16_avx512, uint16_t, cc_maxabs_f16_avx512,
 #define CC_BF16_STORE_ACC(p)                                                   \
     _mm512_storeu_pd(acc + 16 * p, _mm512_permutex2var_pd(e##p, low_half, o##p)); \
     _mm512_storeu_pd(acc + 16 * p + 8, _mm512_permutex2var_pd(e##p, high_half, o##p));
-CC_AVX512 CC_UNUSED static void cc_reduce_bf16_avx512(const uint16_t *x, ptrdiff_t n, int kind,
-                                                      double *restrict acc) {
-    ptrdiff_t i = 0;
-    if (kind == CC_MAXABS) { cc_maxabs_bf16_avx512(x, n, acc); return; }
+CC_AVX512 CC_UNUSED static void cc_reduce_bf16_avx512(const uint16_t *const *xs,
+                                                      const ptrdiff_t *ns, ptrdiff_t count,
+                                                      int kind, double *restrict acc) {
+    if (kind == CC_MAXABS) {
+        for (ptrdiff_t q = 0; q < count; q++) cc_maxabs_bf16_avx512(xs[q], ns[q], acc);
+        return;
+    }
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
     /* permutex2var indices: 0-7 pick from the first operand, 8-15 from the second */
     const __m512i evens = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
@@ -238,10 +254,15 @@ CC_AVX512 CC_UNUSED static void cc_reduce_bf16_avx512(const uint16_t *x, ptrdiff
     const __m512i low_half = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
     const __m512i high_half = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
     CC_EACH4(CC_BF16_LOAD_ACC)
-    if (kind == CC_SUMSQ) {
-        CC_AVX512_BLOCKS(CC_EACH4, CC_SUMSQ_BF16)
-    } else {
-        CC_AVX512_BLOCKS(CC_EACH4, CC_SUMABS_BF16)
+    for (ptrdiff_t q = 0; q < count; q++) {
+        const uint16_t *x = xs[q];
+        const ptrdiff_t n = ns[q];
+        ptrdiff_t i = 0;
+        if (kind == CC_SUMSQ) {
+            CC_AVX512_BLOCKS(CC_EACH4, CC_SUMSQ_BF16)
+        } else {
+            CC_AVX512_BLOCKS(CC_EACH4, CC_SUMABS_BF16)
+        }
     }
     CC_EACH4(CC_BF16_STORE_ACC)
 }
@@ -272,17 +293,33 @@ CC_DEFINE_REDUCE(cc_reduce_f16_generic, uint16_t, float, cc_f16_to_f32)
 CC_DEFINE_REDUCE(cc_reduce_bf16_generic, uint16_t, float, cc_bf16_to_f32)
 
 /* The reductions the engine calls: the AVX-512 form where it applies, else
- * the generic loop (the same lanes, the same bits). */
+ * the generic loop (the same lanes, the same bits). NAME reduces one piece
+ * (any stride), NAME_pieces `count` contiguous pieces into the same lanes, as
+ * many calls of NAME would. */
 #define CC_DEFINE_REDUCE_DISPATCH(NAME, T, TWIN, GENERIC)                      \
 CC_UNUSED static void NAME(const T *x, ptrdiff_t n, ptrdiff_t stride, int kind, \
                            double p, double scale, double *restrict acc) {     \
-    CC_TWIN(stride == 1 && kind != CC_SUMPOW, TWIN(x, n, kind, acc))           \
+    CC_TWIN(stride == 1 && kind != CC_SUMPOW, TWIN(&x, &n, 1, kind, acc))      \
     GENERIC(x, n, stride, kind, p, scale, acc);                                \
+}                                                                              \
+CC_UNUSED static void NAME##_pieces(const T *const *xs, const ptrdiff_t *ns,   \
+                                    ptrdiff_t count, int kind, double p,       \
+                                    double scale, double *restrict acc) {      \
+    CC_TWIN(kind != CC_SUMPOW, TWIN(xs, ns, count, kind, acc))                 \
+    for (ptrdiff_t q = 0; q < count; q++)                                      \
+        GENERIC(xs[q], ns[q], 1, kind, p, scale, acc);                         \
 }
 CC_DEFINE_REDUCE_DISPATCH(cc_reduce_f32, float, cc_reduce_f32_avx512, cc_reduce_f32_generic)
 CC_DEFINE_REDUCE_DISPATCH(cc_reduce_f16, uint16_t, cc_reduce_f16_avx512, cc_reduce_f16_generic)
 CC_DEFINE_REDUCE_DISPATCH(cc_reduce_bf16, uint16_t, cc_reduce_bf16_avx512,
                           cc_reduce_bf16_generic)
+/* float64 has the generic loop only (no twin to dispatch to). */
+CC_UNUSED static void cc_reduce_f64_pieces(const double *const *xs, const ptrdiff_t *ns,
+                                           ptrdiff_t count, int kind, double p,
+                                           double scale, double *restrict acc) {
+    for (ptrdiff_t q = 0; q < count; q++)
+        cc_reduce_f64(xs[q], ns[q], 1, kind, p, scale, acc);
+}
 
 /* The reduction of one buffer on its own (fresh lanes, combined). */
 #define CC_DEFINE_REDUCE_ONE(NAME, REDUCE, T)                                  \

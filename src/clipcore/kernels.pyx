@@ -8,6 +8,7 @@ combined in chunk order: the result is bitwise identical for any thread count.
 from cython.parallel cimport parallel
 from libc.math cimport sqrt, pow, ldexp, INFINITY, NAN, isnan
 from libc.stdlib cimport malloc, calloc, free
+from libc.stddef cimport ptrdiff_t
 
 from clipcore._loops cimport (cc_openmp_enabled, cc_max_threads, cc_num_procs, cc_simd_path,
                               cc_team_rank, cc_team_size, cc_now)
@@ -36,6 +37,14 @@ cdef extern from "cc_reduce.h" nogil:
                        double p, double scale, double *acc)
     void cc_reduce_bf16(const unsigned short *x, Py_ssize_t n, Py_ssize_t stride, int kind,
                         double p, double scale, double *acc)
+    void cc_reduce_f32_pieces(const float **xs, const ptrdiff_t *ns, ptrdiff_t count, int kind,
+                              double p, double scale, double *acc)
+    void cc_reduce_f64_pieces(const double **xs, const ptrdiff_t *ns, ptrdiff_t count,
+                              int kind, double p, double scale, double *acc)
+    void cc_reduce_f16_pieces(const unsigned short **xs, const ptrdiff_t *ns, ptrdiff_t count,
+                              int kind, double p, double scale, double *acc)
+    void cc_reduce_bf16_pieces(const unsigned short **xs, const ptrdiff_t *ns, ptrdiff_t count,
+                               int kind, double p, double scale, double *acc)
     double cc_combine_lanes(double *acc, int is_max)
     double cc_max_nan(double a, double b)
 
@@ -144,10 +153,55 @@ ctypedef struct Pass:
     float lo, hi
 
 
+# A reduction hands the contiguous pieces of a chunk to its loop PIECES at a
+# time, so that a list of small buffers keeps the lanes in registers.
+cdef enum:
+    PIECES = 32
+
+ctypedef struct Pieces:
+    int kind                   # SEG_* of every piece held
+    ptrdiff_t count
+    const char *xs[PIECES]
+    ptrdiff_t ns[PIECES]
+
+
+cdef void reduce_pieces(Pieces *run, const Pass *ps, double *acc) noexcept nogil:
+    """Reduce the contiguous pieces held into acc (as one call per piece would), and empty run."""
+    if run.count == 0:
+        return
+    if run.kind == SEG_F32:
+        cc_reduce_f32_pieces(<const float **>run.xs, run.ns, run.count, ps.kind, ps.p,
+                             ps.scale, acc)
+    elif run.kind == SEG_F16:
+        cc_reduce_f16_pieces(<const unsigned short **>run.xs, run.ns, run.count, ps.kind,
+                             ps.p, ps.scale, acc)
+    elif run.kind == SEG_BF16:
+        cc_reduce_bf16_pieces(<const unsigned short **>run.xs, run.ns, run.count, ps.kind,
+                              ps.p, ps.scale, acc)
+    else:
+        cc_reduce_f64_pieces(<const double **>run.xs, run.ns, run.count, ps.kind, ps.p,
+                             ps.scale, acc)
+    run.count = 0
+
+
+cdef void reduce_strided(const Segment *seg, const char *x, Py_ssize_t n, const Pass *ps,
+                         double *acc) noexcept nogil:
+    """Reduce n elements of seg from x (seg's stride apart) into acc."""
+    if seg.kind == SEG_F32:
+        cc_reduce_f32(<const float *>x, n, seg.stride, ps.kind, ps.p, ps.scale, acc)
+    elif seg.kind == SEG_F16:
+        cc_reduce_f16(<const unsigned short *>x, n, seg.stride, ps.kind, ps.p, ps.scale, acc)
+    elif seg.kind == SEG_BF16:
+        cc_reduce_bf16(<const unsigned short *>x, n, seg.stride, ps.kind, ps.p, ps.scale, acc)
+    else:
+        cc_reduce_f64(<const double *>x, n, seg.stride, ps.kind, ps.p, ps.scale, acc)
+
+
 cdef double pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize_t chunk) noexcept nogil:
     """Run the pass over chunk c; returns its result (0 for a pass that writes).
-    A reduction's pieces share one set of lanes."""
+    A reduction's pieces share one set of lanes, each piece in turn."""
     cdef double acc[CC_LANES]
+    cdef Pieces run
     cdef Py_ssize_t lo = c * chunk, hi = lo + chunk, s = run_holding(lay.starts, lay.n_segs, lo), off, take, k
     cdef const Segment *seg
     cdef char *x
@@ -156,22 +210,22 @@ cdef double pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize
     if ps.what == PASS_REDUCE:
         for k in range(CC_LANES):
             acc[k] = 0.0
+        run.count = 0
     while lo < hi:
         seg = &lay.segs[s]
         off = lo - lay.starts[s]
         take = seg.n - off if seg.n - off < hi - lo else hi - lo
         x = seg.data + off * seg.stride * segment_itemsize(seg.kind)
         if ps.what == PASS_REDUCE:
-            if seg.kind == SEG_F32:
-                cc_reduce_f32(<const float *>x, take, seg.stride, ps.kind, ps.p, ps.scale, acc)
-            elif seg.kind == SEG_F16:
-                cc_reduce_f16(<const unsigned short *>x, take, seg.stride, ps.kind, ps.p,
-                              ps.scale, acc)
-            elif seg.kind == SEG_BF16:
-                cc_reduce_bf16(<const unsigned short *>x, take, seg.stride, ps.kind, ps.p,
-                               ps.scale, acc)
+            if run.count == PIECES or (run.count > 0 and (seg.kind != run.kind or seg.stride != 1)):
+                reduce_pieces(&run, ps, acc)
+            if seg.stride == 1:
+                run.kind = seg.kind
+                run.xs[run.count] = x
+                run.ns[run.count] = take
+                run.count += 1
             else:
-                cc_reduce_f64(<const double *>x, take, seg.stride, ps.kind, ps.p, ps.scale, acc)
+                reduce_strided(seg, x, take, ps, acc)
         elif ps.what == PASS_SCALE:
             if seg.kind == SEG_F32:
                 cc_scale_f32(<float *>x, take, seg.stride, ps.factor)
@@ -186,6 +240,7 @@ cdef double pass_chunk(const Layout *lay, const Pass *ps, Py_ssize_t c, Py_ssize
         lo += take
         s += 1
     if ps.what == PASS_REDUCE:
+        reduce_pieces(&run, ps, acc)
         return cc_combine_lanes(acc, ps.kind == CC_MAXABS)
     return 0.0
 
