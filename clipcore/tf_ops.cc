@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <vector>
 
+#include "tensorflow/core/framework/allocation_description.pb.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -144,10 +145,46 @@ class GlobalNormOp : public ListOp {
   }
 };
 
-// The size from which an output that cannot be an input taken over gets an
-// allocation of its own, rather than a slice of the shared block: there the
-// allocation costs little next to the scaling.
+// The size from which an output that is not an input taken over gets an
+// allocation of its own: there the allocation costs little next to the
+// scaling, and no small output that outlives the others keeps it alive.
 constexpr std::ptrdiff_t kOwnOutputBytes = 256 * 1024;
+
+// The small outputs share one allocation (one allocation, not one per
+// output), each slice aligned as TensorFlow aligns its buffers. A slice is a
+// buffer of its own that holds the block (a Share), not a Tensor::Slice: a
+// Tensor::Slice never owns its memory, so the op that takes it next (another
+// clip, an optimizer's update) could not take it over in place.
+class Block : public tensorflow::core::RefCounted {
+ public:
+  Tensor memory;
+};
+
+class Share : public tensorflow::TensorBuffer {
+ public:
+  Share(Block *block, char *data, std::size_t bytes)
+      : TensorBuffer(data), block_(block), bytes_(bytes) { block_->Ref(); }
+  ~Share() override { block_->Unref(); }
+  std::size_t size() const override { return bytes_; }
+  TensorBuffer *root_buffer() override { return this; }
+  void FillAllocationDescription(tensorflow::AllocationDescription *proto) const override {
+    proto->set_requested_bytes(bytes_);
+    proto->set_allocator_name("clipcore");
+  }
+
+ private:
+  Block *const block_;
+  const std::size_t bytes_;
+};
+
+// An input that only this op holds (reference count one) may be scaled in
+// place and become its output: TensorFlow's forward_input makes the same
+// checks (and those of ScopedAllocator reservations, which grappler makes for
+// collective ops only), at a cost that exceeds the scaling of a small tensor.
+bool can_take_over(OpKernelContext *ctx, int i) {
+  return ctx->input(i).RefCountIsOne() &&
+         ctx->output_alloc_attr(i).IsEqualOrLessRestrictiveThan(ctx->input_alloc_attr(i));
+}
 
 template <typename T>
 class ClipByGlobalNormOp : public ListOp {
@@ -169,14 +206,8 @@ class ClipByGlobalNormOp : public ListOp {
       return;
     }
     // An input nothing else holds becomes its output, scaled in place (a pair
-    // with dst == src). The other small ones are scaled into slices of one new
-    // block (one allocation, not one per output), each slice aligned as
-    // TensorFlow aligns its buffers; the reference count is looked at first
-    // because asking TensorFlow to forward costs more than the scaling of a
-    // small tensor. A large one gets an output of its own: a slice shares the
-    // block's buffer, so the next op (another clip, an optimizer's update)
-    // could not take it over in place and would allocate again. Every output
-    // is in place before one scaling pass writes any.
+    // with dst == src); the others are scaled into slices of one new block.
+    // Every output is in place before one scaling pass writes any.
     constexpr std::ptrdiff_t align = EIGEN_MAX_ALIGN_BYTES / sizeof(T);
     std::vector<Pair> pairs;
     std::vector<std::ptrdiff_t> starts, fresh, offsets;
@@ -191,14 +222,14 @@ class ClipByGlobalNormOp : public ListOp {
     for (int i = 0; i < n_; ++i) {
       const Tensor &t = ctx->input(i);
       const std::ptrdiff_t len = t.NumElements();
-      Tensor *out = nullptr;
       if (len == 0) {
         ctx->set_output(i, t);
-      } else if (t.RefCountIsOne() &&
-                 ctx->forward_input_to_output_with_shape(i, i, t.shape(), &out)) {
-        char *data = const_cast<char *>(out->tensor_data().data());
+      } else if (can_take_over(ctx, i)) {
+        char *data = const_cast<char *>(t.tensor_data().data());
         push(data, data, len);
+        ctx->set_output(i, t);
       } else if (len * static_cast<std::ptrdiff_t>(sizeof(T)) >= kOwnOutputBytes) {
+        Tensor *out = nullptr;
         OP_REQUIRES_OK(ctx, ctx->allocate_output(i, t.shape(), &out));
         push(t.tensor_data().data(), const_cast<char *>(out->tensor_data().data()), len);
       } else {
@@ -208,17 +239,19 @@ class ClipByGlobalNormOp : public ListOp {
       }
     }
     if (!fresh.empty()) {
-      Tensor block;
+      tensorflow::core::RefCountPtr<Block> block(new Block);
       OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::v(),
-                                             tensorflow::TensorShape({block_total}), &block));
+                                             tensorflow::TensorShape({block_total}),
+                                             &block->memory));
+      T *base = block->memory.flat<T>().data();
       for (std::size_t k = 0; k < fresh.size(); ++k) {
         const Tensor &t = ctx->input(fresh[k]);
         const std::ptrdiff_t len = t.NumElements();
-        Tensor out;
-        OP_REQUIRES(ctx, out.CopyFrom(block.Slice(offsets[k], offsets[k] + len), t.shape()),
-                    tensorflow::errors::Internal("clipcore: a slice of the wrong size"));
-        push(t.tensor_data().data(), const_cast<char *>(out.tensor_data().data()), len);
-        ctx->set_output(fresh[k], std::move(out));
+        char *dst = reinterpret_cast<char *>(base + offsets[k]);
+        Share *share = new Share(block.get(), dst, len * sizeof(T));
+        ctx->set_output(fresh[k], Tensor(t.dtype(), t.shape(), share));
+        share->Unref();               // the output holds it now
+        push(t.tensor_data().data(), dst, len);
       }
     }
     scale_into(pairs.data(), starts.data(), static_cast<std::ptrdiff_t>(pairs.size()),
