@@ -397,10 +397,11 @@ def test_graph_op_scales_in_place_only_what_nothing_else_holds():
 
 
 def test_graph_op_chain_takes_over_only_the_outputs_nothing_else_holds():
-    # A clip of a clip's outputs (small ones share one allocation, each its
-    # own buffer, so the second clip may scale them in place): an output the
-    # function also returns keeps the first clip's values, the others get the
-    # second's; and an output kept alone stays valid after the rest are freed.
+    # A clip of a clip's outputs: the first clips captured tensors (not its
+    # to take over), so its small outputs share one allocation, each its own
+    # buffer, which the second clip may scale in place. An output the function
+    # also returns keeps the first clip's values, the others get the second's;
+    # and an output kept alone stays valid after the rest are freed.
     tf_ops()
     rng = np.random.default_rng(11)
     arrays = [rng.normal(size=s).astype(np.float32) for s in [(600,), (3, 5), (70001,), (9,)]]
@@ -408,7 +409,7 @@ def test_graph_op_chain_takes_over_only_the_outputs_nothing_else_holds():
 
     @tf.function
     def chain():
-        first, n1 = clipcore.clip_by_global_norm([t * 1.0 for t in ts], 1.0)
+        first, n1 = clipcore.clip_by_global_norm(ts, 1.0)
         second, n2 = clipcore.clip_by_global_norm(first, 0.5)
         return first[1], second, n1, n2
 
@@ -419,7 +420,7 @@ def test_graph_op_chain_takes_over_only_the_outputs_nothing_else_holds():
     assert kept_first.numpy().tobytes() == ref_first[1].tobytes()
     for g, r in zip(second, ref_second):
         assert g.numpy().tobytes() == r.tobytes()
-    alone = tf.function(lambda: clipcore.clip_by_global_norm([t * 1.0 for t in ts], 1.0)[0][3])()
+    alone = tf.function(lambda: clipcore.clip_by_global_norm(ts, 1.0)[0][3])()
     for _ in range(3):
         chain()                   # reuses the memory of whatever was freed
     assert alone.numpy().tobytes() == ref_first[3].tobytes()
