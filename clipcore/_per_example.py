@@ -10,7 +10,6 @@ adaptive_clip_grad_ run on the helpers here.
 import numpy as np
 
 from clipcore import _elementwise as _ew
-from clipcore import kernels as _kernels
 from clipcore import _unitwise as _uw
 from clipcore import _weighted as _w
 from clipcore._lists import (as_native, as_scalar, as_threads, as_tuple, buffer_view,
@@ -134,13 +133,8 @@ RULES = {"optax": _w.RULE_OPTAX, "opacus": _w.RULE_OPACUS}
 
 
 def _block_rows(xs, batch, nt):
-    """Rows per block of the one-read path (a multiple of four), or 0: two passes.
-    The one-read path runs two parallel regions per block, each held up by a
-    late thread: an explicit team (nt > 1, which the back-off does not shrink)
-    takes the two-pass path's two regions instead (the same bits)."""
+    """Rows per block of the one-read path (a multiple of four), or 0: two passes."""
     row = sum(x.shape[1] * x.itemsize for x in xs)
-    if nt > 1 and _kernels.threads_for(row * batch, nt) > 1:
-        return 0
     rows = _BLOCK_BYTES // max(row, 1) // 4 * 4
     return min(rows, -(-batch // 4) * 4)
 

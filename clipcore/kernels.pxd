@@ -90,6 +90,21 @@ ctypedef void (*chunk_fn)(const void *ctx, Py_ssize_t i) noexcept nogil
 cdef void run_items(Py_ssize_t n_items, chunk_fn fn, const void *ctx,
                     int n_threads) noexcept nogil
 
+# Work in steps on one team, for work whose later items need a result of the
+# earlier ones (per-example clipping's blocks: their weights need their norms):
+# step s runs fn(ctx, s, i) for every i < count(ctx, s), the items handed out
+# one at a time; the thread that finishes the step's last item runs end(ctx, s),
+# and the next step's items see what it wrote. A nonzero end ends the work and
+# is returned (0 when every step ran). One parallel region for all the steps
+# and no barrier: a thread woken late joins the step the others have reached,
+# and the back-off judges the team over the whole call, as run_items does over
+# its region. Serial, in order, as run_items.
+ctypedef Py_ssize_t (*step_count_fn)(const void *ctx, Py_ssize_t s) noexcept nogil
+ctypedef void (*step_fn)(const void *ctx, Py_ssize_t s, Py_ssize_t i) noexcept nogil
+ctypedef int (*step_end_fn)(const void *ctx, Py_ssize_t s) noexcept nogil
+cdef int run_steps(Py_ssize_t n_steps, step_count_fn count, step_fn fn, step_end_fn end,
+                   const void *ctx, int n_threads) noexcept nogil
+
 # The layer below run_items, for a region of its own whose passes share one
 # set of claims (the fused norm and clip, the benchmarks' bandwidth probe): a
 # Claims for n_chunks chunks, on the heap (a kernel may run in a thread with

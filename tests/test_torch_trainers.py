@@ -211,18 +211,24 @@ def test_fallback_while_patched_reaches_torch_without_recursion(case, calls):
 # --- the trainers' call sites -------------------------------------------------------------
 
 def attribute_calls(module_name):
-    """The torch.nn.utils.<name> attributes a module's source reads, and whether it
-    imports names from torch.nn.utils (which patch() could not reach)."""
+    """The names of torch.nn.utils a module's source looks up when it runs (its
+    torch.nn.utils.<name> attributes, and names a function imports from it), and
+    the names its top level imports from it (which patch() could not reach)."""
     spec = importlib.util.find_spec(module_name)
     with open(spec.origin) as f:
         tree = ast.parse(f.read())
-    attributes, imported = set(), set()
+    at_call, at_import = set(), set()
+    in_functions = {id(node) for f in ast.walk(tree)
+                    if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    for node in ast.walk(f)}
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "torch.nn.utils":
-            attributes.add(node.attr)
+            at_call.add(node.attr)
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch.nn.utils"):
-            imported.update(a.name for a in node.names)
-    return attributes, imported
+            names = {a.name for a in node.names}
+            late = id(node) in in_functions and node.module == "torch.nn.utils"
+            (at_call if late else at_import).update(names)
+    return at_call, at_import
 
 
 @pytest.mark.parametrize("module, expected", [
@@ -233,9 +239,9 @@ def attribute_calls(module_name):
     pytest.param("accelerate.accelerator", set(NAMES), marks=pytest.mark.requires_accelerate),
 ])
 def test_trainers_look_the_functions_up_at_call_time(module, expected):
-    attributes, imported = attribute_calls(module)
-    assert expected <= attributes and attributes & set(NAMES) == expected
-    assert not imported & set(NAMES + ["clip_grad_norm"])
+    at_call, at_import = attribute_calls(module)
+    assert at_call & set(NAMES) == expected
+    assert not at_import & set(NAMES + ["clip_grad_norm"])
 
 
 def tiny_model():
@@ -362,7 +368,9 @@ def test_accelerate_clip_grad_norm_(calls):
     assert calls == {}
     with ct.patch():
         ours, ours_norms = run()
-    assert calls == {"clipcore": 5}
+    # A step calls clip_grad_norm_, or get_total_norm and clip_grads_with_norm_
+    # (newer accelerate, whose clip_grad_norm_ handles DTensors).
+    assert set(calls) == {"clipcore"} and calls["clipcore"] in (5, 2 * 5)
     for (ours_returned, ours_torch), (theirs_returned, _) in zip(ours_norms, theirs_norms):
         assert theirs_returned.dtype == ours_returned.dtype == torch.float32
         assert ulps(ours_returned, ours_torch).item() <= 1   # see the Lightning test

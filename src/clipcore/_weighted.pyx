@@ -15,13 +15,15 @@ norms (row_sumsq), then the weighted sums (weighted_sum). The one-read path
 (clip_sum), for examples small enough that a block of them stays in cache,
 runs over blocks of rows (a multiple of four): the block's norms read from
 memory, its weights, then its weighted terms added to float64 sums of every
-column (acc) re-reading the block from cache; out is written after the last block.
+column (acc) re-reading the block from cache; out is written after the last
+block. Its blocks are the steps of one team (kernels' run_steps): a block's
+weighted sums and the next block's norms are one step's items.
 """
 from libc.math cimport sqrt, ldexp, isfinite, INFINITY, NAN
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
-from clipcore.kernels cimport resolve_threads, run_holding, run_items, tuning_table
+from clipcore.kernels cimport resolve_threads, run_holding, run_items, run_steps, tuning_table
 from clipcore._loops cimport cc_team_rank, cc_use_tuning
 
 cnp.import_array()
@@ -142,23 +144,29 @@ cdef inline const WsPart *tile_part(const WsJob *j, Py_ssize_t t, Py_ssize_t *b0
     return p
 
 
-cdef void ss_group(const void *ctx, Py_ssize_t g) noexcept nogil:
-    """Tiles g * GROUP.. of group g: the float64 sum of squares over each tile's
-    columns of each row i0 <= i < i1, a row at a time (long runs of a row)."""
-    cdef const Rows *r = <const Rows *>ctx
-    cdef const WsJob *j = r.j
-    cdef Py_ssize_t b0, nb, i, t, m = r.i1 - r.i0
+cdef void ss_row(const WsJob *j, Py_ssize_t g, Py_ssize_t i, Py_ssize_t i0,
+                 Py_ssize_t m) noexcept nogil:
+    """The float64 sum of squares over each of group g's tiles' columns of row
+    i, in one run of the row; part[t * m + i - i0] (m: rows in the part's run)."""
+    cdef Py_ssize_t b0, nb, t
     cdef Py_ssize_t t1 = (g + 1) * GROUP if (g + 1) * GROUP < j.n_tiles else j.n_tiles
     cdef const WsPart *p
+    for t in range(g * GROUP, t1):
+        p = tile_part(j, t, &b0, &nb)
+        if p.f64:
+            j.part[t * m + i - i0] = cc_reduce_one_f64(
+                <double *>p.x + i * p.sr + b0 * p.sb, nb, p.sb, CC_SUMSQ, 1.0, 1.0)
+        else:
+            j.part[t * m + i - i0] = cc_reduce_one_f32(
+                <float *>p.x + i * p.sr + b0 * p.sb, nb, p.sb, CC_SUMSQ, 1.0, 1.0)
+
+
+cdef void ss_group(const void *ctx, Py_ssize_t g) noexcept nogil:
+    """Group g (tiles g * GROUP..): ss_row of each row i0 <= i < i1."""
+    cdef const Rows *r = <const Rows *>ctx
+    cdef Py_ssize_t i
     for i in range(r.i0, r.i1):
-        for t in range(g * GROUP, t1):
-            p = tile_part(j, t, &b0, &nb)
-            if p.f64:
-                j.part[t * m + i - r.i0] = cc_reduce_one_f64(
-                    <double *>p.x + i * p.sr + b0 * p.sb, nb, p.sb, CC_SUMSQ, 1.0, 1.0)
-            else:
-                j.part[t * m + i - r.i0] = cc_reduce_one_f32(
-                    <float *>p.x + i * p.sr + b0 * p.sb, nb, p.sb, CC_SUMSQ, 1.0, 1.0)
+        ss_row(r.j, g, i, r.i0, r.i1 - r.i0)
 
 
 cdef inline Py_ssize_t n_groups(const WsJob *j) noexcept nogil:
@@ -208,46 +216,82 @@ cdef void ws_tile(const void *ctx, Py_ssize_t t) noexcept nogil:
     tile_sums(j, p, b0, nb, 0, j.B, True, True, j.scratch + cc_team_rank() * TILE)
 
 
-cdef void block_tile(const void *ctx, Py_ssize_t t) noexcept nogil:
+cdef inline Rows block_rows(const WsJob *j, Py_ssize_t blk) noexcept nogil:
+    """Block blk's rows."""
+    cdef Rows r
+    r.j = <WsJob *>j
+    r.i0 = blk * j.block
+    r.i1 = r.i0 + j.block if r.i0 + j.block < j.B else j.B
+    return r
+
+
+cdef inline Py_ssize_t n_blocks(const WsJob *j) noexcept nogil:
+    return (j.B + j.block - 1) // j.block
+
+
+cdef void block_tile(const Rows *r, Py_ssize_t t) noexcept nogil:
     """Tile t: the block's weighted rows added to the tile's columns in acc."""
-    cdef const Rows *r = <const Rows *>ctx
     cdef const WsJob *j = r.j
     cdef Py_ssize_t b0, nb
     cdef const WsPart *p = tile_part(j, t, &b0, &nb)
     tile_sums(j, p, b0, nb, r.i0, r.i1, r.i0 == 0, r.i1 == j.B, j.acc + p.at + b0)
 
 
-cdef int block_weights(WsJob *j, Py_ssize_t i0, Py_ssize_t i1) noexcept nogil:
-    """Rows i0 <= i < i1: norms from the tiles' sums of squares (in tile order),
-    and weights; 1 (nothing more written) when a float64 sum left the range."""
-    cdef Py_ssize_t i, t, m = i1 - i0
-    cdef double s
-    for i in range(i0, i1):
-        s = 0.0
-        for t in range(j.n_tiles):
-            s += j.part[t * m + i - i0]
-        if j.has_f64 and (s == INFINITY or (s < SUMSQ_SAFE_MIN and s > 0.0)):
-            return 1
-        j.norms[i] = sqrt(s)
-        clip_weight(j.rule, j.bound, j.has_f64, j.norms[i], &j.w[i], &j.w[j.B + i])
-    return 0
+# clip_sum's steps (kernels' run_steps): step s adds block s - 1's weighted
+# rows to the sums, a tile per item (that block has its weights), and reads
+# block s's norms, a row of a group of tiles per item (each a long run of a
+# row). One thread runs the items in order: a block's sums from cache right
+# after its norms, as the steps' order is.
+
+cdef inline Py_ssize_t sum_items(const WsJob *j, Py_ssize_t s) noexcept nogil:
+    return j.n_tiles if s > 0 else 0
 
 
-cdef int clip_blocks(WsJob *j, Py_ssize_t total, int n_threads) noexcept nogil:
-    """clip_sum's blocks in order: the block's norm tiles, its weights, its
-    weighted-sum tiles; 1 when a float64 sum of squares left the range. Each
-    pass runs on the scheduler and asks for its team afresh, so a back-off
-    after a late team takes effect within the call (the bits do not depend on it)."""
+cdef inline Py_ssize_t norm_items(const WsJob *j, Py_ssize_t s) noexcept nogil:
     cdef Rows r
-    cdef Py_ssize_t blk, per_block = total // j.B * j.block
-    r.j = j
-    for blk in range((j.B + j.block - 1) // j.block):
-        r.i0 = blk * j.block
-        r.i1 = r.i0 + j.block if r.i0 + j.block < j.B else j.B
-        run_items(n_groups(j), ss_group, &r, resolve_threads(per_block, n_threads))
-        if block_weights(j, r.i0, r.i1) != 0:
+    if s == n_blocks(j):
+        return 0
+    r = block_rows(j, s)
+    return n_groups(j) * (r.i1 - r.i0)
+
+
+cdef Py_ssize_t step_count(const void *ctx, Py_ssize_t s) noexcept nogil:
+    cdef const WsJob *j = <const WsJob *>ctx
+    return sum_items(j, s) + norm_items(j, s)
+
+
+cdef void step_item(const void *ctx, Py_ssize_t s, Py_ssize_t i) noexcept nogil:
+    cdef const WsJob *j = <const WsJob *>ctx
+    cdef Py_ssize_t k = i - sum_items(j, s), m
+    cdef Rows r
+    if k < 0:
+        r = block_rows(j, s - 1)
+        block_tile(&r, i)
+    else:
+        r = block_rows(j, s)
+        m = r.i1 - r.i0
+        ss_row(j, k // m, r.i0 + k % m, r.i0, m)
+
+
+cdef int step_end(const void *ctx, Py_ssize_t s) noexcept nogil:
+    """Block s's norms from its tiles' sums of squares (in tile order), and its
+    weights; 1 (nothing more written) when a float64 sum left the range."""
+    cdef const WsJob *j = <const WsJob *>ctx
+    cdef Rows r
+    cdef Py_ssize_t i, t, m
+    cdef double q
+    if s == n_blocks(j):
+        return 0
+    r = block_rows(j, s)
+    m = r.i1 - r.i0
+    for i in range(r.i0, r.i1):
+        q = 0.0
+        for t in range(j.n_tiles):
+            q += j.part[t * m + i - r.i0]
+        if j.has_f64 and (q == INFINITY or (q < SUMSQ_SAFE_MIN and q > 0.0)):
             return 1
-        run_items(j.n_tiles, block_tile, &r, resolve_threads(per_block, n_threads))
+        j.norms[i] = sqrt(q)
+        clip_weight(j.rule, j.bound, j.has_f64, j.norms[i], &j.w[i], &j.w[j.B + i])
     return 0
 
 
@@ -419,7 +463,8 @@ def clip_sum(list xs, list outs, list add, int rule, double bound, bint has_f64,
         job.w64 = job.w + B
         job.acc = job.w + 2 * B
         with nogil:
-            rc = clip_blocks(&job, total, n_threads)
+            rc = run_steps(n_blocks(&job) + 1, step_count, step_item, step_end, &job,
+                           resolve_threads(total // B * block, n_threads))
         return rc == 0
     finally:
         free(job.parts)

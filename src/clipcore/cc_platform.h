@@ -54,6 +54,24 @@ static inline int cc_load(const int *x) {
     v = *x;
     return v;
 }
+/* seq_cst: the plain writes before them are seen by a thread that reads what
+ * they wrote (a step's results by the next step's threads, in run_steps). */
+static inline int cc_fetch_add(int *x, int v) {
+    int old;
+    _Pragma("omp atomic capture seq_cst")
+    { old = *x; *x += v; }
+    return old;
+}
+static inline void cc_store_sync(int *x, int v) {
+    _Pragma("omp atomic write seq_cst")
+    *x = v;
+}
+static inline int cc_load_sync(const int *x) {
+    int v;
+    _Pragma("omp atomic read seq_cst")
+    v = *x;
+    return v;
+}
 #else
 static inline int cc_openmp_enabled(void) { return 0; }
 static inline int cc_max_threads(void) { return 1; }
@@ -63,6 +81,26 @@ static inline int cc_team_size(void) { return 1; }
 static inline void cc_team_barrier(void) { }
 static inline int cc_exchange(int *x, int v) { int old = *x; *x = v; return old; }
 static inline int cc_load(const int *x) { return *x; }
+static inline int cc_fetch_add(int *x, int v) { int old = *x; *x += v; return old; }
+static inline void cc_store_sync(int *x, int v) { *x = v; }
+static inline int cc_load_sync(const int *x) { return *x; }
+#endif
+
+/* A thread that waits for another: a pause between polls, and after a while
+ * the core for whoever else needs it (the thread waited for, when cores are
+ * busy with other processes). */
+#if defined(__x86_64__) || defined(__i386__)
+static inline void cc_pause(void) { __builtin_ia32_pause(); }
+#elif defined(__aarch64__)
+static inline void cc_pause(void) { __asm__ __volatile__("yield"); }
+#else
+static inline void cc_pause(void) { }
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <sched.h>
+static inline void cc_yield(void) { sched_yield(); }
+#else
+static inline void cc_yield(void) { }
 #endif
 
 /* Fork guard. GNU OpenMP's thread pool does not survive fork(): a child that

@@ -9,6 +9,7 @@ from cython.parallel cimport parallel
 from libc.math cimport sqrt, pow, ldexp, INFINITY, NAN, isnan
 from libc.stdlib cimport malloc, calloc, free
 from libc.stddef cimport ptrdiff_t
+from libc.limits cimport INT_MAX
 
 from clipcore._loops cimport (cc_openmp_enabled, cc_max_threads, cc_num_procs, cc_simd_path,
                               cc_team_rank, cc_team_size, cc_now)
@@ -17,6 +18,11 @@ cdef extern from "cc_platform.h" nogil:
     void cc_team_barrier()
     int cc_exchange(int *x, int v)
     int cc_load(const int *x)
+    int cc_fetch_add(int *x, int v)
+    void cc_store_sync(int *x, int v)
+    int cc_load_sync(const int *x)
+    void cc_pause()
+    void cc_yield()
     int cc_install_fork_guard()
     int cc_in_forked_child()
     enum: CC_TUNE_PREFETCH, CC_TUNE_SCALE_BACKWARD, CC_TUNE_TWINS, CC_TUNE_COUNT
@@ -383,6 +389,110 @@ cdef void run_items(Py_ssize_t n_items, chunk_fn fn, const void *ctx,
         cc_fp_set(own)
     note_team(&team, t_start)
     team_close(&team)
+
+
+ctypedef struct Steps:              # run_steps' work, shared by its team
+    step_count_fn count
+    step_fn fn
+    step_end_fn end
+    const void *ctx
+    int n_steps
+    int step                        # the step whose items are handed out (n_steps: none)
+    int rc                          # end's nonzero result
+    int *given                      # per step: items handed out (some past the count)
+    int *done                       # per step: items finished
+
+
+cdef enum:
+    STEP_SPINS = 1000               # polls with a pause before each poll yields the core
+
+
+cdef void end_step(Steps *st, int s) noexcept nogil:
+    """In the thread that finished step s's last item: end(s), then the next
+    step (or none left) for every thread to see."""
+    cdef int rc = st.end(st.ctx, s)
+    if rc != 0:
+        st.rc = rc
+        cc_store_sync(&st.step, st.n_steps)
+    else:
+        cc_store_sync(&st.step, s + 1)
+
+
+cdef void team_steps(Steps *st, Team *team, int rank) noexcept nogil:
+    """In every thread of a team: items of the current step, one at a time,
+    until the steps are over. No barrier: a thread woken late starts at the
+    step the others have reached, and only a step's own items hold it back."""
+    cdef int s, i, n, polls
+    cdef double t0
+    while True:
+        s = cc_load_sync(&st.step)
+        if s >= st.n_steps:
+            return
+        n = <int>st.count(st.ctx, s)
+        i = cc_fetch_add(&st.given[s], 1)
+        if i < n:
+            st.fn(st.ctx, s, i)
+            if cc_fetch_add(&st.done[s], 1) == n - 1:
+                end_step(st, s)
+        elif n == 0 and i == 0:
+            end_step(st, s)
+        else:                        # every item handed out: wait for the step's end
+            t0 = cc_now() if rank == 0 else 0.0
+            polls = 0
+            while cc_load_sync(&st.step) == s:
+                polls += 1
+                if polls < STEP_SPINS:
+                    cc_pause()
+                else:
+                    cc_yield()
+            if rank == 0:
+                team.waited += cc_now() - t0
+
+
+cdef int run_steps(Py_ssize_t n_steps, step_count_fn count, step_fn fn, step_end_fn end,
+                   const void *ctx, int n_threads) noexcept nogil:
+    """Steps in order on one team (kernels.pxd); end's first nonzero result, or 0."""
+    cdef Team team
+    cdef Steps st
+    cdef Py_ssize_t s, i, most = 0
+    cdef int rc
+    cdef double t_start
+    cdef cc_fpmode mode, own = 0     # own: each thread's (Cython makes it firstprivate)
+    for s in range(n_steps):
+        most = max(most, count(ctx, s))
+    if n_threads > most:
+        n_threads = <int>most
+    st.given = NULL
+    if n_threads > 1 and n_steps < INT_MAX and most < INT_MAX - n_threads:
+        st.given = <int *>calloc(2 * n_steps, sizeof(int))
+    if st.given == NULL or team_open(&team, 0, False) != 0:
+        free(st.given)
+        for s in range(n_steps):
+            for i in range(count(ctx, s)):
+                fn(ctx, s, i)
+            rc = end(ctx, s)
+            if rc != 0:
+                return rc
+        return 0
+    st.count = count
+    st.fn = fn
+    st.end = end
+    st.ctx = ctx
+    st.n_steps = <int>n_steps
+    st.step = 0
+    st.rc = 0
+    st.done = st.given + n_steps
+    t_start = cc_now()
+    mode = cc_fp_get()
+    with parallel(num_threads=n_threads):
+        own = cc_fp_set(mode)            # as in run_items
+        team_steps(&st, &team, cc_team_rank())
+        team_done(&team, cc_team_rank())
+        cc_fp_set(own)
+    note_team(&team, t_start)
+    team_close(&team)
+    free(st.given)
+    return st.rc
 
 
 ctypedef struct LayoutPass:
