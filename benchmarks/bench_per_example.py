@@ -142,9 +142,8 @@ def bench_per_example(name, shapes, batch, reps, n_threads):
     }, reps, reset)
     two, one = ceilings(nbytes, sum_bytes, n_threads)
     med = {k: statistics.median(v) for k, v in t.items()}
-    team = 1 if threads == 1 else -n_threads
     path = "one-read" if _per_example._block_rows(
-        [a.reshape(batch, -1) for a in arrays], batch, team) else "two-pass"
+        [a.reshape(batch, -1) for a in arrays], batch) else "two-pass"
     print(f"{name:9s} B={batch:3d} {n_threads}t {nbytes / 1e9:6.2f} GB | opacus "
           f"{med['opacus'] * 1e3:8.2f} ms, clipcore.torch ({path}) {med['torch'] * 1e3:8.2f} ms: "
           f"{ratio(t['opacus'], t['torch'])}x; two-pass path {med['two_pass'] * 1e3:8.2f} ms: "

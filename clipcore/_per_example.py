@@ -132,7 +132,7 @@ _BLOCK_BYTES = 4 << 20
 RULES = {"optax": _w.RULE_OPTAX, "opacus": _w.RULE_OPACUS}
 
 
-def _block_rows(xs, batch, nt):
+def _block_rows(xs, batch):
     """Rows per block of the one-read path (a multiple of four), or 0: two passes."""
     row = sum(x.shape[1] * x.itemsize for x in xs)
     rows = _BLOCK_BYTES // max(row, 1) // 4 * 4
@@ -164,7 +164,7 @@ def clip_sums(works, outs, add, rule, bound, has_f64, batch, nt):
                 o[...] = 0
         return np.zeros(0)
     norms = np.zeros(batch)             # the norms when every array is empty
-    block = _block_rows(xs, batch, nt)
+    block = _block_rows(xs, batch)
     if not (block and _w.clip_sum(xs, os_, adds, RULES[rule], bound, has_f64, norms, block,
                                   nt)):
         norms = per_example_norms(xs, batch, nt)

@@ -313,13 +313,13 @@ def path(request, monkeypatch):
     from clipcore import _per_example
     rows = PATHS[request.param]
     monkeypatch.setattr(_per_example, "_block_rows",
-                        lambda xs, batch, nt: -(-batch // 4) * 4 if rows is None else rows)
+                        lambda xs, batch: -(-batch // 4) * 4 if rows is None else rows)
     return request.param
 
 
 def _forced(monkeypatch, rows):
     from clipcore import _per_example
-    monkeypatch.setattr(_per_example, "_block_rows", lambda xs, batch, nt: rows)
+    monkeypatch.setattr(_per_example, "_block_rows", lambda xs, batch: rows)
 
 
 def _mixed(batch, seed=7):
@@ -404,13 +404,12 @@ def test_float64_out_of_range_sums_on_every_path(path):
 def test_block_rows_choice():
     from clipcore import _per_example
     small = [np.zeros((64, 1000), np.float32)]
-    for nt in (0, -2, 1, 2):
-        assert _per_example._block_rows(small, 64, nt) == 64    # one block: the batch
-        assert _per_example._block_rows(small, 10, nt) == 12    # rounded up to four
+    assert _per_example._block_rows(small, 64) == 64     # one block: the batch
+    assert _per_example._block_rows(small, 10) == 12     # rounded up to four
     big = [np.zeros((2, _per_example._BLOCK_BYTES // 16 + 1), np.float32)]
-    assert _per_example._block_rows(big, 2, 1) == 0      # four examples exceed a block
+    assert _per_example._block_rows(big, 2) == 0      # four examples exceed a block
     mid = [np.zeros((2, _per_example._BLOCK_BYTES // 32), np.float32)]
-    assert _per_example._block_rows(mid, 64, 1) == 8
+    assert _per_example._block_rows(mid, 64) == 8
 
 
 @pytest.mark.requires_torch
