@@ -93,8 +93,9 @@ cdef void run_items(Py_ssize_t n_items, chunk_fn fn, const void *ctx,
 # Work in steps on one team, for work whose later items need a result of the
 # earlier ones (per-example clipping's blocks: their weights need their norms):
 # step s runs fn(ctx, s, i) for every i < count(ctx, s), the items handed out
-# one at a time; the thread that finishes the step's last item runs end(ctx, s),
-# and the next step's items see what it wrote. A nonzero end ends the work and
+# one at a time (to even ranks from the first, to odd ranks from the last);
+# the thread that finishes the step's last item runs end(ctx, s), and the
+# next step's items see what it wrote. A nonzero end ends the work and
 # is returned (0 when every step ran). One parallel region for all the steps
 # and no barrier: a thread woken late joins the step the others have reached,
 # and the back-off judges the team over the whole call, as run_items does over

@@ -86,3 +86,13 @@ def no_late_backoff():
     kernels._forget_late_teams()
     yield
     kernels._forget_late_teams()
+
+
+@pytest.fixture(params=[True, False], ids=["twins", "generic"])
+def twins(request):
+    """Run with the hand-written AVX-512 loops and with the generic (cloned) ones."""
+    from clipcore import kernels
+    saved = kernels.get_tuning()["twins"]
+    kernels.set_tuning(twins=request.param)
+    yield request.param
+    kernels.set_tuning(twins=saved)

@@ -93,15 +93,6 @@ def lists(name, layout, seed=0):
     return half, f32
 
 
-@pytest.fixture(params=[True, False], ids=["twins", "generic"])
-def twins(request):
-    """Run with the hand-written AVX-512 loops and with the generic (cloned) ones."""
-    saved = kernels.get_tuning()["twins"]
-    kernels.set_tuning(twins=request.param)
-    yield request.param
-    kernels.set_tuning(twins=saved)
-
-
 # ---------------------------------------------------------------- norms
 
 @pytest.mark.parametrize("name", HALF)

@@ -36,7 +36,7 @@ SHAPES = [(3, 4), (5,), (2, 3, 2), ()]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("clip", [0.0, 0.5, 2.0, 5.0, np.inf])
 @pytest.mark.parametrize("batch", [1, 6, 33])
-def test_values_match_reference(dtype, clip, batch):
+def test_values_match_reference(dtype, clip, batch, twins):
     grads = _grads(batch, SHAPES, dtype)
     before = _snapshot(grads)
     sums, n = clipcore.per_example_global_norm_clip(grads, clip)
@@ -333,7 +333,7 @@ def _mixed(batch, seed=7):
 
 
 @pytest.mark.parametrize("batch", [1, 4, 5, 13, 37])
-def test_paths_give_the_same_bits_for_any_thread_count(batch, monkeypatch):
+def test_paths_give_the_same_bits_for_any_thread_count(batch, monkeypatch, twins):
     grads = _mixed(batch)
     ref = None
     for rows in (0, 4, 8, -(-batch // 4) * 4):
@@ -350,19 +350,21 @@ def test_paths_give_the_same_bits_for_any_thread_count(batch, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_one_read_kernel_matches_the_two_passes(dtype):
+def test_one_read_kernel_matches_the_two_passes(dtype, twins):
     from clipcore import _weighted as _w
-    grads = [g.reshape(g.shape[0], -1) for g in _grads(21, [(5000,), (300, 31), (2,)], dtype,
-                                                        seed=4)]
+    # 70001 columns: the weighted sums' wider tiles, a last one partial
+    grads = [g.reshape(g.shape[0], -1)
+             for g in _grads(21, [(5000,), (300, 31), (2,), (70001,)], dtype, seed=4)]
+    add = [True, False, True, True]
     for rule, name in ((_w.RULE_OPTAX, "optax"), (_w.RULE_OPACUS, "opacus")):
         outs2 = [np.full(g.shape[1], 0.5, dtype) for g in grads]
         norms2 = np.sqrt(_w.row_sumsq(grads, 21, 2))
         w32, w64 = _w.weights(norms2, rule, 3.0, dtype == np.float64)
-        _w.weighted_sum(grads, outs2, [True, False, True], w32, w64, 2)
+        _w.weighted_sum(grads, outs2, add, w32, w64, 1)
         for block in (4, 8, 24):
             outs = [np.full(g.shape[1], 0.5, dtype) for g in grads]
             norms = np.empty(21)
-            assert _w.clip_sum(grads, outs, [True, False, True], rule, 3.0,
+            assert _w.clip_sum(grads, outs, add, rule, 3.0,
                                dtype == np.float64, norms, block, 2), (name, block)
             assert norms.tobytes() == norms2.tobytes()
             assert [o.tobytes() for o in outs] == [o.tobytes() for o in outs2], (name, block)

@@ -3,9 +3,11 @@
 example i's norm over every x[k][i].
 
 Each x[k] is a 2-d (B, N_k) view, each out[k] a 1-d (N_k,) view. The columns
-of all the arrays are cut into tiles of up to TILE columns of one array; a
+of all the arrays are cut into tiles of up to TILE (the two-pass weighted
+sums: SUM_TILE) columns of one array; a
 tile's float64 sums are accumulated over its rows in order, i = 0..B-1 (four
-at a time, their terms added pairwise: an order that depends on B only), and
+at a time, their terms added pairwise, or chained by FMAs in the AVX-512
+twin: an order that depends on B and the loop only), and
 each row's sum of squares is taken per tile and added in tile order. Threads
 claim whole tiles, so every output element is one thread's sum in one fixed
 order: the results are the same bits for any thread count.
@@ -61,8 +63,51 @@ cdef extern from * nogil:
             for (ptrdiff_t b = 0; b < nb; b++) acc[b] += wi * (double)xr[b * sb]; \\
         }                                                                       \\
     }
-    CC_DEFINE_WSUM(f32, float)
     CC_DEFINE_WSUM(f64, double)
+    CC_DEFINE_WSUM(f32_generic, float)
+    #ifdef CC_AVX512_PATHS
+    /* The AVX-512 twin for float32 rows of contiguous columns, four rows at a
+     * time: each row's term is chained into the sums by an FMA (an order of
+     * its own, the same for any thread count), 16 columns a step, the last
+     * step masked to the columns left. */
+    CC_AVX512 static inline void cc_wsum4_step_f32(
+            const float *x, ptrdiff_t sr, const double *w, double *acc,
+            __mmask8 m_lo, __mmask8 m_hi) {
+        __m512d lo = _mm512_maskz_loadu_pd(m_lo, acc), hi = _mm512_maskz_loadu_pd(m_hi, acc + 8);
+        for (int r = 0; r < 4; r++) {
+            const __m512d wr = _mm512_set1_pd(w[r]);
+            lo = _mm512_fmadd_pd(wr, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m_lo, x + r * sr)), lo);
+            hi = _mm512_fmadd_pd(wr, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m_hi, x + r * sr + 8)), hi);
+        }
+        _mm512_mask_storeu_pd(acc, m_lo, lo);
+        _mm512_mask_storeu_pd(acc + 8, m_hi, hi);
+    }
+    CC_AVX512 static void cc_wsum_rows4_f32_avx512(
+            const float *x, ptrdiff_t B, ptrdiff_t sr, const double *w, ptrdiff_t nb,
+            double *CC_RESTRICT acc) {
+        for (ptrdiff_t i = 0; i + 4 <= B; i += 4) {
+            ptrdiff_t b = 0;
+            for (; b + 16 <= nb; b += 16)
+                cc_wsum4_step_f32(x + i * sr + b, sr, w + i, acc + b, 0xff, 0xff);
+            if (b < nb)
+                cc_wsum4_step_f32(x + i * sr + b, sr, w + i, acc + b, cc_mask8(nb - b),
+                                  cc_mask8(nb - b - 8));
+        }
+    }
+    #endif
+    static void cc_wsum_rows_f32(const float *x, ptrdiff_t B, ptrdiff_t sr, ptrdiff_t sb,
+                                 const double *w, ptrdiff_t nb, double *CC_RESTRICT acc) {
+    #ifdef CC_AVX512_PATHS
+        const ptrdiff_t whole = B / 4 * 4;
+        if (sb == 1 && whole > 0 && cc_avx512_usable()) {
+            cc_wsum_rows4_f32_avx512(x, whole, sr, w, nb, acc);
+            x += whole * sr;
+            w += whole;
+            B -= whole;
+        }
+    #endif
+        cc_wsum_rows_f32_generic(x, B, sr, sb, w, nb, acc);
+    }
     """
     void cc_wsum_rows_f32(const float *x, Py_ssize_t B, Py_ssize_t sr, Py_ssize_t sb,
                           const double *w, Py_ssize_t nb, double *acc)
@@ -76,6 +121,9 @@ cdef enum:
     # Tiles per item of the norm passes, read a row at a time: runs of a row
     # longer than a tile's (the prefetchers' ramp-up is paid per run).
     GROUP = 8
+    # Columns per tile of the two-pass weighted sums (no norm depends on their
+    # tiles): 512 KB of float64 sums, still in L2, rows read in 256 KB runs.
+    SUM_TILE = 65536
 
 # The clip rules: example i's weight from its norm (clip_weight).
 cpdef enum:
@@ -100,7 +148,8 @@ ctypedef struct WsJob:
     Py_ssize_t n_parts, n_tiles, B, n_cols
     const double *w32       # per example: the weight of float32 parts
     const double *w64       # and of float64 parts
-    double *scratch         # weighted_sum: TILE doubles per thread of the team
+    Py_ssize_t tile         # columns per tile (the norms' partials: TILE)
+    double *scratch         # weighted_sum: a tile's doubles per thread of the team
     double *part            # n_tiles x (rows of a block) sums of squares
     double *acc             # clip_sum: the float64 sums of every column
     Py_ssize_t block        # clip_sum: rows per block (a multiple of four)
@@ -139,8 +188,8 @@ cdef inline const WsPart *tile_part(const WsJob *j, Py_ssize_t t, Py_ssize_t *b0
     """Tile t's part; b0, nb: its first column in the part and its columns."""
     cdef Py_ssize_t k = run_holding(j.firsts, j.n_parts, t)
     cdef const WsPart *p = &j.parts[k]
-    b0[0] = (t - j.firsts[k]) * TILE
-    nb[0] = p.n - b0[0] if p.n - b0[0] < TILE else TILE
+    b0[0] = (t - j.firsts[k]) * j.tile
+    nb[0] = p.n - b0[0] if p.n - b0[0] < j.tile else j.tile
     return p
 
 
@@ -213,7 +262,7 @@ cdef void ws_tile(const void *ctx, Py_ssize_t t) noexcept nogil:
     cdef const WsJob *j = <const WsJob *>ctx
     cdef Py_ssize_t b0, nb
     cdef const WsPart *p = tile_part(j, t, &b0, &nb)
-    tile_sums(j, p, b0, nb, 0, j.B, True, True, j.scratch + cc_team_rank() * TILE)
+    tile_sums(j, p, b0, nb, 0, j.B, True, True, j.scratch + cc_team_rank() * j.tile)
 
 
 cdef inline Rows block_rows(const WsJob *j, Py_ssize_t blk) noexcept nogil:
@@ -304,12 +353,13 @@ cdef int alloc_parts(WsJob *j, Py_ssize_t n) except -1:
     return 0
 
 
-cdef Py_ssize_t set_parts(WsJob *j, list xs, list outs, list add) except -1:
+cdef Py_ssize_t set_parts(WsJob *j, list xs, list outs, list add, Py_ssize_t tile) except -1:
     """j's parts for xs (and outs, or None, with add: per out, whether it is
-    added to); returns the number of elements."""
+    added to), cut into tiles of tile columns; returns the number of elements."""
     cdef Py_ssize_t k, total = 0, itemsize
     cdef cnp.ndarray x, o
     cdef WsPart *p
+    j.tile = tile
     j.n_parts = 0
     j.n_tiles = 0
     j.n_cols = 0
@@ -334,7 +384,7 @@ cdef Py_ssize_t set_parts(WsJob *j, list xs, list outs, list add) except -1:
         p.f64 = cnp.PyArray_TYPE(x) == cnp.NPY_DOUBLE
         p.at = j.n_cols
         j.firsts[j.n_parts] = j.n_tiles
-        j.n_tiles += (p.n + TILE - 1) // TILE
+        j.n_tiles += (p.n + j.tile - 1) // j.tile
         j.n_cols += p.n
         total += p.n * cnp.PyArray_DIM(x, 0)
         j.n_parts += 1
@@ -371,16 +421,16 @@ def weighted_sum(list xs, list outs, list add, const double[::1] w32, const doub
     alloc_parts(&job, len(xs))
     job.scratch = NULL
     try:
-        total = set_parts(&job, xs, outs, add)
+        total = set_parts(&job, xs, outs, add, SUM_TILE)
         if job.n_parts == 0:
             return
         job.B = w32.shape[0]
         job.w32 = &w32[0]
         job.w64 = &w64[0]
         nt = resolve_threads(total, n_threads)
-        if nt > job.n_tiles:        # run_items's team: a TILE of scratch per thread
+        if nt > job.n_tiles:        # run_items's team: a tile of scratch per thread
             nt = <int>job.n_tiles
-        job.scratch = <double *>malloc(nt * TILE * sizeof(double))
+        job.scratch = <double *>malloc(nt * job.tile * sizeof(double))
         if job.scratch == NULL:
             raise MemoryError()
         with nogil:
@@ -404,7 +454,7 @@ def row_sumsq(list xs, Py_ssize_t B, int n_threads):
     job.part = NULL
     alloc_parts(&job, len(xs))
     try:
-        total = set_parts(&job, xs, None, None)
+        total = set_parts(&job, xs, None, None, TILE)
         if job.n_parts == 0:
             return res
         job.B = B
@@ -444,7 +494,7 @@ def clip_sum(list xs, list outs, list add, int rule, double bound, bint has_f64,
     alloc_parts(&job, len(xs))
     job.part = NULL
     try:
-        total = set_parts(&job, xs, outs, add)
+        total = set_parts(&job, xs, outs, add, TILE)
         if job.n_parts == 0:
             norms[:] = 0.0
             return True

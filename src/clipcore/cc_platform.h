@@ -56,8 +56,8 @@ static inline int cc_load(const int *x) {
 }
 /* seq_cst: the plain writes before them are seen by a thread that reads what
  * they wrote (a step's results by the next step's threads, in run_steps). */
-static inline int cc_fetch_add(int *x, int v) {
-    int old;
+static inline long long cc_fetch_add(long long *x, long long v) {
+    long long old;
     _Pragma("omp atomic capture seq_cst")
     { old = *x; *x += v; }
     return old;
@@ -81,7 +81,9 @@ static inline int cc_team_size(void) { return 1; }
 static inline void cc_team_barrier(void) { }
 static inline int cc_exchange(int *x, int v) { int old = *x; *x = v; return old; }
 static inline int cc_load(const int *x) { return *x; }
-static inline int cc_fetch_add(int *x, int v) { int old = *x; *x += v; return old; }
+static inline long long cc_fetch_add(long long *x, long long v) {
+    long long old = *x; *x += v; return old;
+}
 static inline void cc_store_sync(int *x, int v) { *x = v; }
 static inline int cc_load_sync(const int *x) { return *x; }
 #endif

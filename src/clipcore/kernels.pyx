@@ -18,7 +18,7 @@ cdef extern from "cc_platform.h" nogil:
     void cc_team_barrier()
     int cc_exchange(int *x, int v)
     int cc_load(const int *x)
-    int cc_fetch_add(int *x, int v)
+    long long cc_fetch_add(long long *x, long long v)
     void cc_store_sync(int *x, int v)
     int cc_load_sync(const int *x)
     void cc_pause()
@@ -399,12 +399,13 @@ ctypedef struct Steps:              # run_steps' work, shared by its team
     int n_steps
     int step                        # the step whose items are handed out (n_steps: none)
     int rc                          # end's nonzero result
-    int *given                      # per step: items handed out (some past the count)
-    int *done                       # per step: items finished
+    long long *given                # per step: claims from the front, and from the back
+    long long *done                 # per step: items finished
 
 
 cdef enum:
     STEP_SPINS = 1000               # polls with a pause before each poll yields the core
+    BACK_SHIFT = 32                 # given's claims from the back: its bits from this one up
 
 
 cdef void end_step(Steps *st, int s) noexcept nogil:
@@ -418,10 +419,24 @@ cdef void end_step(Steps *st, int s) noexcept nogil:
         cc_store_sync(&st.step, s + 1)
 
 
+cdef inline int claim_item(long long *given, int n, bint back) noexcept nogil:
+    """A step's next item from its front or its back (one word holds both
+    ends' claims, so they never meet on one item), or -1: all handed out."""
+    cdef long long was = cc_fetch_add(given, (1LL << BACK_SHIFT) if back else 1)
+    cdef long long front = (was & ((1LL << BACK_SHIFT) - 1)) + (0 if back else 1)
+    cdef long long from_back = (was >> BACK_SHIFT) + (1 if back else 0)
+    if front + from_back > n:
+        return -1
+    return <int>(n - from_back if back else front - 1)
+
+
 cdef void team_steps(Steps *st, Team *team, int rank) noexcept nogil:
     """In every thread of a team: items of the current step, one at a time,
-    until the steps are over. No barrier: a thread woken late starts at the
-    step the others have reached, and only a step's own items hold it back."""
+    until the steps are over. Even ranks take a step's items from its first,
+    odd ranks from its last, so that a step whose items are of two kinds
+    (clip_sum's: sums from cache, then norms from memory) runs both at once.
+    No barrier: a thread woken late starts at the step the others have
+    reached, and only a step's own items hold it back."""
     cdef int s, i, n, polls
     cdef double t0
     while True:
@@ -429,12 +444,12 @@ cdef void team_steps(Steps *st, Team *team, int rank) noexcept nogil:
         if s >= st.n_steps:
             return
         n = <int>st.count(st.ctx, s)
-        i = cc_fetch_add(&st.given[s], 1)
-        if i < n:
+        i = claim_item(&st.given[s], n, rank % 2 == 1)
+        if i >= 0:
             st.fn(st.ctx, s, i)
             if cc_fetch_add(&st.done[s], 1) == n - 1:
                 end_step(st, s)
-        elif n == 0 and i == 0:
+        elif n == 0 and cc_fetch_add(&st.done[s], 1) == 0:
             end_step(st, s)
         else:                        # every item handed out: wait for the step's end
             t0 = cc_now() if rank == 0 else 0.0
@@ -464,7 +479,7 @@ cdef int run_steps(Py_ssize_t n_steps, step_count_fn count, step_fn fn, step_end
         n_threads = <int>most
     st.given = NULL
     if n_threads > 1 and n_steps < INT_MAX and most < INT_MAX - n_threads:
-        st.given = <int *>calloc(2 * n_steps, sizeof(int))
+        st.given = <long long *>calloc(2 * n_steps, sizeof(long long))
     if st.given == NULL or team_open(&team, 0, False) != 0:
         free(st.given)
         for s in range(n_steps):
