@@ -28,7 +28,9 @@ so float32 gradients whose squares overflow float32 (values beyond ~1.8e19 with
 the 2-norm), and float64 gradients whose squares or powers overflow float64
 (1e154 with the 2-norm, 2e200 with p=3.5), give the right finite norm where
 torch gives inf (and then clip them, and raise nothing with
-``error_if_nonfinite=True``). The returned norm
+``error_if_nonfinite=True``); so does a float16 gradient whose own norm exceeds
+65504 in a list of wider dtypes (torch rounds each norm to its tensor's dtype
+first). The returned norm
 has torch's dtype (float32 for float32 gradients) and the clipping
 coefficient is computed from it exactly as torch does,
 ``min(max_norm / (total_norm + 1e-6), 1)``.
