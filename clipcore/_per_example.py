@@ -319,9 +319,18 @@ def _unit_view(g, p, axes, norm_type):
 
 
 def _fused_adaptive_clip(grads, params, axes, views, clipping, eps, norm_type, nt):
-    """AGC over the arrays _unit_view accepted (views: its answers): one pass for
-    the grads' and the params' unit norms, one for the scaling; the factors are
-    computed for the whole list at once, once per dtype."""
+    """AGC over the arrays _unit_view accepted (views: its answers): float32
+    arrays with units on rows in one pass (each unit scaled right after its
+    norms); the others in one pass for the grads' and the params' unit norms
+    and one for the scaling, the factors computed for all their units at once."""
+    rows = [not v[2] and g.dtype == _F32 for g, v in zip(grads, views)]
+    if any(rows):
+        _uw.unit_clip([v[0] for v, r in zip(views, rows) if r],
+                      [v[1] for v, r in zip(views, rows) if r],
+                      _UNIT_KINDS[norm_type], clipping, eps, nt)
+    rest = [k for k, r in enumerate(rows) if not r]
+    grads, params = [grads[k] for k in rest], [params[k] for k in rest]
+    axes, views = [axes[k] for k in rest], [views[k] for k in rest]
     if not grads:
         return
     g2, p2, by_cols = [v[0] for v in views], [v[1] for v in views], tuple(v[2] for v in views)
@@ -351,11 +360,10 @@ def _range_safe(l2):
 
 
 def _agc_factor(gn, pn, t, clipping, eps):
-    """Per unit: 1 below the bound, else bound / grad norm; in the arrays' dtype t."""
-    with np.errstate(all="ignore"):
-        gn, pn = gn.astype(t), pn.astype(t)
-        max_norm = np.maximum(pn, t(eps)) * t(clipping)
-        return np.where(gn < max_norm, t(1), max_norm / np.maximum(gn, t(1e-6)))
+    """Per unit of float64 norms gn, pn (any shape): 1 below the bound, else
+    bound / grad norm; in the arrays' dtype t (clipcore._unitwise.agc_factor)."""
+    f = _uw.agc_factors(np.ravel(gn), np.ravel(pn), t == np.float64, clipping, eps)
+    return f.reshape(np.shape(gn))
 
 
 def adaptive_clip(grads, params, clipping, eps, layout, norm_type, nt):

@@ -569,6 +569,48 @@ def test_unit_reduce_rows_and_columns(kind):
     np.testing.assert_allclose(pn, factor * expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["REDUCE_SUMSQ", "REDUCE_SUMABS", "REDUCE_MAXABS"])
+def test_unit_clip_matches_the_two_passes(kind):
+    """The one-pass float32 rows (unit_clip) give the bits of the reductions,
+    the factors and the scaling done apart, at any thread count; units below,
+    above and at the bound, zero, NaN and inf among them."""
+    from clipcore import _unitwise
+    rng = np.random.default_rng(13)
+    grads = [rng.standard_normal(s).astype(np.float32) for s in [(40, 700), (3, 5), (1, 9)]]
+    params = [rng.standard_normal(g.shape).astype(np.float32) * 50 for g in grads]
+    grads[0][:10] *= 1e-3                     # well below their bounds
+    grads[0][10] = 0.0
+    grads[0][11, 3] = np.nan
+    grads[0][12, 4] = np.inf
+    params[0][13] = 0.0                       # the bound from eps
+    params[1][0] = np.nan
+    k = getattr(_unitwise, kind)
+    want = [g.copy() for g in grads]
+    gn, pn = _unitwise.unit_reduce(want, params, (False,) * 3, k, 1)
+    norm = np.sqrt if kind == "REDUCE_SUMSQ" else (lambda x: x)
+    f = _unitwise.agc_factors(norm(gn), norm(pn), False, 0.01, 1e-3)
+    counts = np.cumsum([0] + [g.shape[0] for g in grads])
+    _unitwise.unit_scale(want, [f[a:b] for a, b in zip(counts, counts[1:])], (False,) * 3, 1)
+    assert (f != 1).any() and (f == 1).any() and np.isnan(f).any()
+    for nt in THREADS:
+        got = [g.copy() for g in grads]
+        _unitwise.unit_clip(got, params, k, 0.01, 1e-3, nt)
+        assert [a.tobytes() for a in got] == [a.tobytes() for a in want], nt
+
+
+def test_agc_factors_follow_numpy_in_each_dtype():
+    from clipcore import _unitwise
+    gn = np.array([0.0, 1e-9, 0.5, 2.0, 3.0, np.inf, np.nan, 1.0, 1e30])
+    pn = np.array([1.0, 0.0, 60.0, 100.0, 100.0, 1.0, 1.0, np.nan, 1e-30])
+    for t in (np.float32, np.float64):
+        g, p = gn.astype(t), pn.astype(t)
+        with np.errstate(all="ignore"):
+            bound = np.maximum(p, t(1e-3)) * t(0.02)
+            want = np.where(g < bound, t(1), bound / np.maximum(g, t(1e-6)))
+        got = _unitwise.agc_factors(gn, pn, t is np.float64, 0.02, 1e-3)
+        assert got.dtype == t and got.tobytes() == want.tobytes(), t
+
+
 def test_adaptive_grad_clip_nan_and_none():
     g = np.array([[np.nan, 1.0], [1.0, 1.0]], np.float32)
     p = np.ones((2, 2), np.float32)

@@ -4,10 +4,12 @@ Each grad and its parameter are 2-d views with the same strides whose units
 are the rows (PyTorch's layout: output units first) or the columns (JAX's:
 units last). One team pass reads every grad and parameter once and writes
 each unit's float64 reduction of both; a second pass multiplies the units
-whose factor is not 1. Work items hold whole units (blocks of rows, tiles of
-columns), so each unit's sum is one thread's, in one order: the same bits
-for any thread count.
+whose factor (agc_factor) is not 1. For float32 units on rows, unit_clip does
+both in one pass, scaling each row while it is in cache. Work items hold whole
+units (blocks of rows, tiles of columns), so each unit's sum is one thread's,
+in one order: the same bits for any thread count.
 """
+from libc.math cimport sqrt, isnan
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
@@ -55,6 +57,36 @@ ctypedef struct UnitJob:
     int kind
     double *gn              # per unit: the grads' reductions
     double *pn              # and the params'
+    double clipping, eps    # unit_clip's AGC parameters
+
+
+cdef inline double np_maximum(double a, double b) noexcept nogil:
+    """NumPy's maximum: NaN when either is."""
+    return a if a >= b or isnan(a) else b
+
+
+cdef inline float np_maximum_f(float a, float b) noexcept nogil:
+    return a if a >= b or isnan(a) else b
+
+
+cdef double agc_factor(double gn, double pn, bint f64, double clipping,
+                       double eps) noexcept nogil:
+    """A unit's factor from its grad and param norms: 1 below the bound
+    clipping * max(pn, eps), else bound / max(gn, 1e-6); in float32 unless f64
+    (the arrays' dtype, as the frameworks compute it)."""
+    cdef double bound
+    cdef float g32, bound32
+    if f64:
+        bound = np_maximum(pn, eps) * clipping
+        return 1.0 if gn < bound else bound / np_maximum(gn, 1e-6)
+    g32 = <float>gn
+    bound32 = np_maximum_f(<float>pn, <float>eps) * <float>clipping
+    return 1.0 if g32 < bound32 else bound32 / np_maximum_f(g32, <float>1e-6)
+
+
+cdef inline double unit_norm(double r, int kind) noexcept nogil:
+    """The norm from a unit's reduction (REDUCE_*)."""
+    return sqrt(r) if kind == CC_SUMSQ else r
 
 
 cdef inline const UnitPart *part_at(const UnitJob *j, Py_ssize_t item,
@@ -130,6 +162,24 @@ cdef void scale_item(const void *ctx, Py_ssize_t item) noexcept nogil:
     else:
         cc_cols_scale_f32(<float *>g, q.R, q.sr, q.sc, <float *>q.f + i0, n, <float *>g,
                           q.sr, q.sc)
+
+
+cdef void clip_item(const void *ctx, Py_ssize_t item) noexcept nogil:
+    """unit_clip's rows of item: each row's reductions, its factor, and the
+    row scaled by it (when not 1) while it is still in cache."""
+    cdef const UnitJob *j = <const UnitJob *>ctx
+    cdef Py_ssize_t i0, i
+    cdef const UnitPart *q = part_at(j, item, &i0)
+    cdef float *g
+    cdef double s
+    for i in range(i0, min(i0 + q.per_item, q.R)):
+        g = <float *>q.g + i * q.sr
+        s = agc_factor(unit_norm(cc_reduce_one_f32(g, q.C, q.sc, j.kind, 1.0, 1.0), j.kind),
+                       unit_norm(cc_reduce_one_f32(<float *>q.p + i * q.sr, q.C, q.sc, j.kind,
+                                                   1.0, 1.0), j.kind),
+                       False, j.clipping, j.eps)
+        if s != 1.0:
+            cc_scale_f32(g, q.C, q.sc, s)
 
 
 cdef Py_ssize_t set_parts(UnitJob *j, list grads, list params, list factors,
@@ -211,3 +261,33 @@ def unit_scale(list grads, list factors, tuple by_cols, int n_threads):
     in place; units whose factor is 1 are not written."""
     cdef UnitJob j
     run_job(&j, grads, None, factors, by_cols, scale_item, n_threads)
+
+
+def unit_clip(list grads, list params, int kind, double clipping, double eps, int n_threads):
+    """AGC in place of float32 grads whose units are rows, in one pass: per row,
+    the reductions (kind: REDUCE_*) of grad and param, agc_factor of their norms,
+    and the row scaled by it where it is not 1, as unit_reduce, agc_factors and
+    unit_scale would (the same bits). grads[k], params[k]: 2-d aligned native
+    float32 arrays of one shape and strides, no dimension of length 0."""
+    cdef UnitJob j
+    j.kind = kind
+    j.clipping = clipping
+    j.eps = eps
+    run_job(&j, grads, params, None, (False,) * len(grads), clip_item, n_threads)
+
+
+def agc_factors(const double[::1] gn, const double[::1] pn, bint f64, double clipping,
+                double eps):
+    """agc_factor of every unit, from float64 norms: a float64 (f64) or float32 array."""
+    cdef Py_ssize_t i, n = gn.shape[0]
+    if pn.shape[0] != n:
+        raise ValueError(f"{n} grad norms but {pn.shape[0]} param norms")
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, [n], cnp.NPY_DOUBLE if f64 else cnp.NPY_FLOAT, 0)
+    cdef double *o64 = <double *>cnp.PyArray_DATA(out)
+    cdef float *o32 = <float *>cnp.PyArray_DATA(out)
+    for i in range(n):
+        if f64:
+            o64[i] = agc_factor(gn[i], pn[i], True, clipping, eps)
+        else:
+            o32[i] = <float>agc_factor(gn[i], pn[i], False, clipping, eps)
+    return out
