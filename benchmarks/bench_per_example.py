@@ -18,7 +18,8 @@
 (b) clipcore.torch.adaptive_clip_grad_ against timm's adaptive_clip_grad loop
     written out in torch ops, on ResNet-50's and GPT-2's parameter shapes
     (clipcore.workloads; params and grads random float32, grads restored
-    before every call, outside the timing).
+    before every call, outside the timing), and the ceiling of a read pass
+    (the params) plus a read-write pass (the grads) over the list's bytes.
 
 Medians of repeated calls, the per-example cases called in turn (ratios:
 medians of pairs, with their ranges); AGC at all threads (torch.get_num_threads()).
@@ -180,9 +181,18 @@ def bench_agc(workload, reps):
 
     t_timm = median_time(lambda: timm_adaptive_clip_grad(params, 0.01), reps, restore)
     t_cc = median_time(lambda: clipcore.torch.adaptive_clip_grad_(params, 0.01), reps, restore)
+    # What AGC must move at least: the params read, the grads read and written
+    # (every unit clipped: the most a clip may write).
+    buf = np.ones(nbytes // 4, np.float32)
+    threads = torch.get_num_threads()
+    read = statistics.median(bandwidth_probe(buf, threads, read=True)[0] for _ in range(5))
+    rw = statistics.median(bandwidth_probe(buf, threads, read=False)[1] for _ in range(5))
+    floor = read + rw
     print(f"AGC {workload:9s} {len(params):4d} tensors {nbytes / 1e6:7.1f} MB per list | "
           f"timm loop {t_timm * 1e3:8.2f} ms clipcore.torch {t_cc * 1e3:8.2f} ms "
-          f"({t_timm / t_cc:4.1f}x)", flush=True)
+          f"({t_timm / t_cc:4.1f}x) | ceiling: a read + a read-write pass {floor * 1e3:8.2f} ms "
+          f"(clipcore {floor / t_cc:4.2f} of it; timm / ceiling {t_timm / floor:4.1f}x: "
+          f"the most any AGC can gain)", flush=True)
 
 
 def main():
