@@ -183,11 +183,7 @@ def bench_agc(workload, reps):
     t_cc = median_time(lambda: clipcore.torch.adaptive_clip_grad_(params, 0.01), reps, restore)
     # What AGC must move at least: the params read, the grads read and written
     # (every unit clipped: the most a clip may write).
-    buf = np.ones(nbytes // 4, np.float32)
-    threads = torch.get_num_threads()
-    read = statistics.median(bandwidth_probe(buf, threads, read=True)[0] for _ in range(5))
-    rw = statistics.median(bandwidth_probe(buf, threads, read=False)[1] for _ in range(5))
-    floor = read + rw
+    _, floor = ceilings(nbytes, nbytes, torch.get_num_threads())
     print(f"AGC {workload:9s} {len(params):4d} tensors {nbytes / 1e6:7.1f} MB per list | "
           f"timm loop {t_timm * 1e3:8.2f} ms clipcore.torch {t_cc * 1e3:8.2f} ms "
           f"({t_timm / t_cc:4.1f}x) | ceiling: a read + a read-write pass {floor * 1e3:8.2f} ms "
