@@ -1,13 +1,13 @@
 """Which variant of the streaming loops runs on this machine, and why.
 
 The kernels have run-time choices (``kernels.get_tuning()``): software prefetch
-on or off, the direction of the scaling pass, the hand-written AVX-512 loops,
+on or off (for the 16-bit loops apart), the direction of the scaling pass, the hand-written AVX-512 loops,
 and the size from which ``n_threads=None`` goes parallel. What is fastest
 depends on the CPU (a prefetch distance tuned on one server CPU slows another
 by a quarter), so they are chosen here, once per process, at import:
 
 1. ``CLIPCORE_KERNELS`` in the environment forces choices, e.g.
-   ``prefetch=0,scale_backward=0,twins=1,parallel_min=655360``; ``table``
+   ``prefetch=0,scale_backward=0,twins=1,prefetch16=1,parallel_min=655360``; ``table``
    skips the calibration, ``calibrate`` runs it again and rewrites the cache.
 2. Otherwise a cached calibration for this CPU model and clipcore version
    (``$XDG_CACHE_HOME/clipcore/tuning.json``, or ``~/.cache/...``).
@@ -30,22 +30,25 @@ import numpy as np
 from clipcore import kernels
 
 # 2: version 1's entries on AMD kept a crossover that a busy machine had left at the table's.
-CACHE_VERSION = 2
+# 3: prefetch16.
+CACHE_VERSION = 3
 ENV = "CLIPCORE_KERNELS"
-KNOBS = ("prefetch", "scale_backward", "twins", "parallel_min")
+KNOBS = ("prefetch", "scale_backward", "twins", "prefetch16", "parallel_min")
 
 # Per vendor, what measurements on this project's machines chose: the Intel
 # Xeon VM (Sapphire Rapids) runs fastest with prefetching and the backward
-# scaling pass, the AMD EPYC VM (Zen 4) with neither (its hardware
-# prefetchers do better alone), and there two threads win from 512 KiB lists
-# up. Elsewhere the plain loops are the safe guess.
+# scaling pass, the AMD EPYC VM (Zen 4) with neither for 32- and 64-bit
+# types (its hardware prefetchers do better alone) but with prefetching for
+# 16-bit ones (there they fall behind), and there two threads win from
+# 512 KiB lists up. Elsewhere the plain loops are the safe guess.
 TABLE = {
     "GenuineIntel": {"prefetch": True, "scale_backward": True, "twins": True,
-                     "parallel_min": 655360},
+                     "prefetch16": True, "parallel_min": 655360},
     "AuthenticAMD": {"prefetch": False, "scale_backward": False, "twins": True,
-                     "parallel_min": 131072},
+                     "prefetch16": True, "parallel_min": 131072},
 }
-DEFAULT = {"prefetch": False, "scale_backward": False, "twins": True, "parallel_min": 655360}
+DEFAULT = {"prefetch": False, "scale_backward": False, "twins": True, "prefetch16": False,
+           "parallel_min": 655360}
 
 # What this process runs with and why (set by apply()).
 chosen = {}
@@ -151,8 +154,8 @@ def _median_time(fn, reps):
 def calibrate(budget=0.6):
     """Time the loop variants on this machine; the fastest choices (a dict).
 
-    One thread clips a 40 MB list (beyond most L2s) with each variant in turn,
-    interleaved, and a variant is kept only when it wins by more than 3% in
+    One thread clips a 40 MB list (beyond most L2s; float16 for prefetch16,
+    float32 for the others) with each variant in turn, interleaved, and a variant is kept only when it wins by more than 3% in
     every one of three rounds (else the vendor's table stands: a busy machine
     must not overrule it); then the default policy's crossover is the
     smallest list that two threads clip 5% faster than one, on data written
@@ -165,8 +168,9 @@ def calibrate(budget=0.6):
     choice = dict(TABLE.get(vendor, DEFAULT))
     saved = kernels.get_tuning()
     try:
-        plan = Plan([np.ones(10 << 20, np.float32)], n_threads=1)
-        for knob in ("prefetch", "scale_backward"):
+        for knob, dtype in (("prefetch", np.float32), ("scale_backward", np.float32),
+                            ("prefetch16", np.float16)):
+            plan = Plan([np.ones((40 << 20) // np.dtype(dtype).itemsize, dtype)], n_threads=1)
             ratios = []                       # time with the knob on / off, per round
             for _ in range(3):
                 seconds = {}

@@ -13,8 +13,9 @@ import pytest
 import clipcore
 from clipcore import _tuning, kernels
 
-VARIANTS = [dict(prefetch=p, scale_backward=b, twins=t)
-            for p in (False, True) for b in (False, True) for t in (False, True)]
+VARIANTS = [dict(prefetch=p, scale_backward=b, twins=t, prefetch16=h)
+            for p in (False, True) for b in (False, True) for t in (False, True)
+            for h in (False, True)]
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def many_small(rng):
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(
     f"{k}{int(x)}" for k, x in v.items()))
 def test_every_variant_gives_the_same_bits_at_every_thread_count(variant, restore_tuning):
-    kernels.set_tuning(prefetch=True, scale_backward=True, twins=True)
+    kernels.set_tuning(prefetch=True, scale_backward=True, twins=True, prefetch16=True)
     reference = outputs(1)
     kernels.set_tuning(**variant)
     for n_threads in (1, 2, 7):
@@ -79,7 +80,7 @@ def test_every_variant_gives_the_same_bits_at_every_thread_count(variant, restor
 
 
 def test_results_match_a_float64_reference_in_a_variant(restore_tuning):
-    kernels.set_tuning(prefetch=False, scale_backward=False, twins=False)
+    kernels.set_tuning(prefetch=False, scale_backward=False, twins=False, prefetch16=False)
     x = np.random.default_rng(1).standard_normal(1 << 20).astype(np.float32)
     ref = np.sqrt(np.sum(x.astype(np.float64) ** 2))
     assert clipcore.global_norm([x], n_threads=2) == pytest.approx(ref, rel=1e-12)
@@ -94,9 +95,11 @@ def run(code, **env):
 def test_environment_forces_every_choice(tmp_path):
     out = run("import clipcore, json; print(json.dumps(clipcore.kernels.get_tuning()));"
               "clipcore.show_config()", XDG_CACHE_HOME=str(tmp_path),
-              CLIPCORE_KERNELS="prefetch=1,scale_backward=0,twins=0,parallel_min=12345")
+              CLIPCORE_KERNELS="prefetch=1,scale_backward=0,twins=0,prefetch16=0,"
+                               "parallel_min=12345")
     assert json.loads(out.stdout.splitlines()[0]) == {
-        "prefetch": True, "scale_backward": False, "twins": False, "parallel_min": 12345}
+        "prefetch": True, "scale_backward": False, "twins": False, "prefetch16": False,
+        "parallel_min": 12345}
     assert "from CLIPCORE_KERNELS=" in out.stdout
     assert not (tmp_path / "clipcore").exists()         # nothing calibrated, nothing cached
 
@@ -144,7 +147,8 @@ def test_a_cached_choice_is_applied(tmp_path):
     path.parent.mkdir()
     key = run("import clipcore; print(clipcore._tuning.cache_key())",
               XDG_CACHE_HOME=str(tmp_path), CLIPCORE_KERNELS="table").stdout.strip()
-    choice = {"prefetch": True, "scale_backward": False, "twins": False, "parallel_min": 999}
+    choice = {"prefetch": True, "scale_backward": False, "twins": False, "prefetch16": True,
+              "parallel_min": 999}
     path.write_text(json.dumps({"version": _tuning.CACHE_VERSION, "machines": {key: choice}}))
     out = run("import clipcore, json; print(json.dumps(clipcore.kernels.get_tuning()))",
               XDG_CACHE_HOME=str(tmp_path), CLIPCORE_KERNELS="")
@@ -178,6 +182,23 @@ def test_interrupted_calibration_leaves_the_table_and_caches_nothing(tmp_path, m
     vendor, _ = _tuning.cpu_identity()
     assert kernels.get_tuning() == _tuning.TABLE.get(vendor, _tuning.DEFAULT)
     assert not (tmp_path / "clipcore").exists()
+
+
+@pytest.mark.parametrize("knob", ["prefetch", "scale_backward", "prefetch16"])
+@pytest.mark.parametrize("faster", [False, True])
+def test_calibration_keeps_a_variant_that_wins_every_round(monkeypatch, restore_tuning,
+                                                           knob, faster):
+    # A timer under which only `knob` matters, and its `faster` value wins by
+    # 10%: calibration must find it whatever the table says; every other knob
+    # ties and keeps the table's value.
+    def timed(fn, reps):
+        return 0.9 if kernels.get_tuning()[knob] == faster else 1.0
+    monkeypatch.setattr(_tuning, "_median_time", timed)
+    monkeypatch.setattr(kernels, "max_threads", lambda: 1)       # no crossover search
+    vendor, _ = _tuning.cpu_identity()
+    table = _tuning.TABLE.get(vendor, _tuning.DEFAULT)
+    choice = _tuning.calibrate(budget=60)
+    assert choice == {**table, knob: faster}
 
 
 def test_calibration_stays_within_its_budget(restore_tuning):

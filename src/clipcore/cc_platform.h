@@ -134,8 +134,10 @@ static inline int cc_in_forked_child(void) { return cc_forked; }
 enum { CC_TUNE_PREFETCH = 0,      /* software prefetch in the streaming loops */
        CC_TUNE_SCALE_BACKWARD = 1, /* the scaling pass runs a thread's chunks last first */
        CC_TUNE_TWINS = 2,         /* the hand-written AVX-512 loops, where the CPU has them */
-       CC_TUNE_COUNT = 3 };
-CC_UNUSED static int cc_tuning_table[CC_TUNE_COUNT] = { 1, 1, 1 };
+       CC_TUNE_PREFETCH16 = 3,    /* the prefetch in the 16-bit loops, which do twice the
+                                     work per byte and may need it where wider types do not */
+       CC_TUNE_COUNT = 4 };
+CC_UNUSED static int cc_tuning_table[CC_TUNE_COUNT] = { 1, 1, 1, 1 };
 CC_UNUSED static int *cc_tuning = cc_tuning_table;
 static inline int *cc_own_tuning(void) { return cc_tuning_table; }
 static inline void cc_use_tuning(int *table) { cc_tuning = table; }
@@ -209,10 +211,13 @@ static inline cc_fpmode cc_fp_set(cc_fpmode mode) { (void)mode; return 0; }
 #define CC_PREFETCH_LINE_ALWAYS(p)                                             \
     { CC_PREFETCH((const char *)(p) + CC_PREFETCH_BYTES);                      \
       CC_PREFETCH_L2((const char *)(p) + CC_PREFETCH_L2_BYTES); }
+/* The prefetch choice for the elements p points to. */
+#define CC_PREFETCHING(p)                                                      \
+    cc_tuning[sizeof *(p) == 2 ? CC_TUNE_PREFETCH16 : CC_TUNE_PREFETCH]
 #define CC_PREFETCH_LINE(p)                                                    \
-    { if (cc_tuning[CC_TUNE_PREFETCH]) CC_PREFETCH_LINE_ALWAYS(p) }
+    { if (CC_PREFETCHING(p)) CC_PREFETCH_LINE_ALWAYS(p) }
 #define CC_PREFETCH_AHEAD(p, bytes)                                            \
-    { if (cc_tuning[CC_TUNE_PREFETCH])                                         \
+    { if (CC_PREFETCHING(p))                                                   \
           for (int line_ = 0; line_ < (int)(bytes); line_ += 64)               \
               CC_PREFETCH_LINE_ALWAYS((const char *)(p) + line_) }
 /* for (i = 0; i < n; i++) BODY over a contiguous array of T at base, in

@@ -25,7 +25,7 @@ cdef extern from "cc_platform.h" nogil:
     void cc_yield()
     int cc_install_fork_guard()
     int cc_in_forked_child()
-    enum: CC_TUNE_PREFETCH, CC_TUNE_SCALE_BACKWARD, CC_TUNE_TWINS, CC_TUNE_COUNT
+    enum: CC_TUNE_PREFETCH, CC_TUNE_SCALE_BACKWARD, CC_TUNE_TWINS, CC_TUNE_PREFETCH16, CC_TUNE_COUNT
     int *cc_own_tuning()
     ctypedef unsigned long long cc_fpmode
     cc_fpmode CC_FP_FLUSH
@@ -914,10 +914,12 @@ def get_tuning():
     return {"prefetch": bool(t[CC_TUNE_PREFETCH]),
             "scale_backward": bool(t[CC_TUNE_SCALE_BACKWARD]),
             "twins": bool(t[CC_TUNE_TWINS]),
+            "prefetch16": bool(t[CC_TUNE_PREFETCH16]),
             "parallel_min": int(_auto_parallel_min)}
 
 
-def set_tuning(*, prefetch=None, scale_backward=None, twins=None, parallel_min=None):
+def set_tuning(*, prefetch=None, scale_backward=None, twins=None, prefetch16=None,
+               parallel_min=None):
     """Set some of get_tuning()'s choices (clipcore._tuning; results keep their bits
     whatever is chosen, except that the loops differ in speed)."""
     global _auto_parallel_min
@@ -927,7 +929,7 @@ def set_tuning(*, prefetch=None, scale_backward=None, twins=None, parallel_min=N
             raise ValueError(f"parallel_min must be >= 0, got {parallel_min}")
         _auto_parallel_min = parallel_min
     for flag, value in ((CC_TUNE_PREFETCH, prefetch), (CC_TUNE_SCALE_BACKWARD, scale_backward),
-                        (CC_TUNE_TWINS, twins)):
+                        (CC_TUNE_TWINS, twins), (CC_TUNE_PREFETCH16, prefetch16)):
         if value is not None:
             t[flag] = 1 if value else 0
 
