@@ -1,14 +1,15 @@
 """Which variant of the streaming loops runs on this machine, and why.
 
 The kernels have run-time choices (``kernels.get_tuning()``): software prefetch
-on or off (for the 16-bit loops apart), the direction of the scaling pass, the hand-written AVX-512 loops,
-and the size from which ``n_threads=None`` goes parallel. What is fastest
+on or off (for the 16-bit loops apart), the direction of the scaling pass, the
+hand-written AVX-512 loops, and the size from which ``n_threads=None`` goes
+parallel. What is fastest
 depends on the CPU (a prefetch distance tuned on one server CPU slows another
 by a quarter), so they are chosen here, once per process, at import:
 
 1. ``CLIPCORE_KERNELS`` in the environment forces choices, e.g.
-   ``prefetch=0,scale_backward=0,twins=1,prefetch16=1,parallel_min=655360``; ``table``
-   skips the calibration, ``calibrate`` runs it again and rewrites the cache.
+   ``prefetch=0,scale_backward=0,twins=1,prefetch16=1,parallel_min=655360``;
+   ``table`` skips the calibration, ``calibrate`` runs it again and rewrites the cache.
 2. Otherwise a cached calibration for this CPU model and clipcore version
    (``$XDG_CACHE_HOME/clipcore/tuning.json``, or ``~/.cache/...``).
 3. Otherwise a short calibration (well under a second) runs and is cached; a
@@ -155,8 +156,9 @@ def calibrate(budget=0.6):
     """Time the loop variants on this machine; the fastest choices (a dict).
 
     One thread clips a 40 MB list (beyond most L2s; float16 for prefetch16,
-    float32 for the others) with each variant in turn, interleaved, and a variant is kept only when it wins by more than 3% in
-    every one of three rounds (else the vendor's table stands: a busy machine
+    float32 for the others) with each variant in turn, interleaved, and a
+    variant is kept only when it wins by more than 3% in every one of three
+    rounds (else the vendor's table stands: a busy machine
     must not overrule it); then the default policy's crossover is the
     smallest list that two threads clip 5% faster than one, on data written
     just before each call (as a training step writes its gradients). Stops
