@@ -412,6 +412,20 @@ def adaptive_clip(grads, params, clipping, eps, layout, norm_type, nt):
     return grads
 
 
+def adaptive_clip_memory(grads, params, rows, lengths, clipping, eps, norm_type, nt):
+    """AGC in place over contiguous float32 buffers by address, units on rows
+    (clipcore._unitwise.unit_clip_memory: an adapter's buffers, checked by it
+    and kept alive), as adaptive_clip runs such arrays; False, nothing
+    written, where adaptive_clip must take the call (another p-norm, or a
+    grad that shares memory, which it names)."""
+    clipping = as_scalar(clipping, "clipping")
+    eps = as_scalar(eps, "eps")
+    if norm_type not in _UNIT_KINDS:
+        return False
+    return _uw.unit_clip_memory(grads, params, rows, lengths, _UNIT_KINDS[norm_type], clipping,
+                                eps, nt)
+
+
 def adaptive_grad_clip_(grads, params, clipping, eps=1e-3, *, n_threads=None):
     """Adaptive gradient clipping in place, unit-wise, as optax's ``adaptive_grad_clip``.
 

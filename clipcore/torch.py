@@ -628,9 +628,24 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
             and all(map(_fast_tensor, params))):
         return _adaptive_clip_grad_torch(params, clip_factor, eps, norm_type)
     nt = _threads(n_threads)
-    _per_example.adaptive_clip(grads, [p.detach() for p in params], clip_factor, eps,
-                               "torch", norm_type, nt)
+    if not _adaptive_clip_memory(grads, params, clip_factor, eps, norm_type, nt):
+        _per_example.adaptive_clip(grads, [p.detach() for p in params], clip_factor, eps,
+                                   "torch", norm_type, nt)
     return None
+
+
+def _adaptive_clip_memory(grads, params, clip_factor, eps, norm_type, nt):
+    """AGC straight from the tensors' memory when every grad and param is a
+    contiguous float32 tensor of one shape (no NumPy view of each: that costs
+    more than clipping a small one); False, nothing written, otherwise."""
+    g, p = _memory(grads, _lists.FOR_SCALE), _memory(params, _lists.FOR_NORM)
+    if (not (isinstance(g, tuple) and isinstance(p, tuple))
+            or any(k != _lists.KIND_F32 for k in g[2] + p[2])
+            or any(a.shape != b.shape for a, b in zip(grads, params))):
+        return False
+    rows = [a.shape[0] if a.dim() > 1 else 1 for a in grads]
+    return _per_example.adaptive_clip_memory(g[0], p[0], rows, g[1], clip_factor, eps,
+                                             norm_type, nt)
 
 
 # --- torch.compile: the four functions as custom ops -------------------------------------

@@ -695,3 +695,88 @@ def test_adaptive_clip_grad_torch_fallback_and_skips():
     np.testing.assert_allclose(p.grad.float().numpy(), 0.01, rtol=1e-2)
     with pytest.raises(ValueError, match="norm_type"):
         clipcore.torch.adaptive_clip_grad_([p], 0.01, norm_type=0)
+
+
+def _float32_agc_params(torch, shapes, seed=4):
+    rng = np.random.default_rng(seed)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.from_numpy(np.asarray(rng.standard_normal(s), np.float32)))
+        p.grad = torch.from_numpy(np.asarray(rng.standard_normal(s)
+                                             * rng.choice([1e-4, 0.3], size=s), np.float32))
+        params.append(p)
+    return params
+
+
+@pytest.mark.requires_torch
+@pytest.mark.parametrize("n_threads", [1, 2, 7])
+def test_adaptive_clip_grad_torch_from_memory_gives_the_checked_paths_bits(monkeypatch,
+                                                                             n_threads):
+    # Contiguous float32 tensors are clipped from their memory, without the
+    # checked path (which must not be called), to the bits that path gives.
+    import torch
+    import clipcore.torch
+    from clipcore import _per_example
+    shapes = [(8, 3, 3, 3), (8,), (300, 70), (1, 5), (5, 1), (), (0, 3), (2, 0)]
+    fast, checked = _float32_agc_params(torch, shapes), _float32_agc_params(torch, shapes)
+
+    def refused(*args):
+        raise AssertionError("the checked path ran")
+    with monkeypatch.context() as m:
+        m.setattr(_per_example, "adaptive_clip", refused)
+        clipcore.torch.adaptive_clip_grad_(fast, 0.05, n_threads=n_threads)
+    monkeypatch.setattr(clipcore.torch, "_adaptive_clip_memory", lambda *args: False)
+    clipcore.torch.adaptive_clip_grad_(checked, 0.05, n_threads=n_threads)
+    assert any(not torch.equal(a.grad, b.grad) for a, b in
+               zip(fast, _float32_agc_params(torch, shapes)))       # something was clipped
+    for a, b in zip(fast, checked):
+        assert a.grad.numpy().tobytes() == b.grad.numpy().tobytes()
+
+
+@pytest.mark.requires_torch
+@pytest.mark.parametrize("case", ["grad on its param", "grads overlap"])
+def test_adaptive_clip_grad_torch_shared_grads_raise_and_write_nothing(case):
+    import torch
+    import clipcore.torch
+    params = _float32_agc_params(torch, [(4, 5), (4, 5), (3,)])
+    with torch.no_grad():
+        if case == "grad on its param":
+            params[1].grad = params[1].detach()
+        else:
+            base = torch.rand(30)
+            params[0].grad, params[1].grad = base[:20].view(4, 5), base[10:].view(4, 5)
+    before = [p.grad.clone() for p in params] + [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"grads\[\d\] (shares|and grads\[\d\] share) memory"):
+        clipcore.torch.adaptive_clip_grad_(params, 1e-4)
+    after = [p.grad for p in params] + [p.detach() for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.requires_torch
+def test_adaptive_clip_grad_torch_params_may_share_memory(monkeypatch):
+    # Parameters are only read: two that share memory still take the fast path.
+    import torch
+    import clipcore.torch
+    from clipcore import _per_example
+    base = torch.randn(40)
+    params = [torch.nn.Parameter(base[:20].view(4, 5)), torch.nn.Parameter(base[10:30].view(4, 5))]
+    for p in params:
+        p.grad = torch.full((4, 5), 10.0)
+    monkeypatch.setattr(_per_example, "adaptive_clip", None)        # not called
+    clipcore.torch.adaptive_clip_grad_(params, 0.01)
+    for p in params:
+        pn = p.detach().norm(dim=1, keepdim=True).clamp(min=1e-3) * 0.01
+        np.testing.assert_allclose(p.grad.norm(dim=1, keepdim=True).numpy(), pn.numpy(),
+                                   rtol=1e-6)
+
+
+def test_unit_clip_memory_refuses_rows_that_do_not_divide():
+    from clipcore import _unitwise
+    g, p = np.ones(10, np.float32), np.ones(10, np.float32)
+    with pytest.raises(ValueError, match="10 values in 3 rows"):
+        _unitwise.unit_clip_memory([g.ctypes.data], [p.ctypes.data], [3], [10],
+                                   _unitwise.REDUCE_SUMSQ, 0.01, 1e-3, 1)
+    with pytest.raises(ValueError, match="unequal"):
+        _unitwise.unit_clip_memory([g.ctypes.data], [], [1], [10],
+                                   _unitwise.REDUCE_SUMSQ, 0.01, 1e-3, 1)
+    assert (g == 1).all()

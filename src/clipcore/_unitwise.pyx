@@ -10,7 +10,7 @@ units (blocks of rows, tiles of columns), so each unit's sum is one thread's,
 in one order: the same bits for any thread count.
 """
 from libc.math cimport sqrt, isnan
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, free, qsort
 cimport numpy as cnp
 
 from clipcore.kernels cimport (chunk_fn, resolve_threads, run_holding, run_items, tuning_table,
@@ -182,53 +182,65 @@ cdef void clip_item(const void *ctx, Py_ssize_t item) noexcept nogil:
             cc_scale_f32(g, q.C, q.sc, s)
 
 
-cdef Py_ssize_t set_parts(UnitJob *j, list grads, list params, list factors,
-                          tuple by_cols) except -1:
-    """j's parts, one per (grad, param or factors) pair; returns the grads' elements."""
-    cdef Py_ssize_t k, size, units = 0, items = 0, total = 0
-    cdef cnp.ndarray g, p
-    cdef UnitPart *q
+cdef void fill_part(UnitPart *q, char *g, char *p, char *f, Py_ssize_t R, Py_ssize_t C,
+                    Py_ssize_t sr, Py_ssize_t sc, bint f64, bint by_cols) noexcept:
+    q.g, q.p, q.f = g, p, f
+    q.R, q.C, q.sr, q.sc = R, C, sr, sc
+    q.f64 = f64
+    q.by_cols = by_cols
+    q.per_item = COLS_TILE if by_cols else max(1, ITEM_ELEMENTS // max(1, C))
+
+
+cdef int set_parts(UnitJob *j, list grads, list params, list factors,
+                   tuple by_cols) except -1:
+    """j's parts, one per (grad, param or factors) pair of arrays."""
+    cdef Py_ssize_t k, size
+    cdef cnp.ndarray g
     for k in range(j.n_parts):
         g = <cnp.ndarray>grads[k]
-        q = &j.parts[k]
         size = cnp.PyArray_ITEMSIZE(g)
-        q.g = <char *>cnp.PyArray_DATA(g)
-        q.p = <char *>cnp.PyArray_DATA(<cnp.ndarray>params[k]) if params is not None else NULL
-        q.f = <char *>cnp.PyArray_DATA(<cnp.ndarray>factors[k]) if factors is not None else NULL
-        q.R = cnp.PyArray_DIM(g, 0)
-        q.C = cnp.PyArray_DIM(g, 1)
-        q.sr = cnp.PyArray_STRIDE(g, 0) // size
-        q.sc = cnp.PyArray_STRIDE(g, 1) // size
-        q.f64 = size == 8
-        q.by_cols = by_cols[k]
-        if q.by_cols:
-            q.per_item = COLS_TILE
-            n_items = (q.C + COLS_TILE - 1) // COLS_TILE
-        else:
-            q.per_item = max(1, ITEM_ELEMENTS // max(1, q.C))
-            n_items = (q.R + q.per_item - 1) // q.per_item
+        fill_part(&j.parts[k], <char *>cnp.PyArray_DATA(g),
+                  <char *>cnp.PyArray_DATA(<cnp.ndarray>params[k]) if params is not None else NULL,
+                  <char *>cnp.PyArray_DATA(<cnp.ndarray>factors[k]) if factors is not None else NULL,
+                  cnp.PyArray_DIM(g, 0), cnp.PyArray_DIM(g, 1),
+                  cnp.PyArray_STRIDE(g, 0) // size, cnp.PyArray_STRIDE(g, 1) // size,
+                  size == 8, by_cols[k])
+    return 0
+
+
+cdef int open_parts(UnitJob *j, Py_ssize_t n_parts) except -1:
+    """Room for n_parts parts (free j.parts after)."""
+    j.n_parts = n_parts
+    j.parts = <UnitPart *>malloc((n_parts + 1) * (sizeof(UnitPart) + sizeof(Py_ssize_t)))
+    if j.parts == NULL:
+        raise MemoryError()
+    j.firsts = <Py_ssize_t *>(j.parts + n_parts + 1)
+    return 0
+
+
+cdef void run_parts(UnitJob *j, chunk_fn fn, int n_threads) noexcept nogil:
+    """fn over every item of j's filled parts (numbered here: items and units in order)."""
+    cdef Py_ssize_t k, units = 0, items = 0, total = 0
+    cdef UnitPart *q
+    for k in range(j.n_parts):
+        q = &j.parts[k]
         j.firsts[k] = items
         q.unit0 = units
-        items += n_items
+        items += ((q.C if q.by_cols else q.R) + q.per_item - 1) // q.per_item
         units += q.C if q.by_cols else q.R
         total += q.R * q.C
     j.n_items = items
-    return total
+    run_items(items, fn, j, resolve_threads(total, n_threads))
 
 
 cdef int run_job(UnitJob *j, list grads, list params, list factors, tuple by_cols,
                  chunk_fn fn, int n_threads) except -1:
     """fn over every item of j's parts (grads with params or factors)."""
-    cdef Py_ssize_t total
-    j.n_parts = len(grads)
-    j.parts = <UnitPart *>malloc((j.n_parts + 1) * (sizeof(UnitPart) + sizeof(Py_ssize_t)))
-    if j.parts == NULL:
-        raise MemoryError()
-    j.firsts = <Py_ssize_t *>(j.parts + j.n_parts + 1)
+    open_parts(j, len(grads))
     try:
-        total = set_parts(j, grads, params, factors, by_cols)
+        set_parts(j, grads, params, factors, by_cols)
         with nogil:
-            run_items(j.n_items, fn, j, resolve_threads(total, n_threads))
+            run_parts(j, fn, n_threads)
     finally:
         free(j.parts)
     return 0
@@ -274,6 +286,76 @@ def unit_clip(list grads, list params, int kind, double clipping, double eps, in
     j.clipping = clipping
     j.eps = eps
     run_job(&j, grads, params, None, (False,) * len(grads), clip_item, n_threads)
+
+
+ctypedef struct Span:
+    size_t lo, hi
+    bint grad
+
+
+cdef int span_order(const void *a, const void *b) noexcept nogil:
+    cdef size_t x = (<const Span *>a).lo, y = (<const Span *>b).lo
+    return (x > y) - (x < y)
+
+
+cdef bint grads_apart(Span *spans, Py_ssize_t n) noexcept nogil:
+    """True when no grad's span meets another span (params may meet each other)."""
+    cdef Py_ssize_t i
+    cdef size_t any_hi = 0, grad_hi = 0
+    qsort(spans, n, sizeof(Span), span_order)
+    for i in range(n):              # the spans before i that reach past its start
+        if (any_hi if spans[i].grad else grad_hi) > spans[i].lo:
+            return False
+        any_hi = max(any_hi, spans[i].hi)
+        if spans[i].grad:
+            grad_hi = max(grad_hi, spans[i].hi)
+    return True
+
+
+def unit_clip_memory(list grads, list params, list rows, list lengths, int kind,
+                     double clipping, double eps, int n_threads):
+    """unit_clip over contiguous float32 buffers given by address, for an
+    adapter that has checked them and keeps them alive (clipcore.torch):
+    grads[k] and params[k] hold lengths[k] values, rows[k] units of
+    lengths[k] // rows[k]. Returns False, writing nothing, when a grad's
+    memory meets another grad's or a param's (the adapter's checked path then
+    names them); else True."""
+    cdef Py_ssize_t n = len(grads), k, m = 0, length, r
+    cdef UnitJob j
+    cdef Span *spans
+    cdef bint apart = False
+    if not (len(params) == len(rows) == len(lengths) == n):
+        raise ValueError("unit_clip_memory: lists of unequal lengths")
+    open_parts(&j, n)
+    spans = <Span *>malloc((2 * n + 1) * sizeof(Span))
+    try:
+        if spans == NULL:
+            raise MemoryError()
+        for k in range(n):
+            length, r = lengths[k], rows[k]
+            if length == 0:
+                continue
+            if r <= 0 or length % r:
+                raise ValueError(f"unit_clip_memory: {length} values in {r} rows")
+            spans[2 * m].lo, spans[2 * m].grad = <size_t>grads[k], True
+            spans[2 * m + 1].lo, spans[2 * m + 1].grad = <size_t>params[k], False
+            spans[2 * m].hi = spans[2 * m].lo + 4 * length
+            spans[2 * m + 1].hi = spans[2 * m + 1].lo + 4 * length
+            fill_part(&j.parts[m], <char *><size_t>grads[k], <char *><size_t>params[k], NULL,
+                      r, length // r, length // r, 1, False, False)
+            m += 1
+        j.n_parts = m
+        j.kind = kind
+        j.clipping = clipping
+        j.eps = eps
+        with nogil:
+            apart = grads_apart(spans, 2 * m)
+            if apart:
+                run_parts(&j, clip_item, n_threads)
+    finally:
+        free(spans)
+        free(j.parts)
+    return apart
 
 
 def agc_factors(const double[::1] gn, const double[::1] pn, bint f64, double clipping,
