@@ -780,3 +780,52 @@ def test_unit_clip_memory_refuses_rows_that_do_not_divide():
         _unitwise.unit_clip_memory([g.ctypes.data], [], [1], [10],
                                    _unitwise.REDUCE_SUMSQ, 0.01, 1e-3, 1)
     assert (g == 1).all()
+
+
+@pytest.mark.requires_torch
+def test_adaptive_clip_grad_torch_from_memory_as_the_checked_path_on_drawn_lists():
+    # Drawn shapes, values (zeros, NaN, inf, tiny and huge units) and grads laid
+    # in one buffer at drawn offsets, so that some share memory: the path from
+    # memory raises as the checked path does, or gives its bits.
+    from unittest import mock
+    from hypothesis import given, strategies as st
+    import torch
+    import clipcore.torch
+    shape = st.lists(st.integers(0, 5), max_size=4).map(tuple)
+    entry = st.tuples(shape, st.sampled_from([0.0, 1e-30, 1e-3, 1.0, 1e30, np.inf, np.nan]),
+                      st.integers(0, 200))
+
+    def build(entries, seed):
+        rng = np.random.default_rng(seed)
+        buf = torch.from_numpy(rng.standard_normal(1024).astype(np.float32))
+        params = []
+        for s, scale, offset in entries:
+            n = int(np.prod(s))
+            p = torch.nn.Parameter(torch.from_numpy(rng.standard_normal(s).astype(np.float32)))
+            with torch.no_grad():
+                grad = buf[offset:offset + n].view(s)
+                if n:
+                    grad.view(-1)[rng.integers(n)] *= np.float32(scale)
+            p.grad = grad
+            params.append(p)
+        return params
+
+    @given(st.lists(entry, min_size=1, max_size=6), st.integers(0, 2 ** 31),
+           st.sampled_from([1e-3, 0.05, 1.0]), st.sampled_from([1, 2, 7]))
+    def check(entries, seed, clip_factor, n_threads):
+        results = []
+        for fast in (True, False):
+            params = build(entries, seed)
+            with mock.patch.object(clipcore.torch, "_adaptive_clip_memory",
+                                   clipcore.torch._adaptive_clip_memory if fast
+                                   else (lambda *args: False)):
+                before = [p.grad.numpy().tobytes() for p in params]
+                try:
+                    clipcore.torch.adaptive_clip_grad_(params, clip_factor, n_threads=n_threads)
+                except ValueError as exc:
+                    assert before == [p.grad.numpy().tobytes() for p in params]
+                    results.append(str(exc))
+                    continue
+            results.append([p.grad.numpy().tobytes() for p in params])
+        assert results[0] == results[1]
+    check()
