@@ -9,6 +9,8 @@ ctypedef struct Extent:
     Py_ssize_t pos    # position in _Buffers.arrays, which is the index in t_list
     bint dense        # every byte in [lo, hi) belongs to the array: overlapping extents share memory
 
+cdef int sort_extents(Extent *a, Py_ssize_t n) except -1
+
 # What a Plan checks before each call: an array it writes, or one its memory
 # comes from (a base), must still have the data pointer and size it had.
 ctypedef struct Pin:

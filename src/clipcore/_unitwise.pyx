@@ -10,12 +10,13 @@ units (blocks of rows, tiles of columns), so each unit's sum is one thread's,
 in one order: the same bits for any thread count.
 """
 from libc.math cimport sqrt, isnan
-from libc.stdlib cimport malloc, free, qsort
+from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 
 from clipcore.kernels cimport (chunk_fn, resolve_threads, run_holding, run_items, tuning_table,
                                ITEM_ELEMENTS)
 from clipcore._loops cimport cc_use_tuning
+from clipcore._lists cimport Extent, sort_extents
 from clipcore._axis cimport (cc_cols_reduce_f32, cc_cols_reduce_f64, cc_cols_scale_f32,
                              cc_cols_scale_f64)
 
@@ -288,27 +289,18 @@ def unit_clip(list grads, list params, int kind, double clipping, double eps, in
     run_job(&j, grads, params, None, (False,) * len(grads), clip_item, n_threads)
 
 
-ctypedef struct Span:
-    size_t lo, hi
-    bint grad
-
-
-cdef int span_order(const void *a, const void *b) noexcept nogil:
-    cdef size_t x = (<const Span *>a).lo, y = (<const Span *>b).lo
-    return (x > y) - (x < y)
-
-
-cdef bint grads_apart(Span *spans, Py_ssize_t n) noexcept nogil:
-    """True when no grad's span meets another span (params may meet each other)."""
+cdef bint grads_apart(const Extent *exts, Py_ssize_t n, Py_ssize_t n_grads) noexcept nogil:
+    """True when no grad's extent (pos < n_grads) meets another extent, of the
+    extents sorted by lo (params may meet each other)."""
     cdef Py_ssize_t i
-    cdef size_t any_hi = 0, grad_hi = 0
-    qsort(spans, n, sizeof(Span), span_order)
-    for i in range(n):              # the spans before i that reach past its start
-        if (any_hi if spans[i].grad else grad_hi) > spans[i].lo:
+    cdef char *any_hi = NULL
+    cdef char *grad_hi = NULL
+    for i in range(n):              # the extents before i that reach past its start
+        if (any_hi if exts[i].pos < n_grads else grad_hi) > exts[i].lo:
             return False
-        any_hi = max(any_hi, spans[i].hi)
-        if spans[i].grad:
-            grad_hi = max(grad_hi, spans[i].hi)
+        any_hi = max(any_hi, exts[i].hi)
+        if exts[i].pos < n_grads:
+            grad_hi = max(grad_hi, exts[i].hi)
     return True
 
 
@@ -322,14 +314,16 @@ def unit_clip_memory(list grads, list params, list rows, list lengths, int kind,
     names them); else True."""
     cdef Py_ssize_t n = len(grads), k, m = 0, length, r
     cdef UnitJob j
-    cdef Span *spans
+    cdef Extent *exts             # grad m at 2 * m, its param at 2 * m + 1, then sorted
+    cdef char *g
+    cdef char *p
     cdef bint apart = False
     if not (len(params) == len(rows) == len(lengths) == n):
         raise ValueError("unit_clip_memory: lists of unequal lengths")
     open_parts(&j, n)
-    spans = <Span *>malloc((2 * n + 1) * sizeof(Span))
+    exts = <Extent *>malloc((2 * n + 1) * sizeof(Extent))
     try:
-        if spans == NULL:
+        if exts == NULL:
             raise MemoryError()
         for k in range(n):
             length, r = lengths[k], rows[k]
@@ -337,23 +331,22 @@ def unit_clip_memory(list grads, list params, list rows, list lengths, int kind,
                 continue
             if r <= 0 or length % r:
                 raise ValueError(f"unit_clip_memory: {length} values in {r} rows")
-            spans[2 * m].lo, spans[2 * m].grad = <size_t>grads[k], True
-            spans[2 * m + 1].lo, spans[2 * m + 1].grad = <size_t>params[k], False
-            spans[2 * m].hi = spans[2 * m].lo + 4 * length
-            spans[2 * m + 1].hi = spans[2 * m + 1].lo + 4 * length
-            fill_part(&j.parts[m], <char *><size_t>grads[k], <char *><size_t>params[k], NULL,
-                      r, length // r, length // r, 1, False, False)
+            g, p = <char *><size_t>grads[k], <char *><size_t>params[k]
+            exts[2 * m].lo, exts[2 * m].hi, exts[2 * m].pos = g, g + 4 * length, m
+            exts[2 * m + 1].lo, exts[2 * m + 1].hi, exts[2 * m + 1].pos = p, p + 4 * length, n + m
+            fill_part(&j.parts[m], g, p, NULL, r, length // r, length // r, 1, False, False)
             m += 1
         j.n_parts = m
         j.kind = kind
         j.clipping = clipping
         j.eps = eps
+        sort_extents(exts, 2 * m)
         with nogil:
-            apart = grads_apart(spans, 2 * m)
+            apart = grads_apart(exts, 2 * m, m)
             if apart:
                 run_parts(&j, clip_item, n_threads)
     finally:
-        free(spans)
+        free(exts)
         free(j.parts)
     return apart
 
