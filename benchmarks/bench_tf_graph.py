@@ -30,7 +30,12 @@ clipcore is faster), of the clipping's costs and of the whole steps.
   the large workloads: 3), each to half the clip_norm of the one before, so
   that every clip scales every tensor, minus a function of 1, per clip; the
   call's fixed costs (arguments, results) cancel, which the "none" step
-  leaves noisy;
+  leaves noisy; and beside them a floor: the same chain of clipcore's op
+  over as many one-element tensors, to a clip_norm so large that nothing is
+  scaled (the outputs are the inputs). That is TensorFlow's executor's cost
+  of N tensors into and out of one op, and the op's own cost per tensor,
+  without the arithmetic: TF / floor is the most clipcore's op can gain on
+  TF's clip while the executor hands it N tensors;
 * a training step compiled with tf.function: a GradientTape over a model of
   2000 variables of 512, the clip, and SGD (assign_sub per variable); and
   the clip's own cost in that step, on the tape's gradients: the step with
@@ -155,13 +160,23 @@ def _chained(clip, grads, k):
 
 def report_chain(what, times, k):
     """One clip's cost from rounds of {(mode, 1): ..., (mode, 1 + k): ...}: per round,
-    (the function with 1 + k clips - the one with 1) / k; median, range, TF / clipcore."""
-    per = {m: [(a - b) / k for a, b in zip(times[(m, 1 + k)], times[(m, 1)])]
-           for m in ("clipcore", "tf")}
+    (the function with 1 + k clips - the one with 1) / k; median, range, TF / clipcore
+    (and TF / floor when the rounds have a floor)."""
+    modes = [m for m in ("clipcore", "tf", "floor") if (m, 1) in times]
+    per = {m: [(a - b) / k for a, b in zip(times[(m, 1 + k)], times[(m, 1)])] for m in modes}
     med = {m: statistics.median(v) for m, v in per.items()}
+    lines = [f"  {m:8s} {_fmt(per[m])}" for m in modes]
+    lines.append(f"  TF / clipcore: {med['tf'] / med['clipcore']:6.2f}x")
+    if "floor" in med:
+        lines.append(f"  TF / floor:    {med['tf'] / med['floor']:6.2f}x (the most the op can gain)")
     print(f"{what}  ({len(per['tf'])} rounds; ms per clip, median [range])\n"
-          f"  clipcore {_fmt(per['clipcore'])}\n  tf       {_fmt(per['tf'])}\n"
-          f"  TF / clipcore: {med['tf'] / med['clipcore']:6.2f}x", flush=True)
+          + "\n".join(lines), flush=True)
+
+
+def _pass_through(ts, clip_norm):
+    # clip_norm a power of two far above the norm: the factor is exactly 1 and
+    # clipcore's op returns its inputs
+    return clipcore.clip_by_global_norm(ts, clip_norm * 2.0 ** 100)
 
 
 def bench_chain(args, extra=10):
@@ -171,14 +186,16 @@ def bench_chain(args, extra=10):
         grads = [tf.constant(g) for g in workloads.make_gradients(name)]
         big = workloads.n_values(name) > 10_000_000
         k = 2 if big else extra
+        ones = [tf.ones([1], g.dtype) for g in grads]
         fns = {}
-        for mode in ("clipcore", "tf"):
+        for mode, clip, ts in (("clipcore", CLIPS["clipcore"], grads),
+                               ("tf", CLIPS["tf"], grads), ("floor", _pass_through, ones)):
             for n in (1, 1 + k):
-                f = _chained(CLIPS[mode], grads, n)
+                f = _chained(clip, ts, n)
                 fns[(mode, n)] = lambda f=f: f().numpy()
         report_chain(name, rounds(fns, args.rounds,
                                   1 if big else (4 if name == "2000x512" else 20)), k)
-        del grads, fns
+        del grads, ones, fns
 
 
 def bench_tape_step(args, n_vars=2000, size=512, batch=32):
