@@ -569,6 +569,30 @@ def test_unit_reduce_rows_and_columns(kind):
     np.testing.assert_allclose(pn, factor * expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["REDUCE_SUMSQ", "REDUCE_SUMABS"])
+def test_unit_reduce_twin_gives_the_generic_bits(kind):
+    """A float32 row's sum on its own (the AVX-512 form, lanes combined in
+    registers) has the bits of the generic loop's lanes combined in memory:
+    rows of every tail length, and long ones, of tiny and huge values."""
+    from clipcore import _unitwise, kernels
+    if not kernels.simd_path().startswith("avx512"):
+        pytest.skip("no AVX-512 form on this CPU")
+    rng = np.random.default_rng(13)
+    rows = [(rng.standard_normal((2, n)) * s).astype(np.float32)
+            for n in list(range(1, 140)) + [1000, 4608, 8193] for s in (1e-20, 1.0, 1e20)]
+    saved = kernels.get_tuning()["twins"]
+    got = {}
+    try:
+        for twins in (True, False):
+            kernels.set_tuning(twins=twins)
+            got[twins] = _unitwise.unit_reduce(rows, [-3 * r for r in rows], (False,) * len(rows),
+                                               getattr(_unitwise, kind), 1)
+    finally:
+        kernels.set_tuning(twins=saved)
+    for a, b in zip(got[True], got[False]):
+        np.testing.assert_array_equal(a.view(np.int64), b.view(np.int64))
+
+
 @pytest.mark.parametrize("kind", ["REDUCE_SUMSQ", "REDUCE_SUMABS", "REDUCE_MAXABS"])
 def test_unit_clip_matches_the_two_passes(kind):
     """The one-pass float32 rows (unit_clip) give the bits of the reductions,

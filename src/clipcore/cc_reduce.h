@@ -266,7 +266,32 @@ CC_AVX512 CC_UNUSED static void cc_reduce_bf16_avx512(const uint16_t *const *xs,
     }
     CC_EACH4(CC_BF16_STORE_ACC)
 }
+/* A contiguous float32 buffer's sum of squares or of |x| on its own, its
+ * lanes combined in registers in cc_combine_lanes' order (lane k with
+ * k + 32, k + 16, k + 8: whole registers; then k + 4, k + 2, k + 1): the same
+ * bits as cc_reduce_f32 then cc_combine_lanes, without 64 lanes stored,
+ * reloaded and added one at a time, which costs a row of a few thousand
+ * elements (a unit of AGC, an example's tile) as much as its arithmetic. */
+#define CC_ZERO_ACC(j) __m512d a##j = _mm512_setzero_pd();
+CC_AVX512 CC_UNUSED static double cc_sum_one_f32_avx512(const float *x, ptrdiff_t n,
+                                                        int kind) {
+    ptrdiff_t i = 0;
+    CC_EACH8(CC_ZERO_ACC)
+    if (kind == CC_SUMSQ) {
+        CC_AVX512_BLOCKS(CC_EACH8, CC_SUMSQ_F32)
+    } else {
+        CC_AVX512_BLOCKS(CC_EACH8, CC_SUMABS_F32)
+    }
+    a0 = _mm512_add_pd(a0, a4); a1 = _mm512_add_pd(a1, a5);
+    a2 = _mm512_add_pd(a2, a6); a3 = _mm512_add_pd(a3, a7);
+    a0 = _mm512_add_pd(a0, a2); a1 = _mm512_add_pd(a1, a3);
+    a0 = _mm512_add_pd(a0, a1);
+    const __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(a0), _mm512_extractf64x4_pd(a0, 1));
+    const __m128d q = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(q, _mm_unpackhi_pd(q, q)));
+}
 #undef CC_EACH8
+#undef CC_ZERO_ACC
 #undef CC_EACH4
 #undef CC_EACH2
 #undef CC_AVX512_BLOCKS
@@ -321,16 +346,26 @@ CC_UNUSED static void cc_reduce_f64_pieces(const double *const *xs, const ptrdif
         cc_reduce_f64(xs[q], ns[q], 1, kind, p, scale, acc);
 }
 
-/* The reduction of one buffer on its own (fresh lanes, combined). */
-#define CC_DEFINE_REDUCE_ONE(NAME, REDUCE, T)                                  \
+#ifdef CC_AVX512_PATHS
+#define CC_SUM_ONE_F32_TWIN                                                    \
+    if (stride == 1 && (kind == CC_SUMSQ || kind == CC_SUMABS) && cc_avx512_usable()) \
+        return cc_sum_one_f32_avx512(x, n, kind);
+#else
+#define CC_SUM_ONE_F32_TWIN
+#endif
+
+/* The reduction of one buffer on its own (fresh lanes, combined); TWIN: a
+ * form that gives the same bits faster, where it applies. */
+#define CC_DEFINE_REDUCE_ONE(NAME, REDUCE, T, TWIN)                            \
 CC_UNUSED static double NAME(const T *x, ptrdiff_t n, ptrdiff_t stride,       \
                              int kind, double p, double scale) {               \
+    TWIN                                                                       \
     double acc[CC_LANES] = {0};                                                \
     REDUCE(x, n, stride, kind, p, scale, acc);                                 \
     return cc_combine_lanes(acc, kind == CC_MAXABS);                           \
 }
 
-CC_DEFINE_REDUCE_ONE(cc_reduce_one_f32, cc_reduce_f32, float)
-CC_DEFINE_REDUCE_ONE(cc_reduce_one_f64, cc_reduce_f64, double)
+CC_DEFINE_REDUCE_ONE(cc_reduce_one_f32, cc_reduce_f32, float, CC_SUM_ONE_F32_TWIN)
+CC_DEFINE_REDUCE_ONE(cc_reduce_one_f64, cc_reduce_f64, double, )
 
 #endif
