@@ -270,8 +270,8 @@ CC_AVX512 CC_UNUSED static void cc_reduce_bf16_avx512(const uint16_t *const *xs,
  * lanes combined in registers in cc_combine_lanes' order (lane k with
  * k + 32, k + 16, k + 8: whole registers; then k + 4, k + 2, k + 1): the same
  * bits as cc_reduce_f32 then cc_combine_lanes, without 64 lanes stored,
- * reloaded and added one at a time, which costs a row of a few thousand
- * elements (a unit of AGC, an example's tile) as much as its arithmetic. */
+ * reloaded and added one at a time, which a short row (a unit of AGC) pays
+ * on every call. */
 #define CC_ZERO_ACC(j) __m512d a##j = _mm512_setzero_pd();
 CC_AVX512 CC_UNUSED static double cc_sum_one_f32_avx512(const float *x, ptrdiff_t n,
                                                         int kind) {
